@@ -1,0 +1,12 @@
+"""The offline default: a small Pythia-architecture model trained with known duplication.
+
+At run time the testbed is only a folder: `load_model("testbed")` reads MODEL_DIR as any
+local checkpoint, `load_memorization_data("testbed")` reads DATA_FILE.
+"""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_DIR = ASSETS / "model"
+DATA_FILE = ASSETS / "memorization.parquet"
+MANIFEST_FILE = ASSETS / "manifest.json"
