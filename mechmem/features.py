@@ -1,0 +1,310 @@
+"""Attention features: head-pooled attention patterns captured through hooks, and their store.
+
+The paper saved every head's pattern of every sample to its own HDF5 file and pooled over heads
+inside the CNN. Pooling commutes with storage, so here it happens inside the
+`blocks.{l}.attn.hook_pattern` hooks, on the model's device, into a preallocated buffer: the
+per-head patterns never leave the device, and a sample costs 1/n_heads of the bytes per pooling.
+The forward pass is cut short after the last layer's pattern, so the unembedding (a large share
+of a small model's compute) is never run.
+
+Features depend on the model and the tokens only, never on a taxonomy: the `FeatureStore` keeps
+them once per (model, sample) in one memory-mapped file per run, and every taxonomy reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechmem.hooks import pattern_hook
+from mechmem.models import default_device, model_identity
+
+POOLINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean": lambda pattern: pattern.mean(dim=1),
+    "max": lambda pattern: pattern.amax(dim=1),
+}
+
+
+class _StopForward(Exception):
+    """Raised by the last pattern hook: everything wanted has been captured."""
+
+
+def _check_pooling(pooling: Sequence[str]) -> tuple[str, ...]:
+    pooling = tuple(pooling)
+    unknown = [p for p in pooling if p not in POOLINGS]
+    if unknown or not pooling:
+        raise ValueError(f"unknown head pooling {unknown or pooling}; use some of {list(POOLINGS)}")
+    return pooling
+
+
+def _check_tokens(tokens) -> Tensor:
+    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor) else tokens)
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be integer ids of shape [sample, pos], got {tuple(tokens.shape)} {tokens.dtype}")
+    return tokens.long()
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def extract_attention(
+    model,
+    tokens: Int[Tensor, "sample pos"],
+    *,
+    pooling: Sequence[str] = ("mean", "max"),
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    per_head: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> Float[Tensor, "sample pool layer query key"] | Float[Tensor, "sample layer head query key"]:
+    """Head-pooled attention patterns of every layer, on the CPU.
+
+    With `per_head=True` it returns the unpooled patterns `[sample, layer, head, query, key]`
+    instead: meant for the few samples localization and visualisation look at.
+    """
+    pooling = _check_pooling(pooling)
+    tokens = _check_tokens(tokens)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = default_device(device) if device is not None else _model_device(model)
+    n, seq = tokens.shape
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    shape = (n, n_layers, n_heads, seq, seq) if per_head else (n, len(pooling), n_layers, seq, seq)
+    out = torch.empty(shape, dtype=out_dtype, pin_memory=device.type == "cuda")
+    buf = torch.empty((min(batch_size, n), *shape[1:]), dtype=out_dtype, device=device)
+
+    def capture(layer: int):
+        def hook(pattern: Float[Tensor, "batch head query key"], hook):
+            b = pattern.shape[0]
+            if per_head:
+                buf[:b, layer] = pattern
+            else:
+                for i, name in enumerate(pooling):
+                    buf[:b, i, layer] = POOLINGS[name](pattern)
+            if layer == n_layers - 1:
+                raise _StopForward
+
+        return hook
+
+    hooks = [(pattern_hook(layer), capture(layer)) for layer in range(n_layers)]
+    for start in tqdm(range(0, n, batch_size), desc="attention", disable=not progress):
+        batch = tokens[start : start + batch_size].to(device)
+        try:
+            model.run_with_hooks(batch, fwd_hooks=hooks)
+        except _StopForward:
+            pass
+        else:
+            raise RuntimeError("the last layer's hook_pattern never fired; is this a hooked transformer?")
+        out[start : start + len(batch)].copy_(buf[: len(batch)], non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The feature store
+# --------------------------------------------------------------------------------------------
+class StoreMismatch(ValueError):
+    """An existing store was made from another model, other samples or another pooling."""
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _file_sha256(path: Path, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+@dataclass
+class FeatureStore:
+    """Pooled attention of a run's samples: `features[i]` is `[pool, layer, query, key]`.
+
+    Files in `folder`: `manifest.json` (what produced it), `sequence_ids.npy`, `tokens.npy`
+    (the tokens the model saw), `features.npy` (memory-mapped) and `done.npy` (which chunks are
+    written). A chunk is marked done only after its features are flushed, and every small file
+    is replaced atomically, so an interrupted extraction resumes and loses nothing it finished.
+    """
+
+    folder: Path
+    manifest: dict
+
+    FEATURES = "features.npy"
+    DONE = "done.npy"
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.load(self.folder / self.DONE)
+
+    @property
+    def features(self) -> np.memmap:
+        mode = "r" if self.complete else "r+"
+        return np.load(self.folder / self.FEATURES, mmap_mode=mode)
+
+    @property
+    def sequence_ids(self) -> np.ndarray:
+        return np.load(self.folder / "sequence_ids.npy")
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.load(self.folder / "tokens.npy")
+
+    @property
+    def pooling(self) -> tuple[str, ...]:
+        return tuple(self.manifest["pooling"])
+
+    def verify(self) -> None:
+        """Recompute the content hash of a complete store and compare it with the manifest."""
+        if not self.complete:
+            raise StoreMismatch(f"feature store {self.folder} is incomplete; rerun the extraction to resume")
+        if _file_sha256(self.folder / self.FEATURES) != self.manifest.get("content_sha256"):
+            raise StoreMismatch(f"feature store {self.folder}: features.npy does not match its content hash")
+
+    def index(self, sequence_ids: Sequence[int]) -> np.ndarray:
+        """Rows of the store holding these samples (raises if one is absent)."""
+        ids = self.sequence_ids
+        order = np.argsort(ids, kind="stable")
+        wanted = np.asarray(sequence_ids)
+        pos = np.searchsorted(ids, wanted, sorter=order)
+        pos = np.clip(pos, 0, len(ids) - 1)
+        rows = order[pos]
+        missing = ids[rows] != wanted
+        if missing.any():
+            raise KeyError(f"sequence_id {wanted[missing][0]} is not in the feature store {self.folder}")
+        return rows
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "FeatureStore":
+        folder = Path(folder)
+        if not (folder / "manifest.json").exists():
+            raise FileNotFoundError(f"no feature store at {folder} (manifest.json missing)")
+        return cls(folder, json.loads((folder / "manifest.json").read_text()))
+
+
+def _expected_manifest(model, sequence_ids, tokens, pooling, store_dtype, revision) -> dict:
+    param = next(model.parameters())
+    return {
+        "format": 1,
+        "model": model_identity(model),
+        "revision": revision,
+        "model_dtype": str(param.dtype).removeprefix("torch."),
+        "store_dtype": np.dtype(store_dtype).name,
+        "pooling": list(pooling),
+        "n_samples": int(len(sequence_ids)),
+        "n_layers": int(model.cfg.n_layers),
+        "seq_len": int(tokens.shape[1]),
+        "sequence_ids_sha256": _sha256(np.asarray(sequence_ids, dtype=np.int64)),
+        "tokens_sha256": _sha256(np.asarray(tokens, dtype=np.int64)),
+    }
+
+
+def _compare(found: dict, wanted: dict, folder: Path) -> None:
+    for key, value in wanted.items():
+        if found.get(key) != value:
+            what = {"sequence_ids_sha256": "sample ids", "tokens_sha256": "tokens"}.get(key, key)
+            raise StoreMismatch(
+                f"feature store {folder} was made with another {what} "
+                f"({found.get(key)!r} != {value!r}); use a new folder or delete it"
+            )
+
+
+def build_feature_store(
+    folder: str | os.PathLike,
+    model,
+    sequence_ids: Sequence[int],
+    tokens: Int[Tensor, "sample pos"] | np.ndarray,
+    *,
+    pooling: Sequence[str] = ("mean", "max"),
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    store_dtype=np.float16,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    _stop_after_chunks: int | None = None,
+) -> FeatureStore:
+    """Extract (or finish extracting) the pooled attention of these samples into `folder`.
+
+    An existing store for the same model, samples, tokens and pooling is resumed; one made from
+    anything else is refused with `StoreMismatch`. `_stop_after_chunks` simulates an interruption
+    (tests).
+    """
+    folder = Path(folder)
+    pooling = _check_pooling(pooling)
+    tokens = _check_tokens(tokens).numpy()
+    sequence_ids = np.asarray(sequence_ids, dtype=np.int64)
+    if len(sequence_ids) != len(tokens):
+        raise ValueError(f"{len(sequence_ids)} sequence ids for {len(tokens)} token rows")
+    if len(np.unique(sequence_ids)) != len(sequence_ids):
+        raise ValueError("sequence ids must be unique")
+    wanted = _expected_manifest(model, sequence_ids, tokens, pooling, store_dtype, revision)
+    n, seq = tokens.shape
+    n_chunks = max(1, -(-n // chunk_size))
+    if (folder / "manifest.json").exists():
+        store = FeatureStore.load(folder)
+        _compare(store.manifest, wanted, folder)
+        chunk_size = store.manifest["chunk_size"]
+        n_chunks = len(store.done)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(folder / "sequence_ids.npy", sequence_ids)
+        _atomic_save_npy(folder / "tokens.npy", tokens)
+        shape = (n, len(pooling), model.cfg.n_layers, seq, seq)
+        tmp = folder / "features.tmp.npy"
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=store_dtype, shape=shape).flush()
+        os.replace(tmp, folder / FeatureStore.FEATURES)
+        _atomic_save_npy(folder / FeatureStore.DONE, np.zeros(n_chunks, dtype=bool))
+        _atomic_write_json(folder / "manifest.json", {**wanted, "chunk_size": chunk_size})
+        store = FeatureStore.load(folder)
+
+    done = store.done
+    todo = [c for c in range(n_chunks) if not done[c]]
+    features = np.load(folder / FeatureStore.FEATURES, mmap_mode="r+")
+    for count, c in enumerate(tqdm(todo, desc="feature store", disable=not progress)):
+        if _stop_after_chunks is not None and count >= _stop_after_chunks:
+            break
+        rows = slice(c * chunk_size, min(n, (c + 1) * chunk_size))
+        pooled = extract_attention(model, torch.from_numpy(tokens[rows]), pooling=pooling,
+                                   batch_size=batch_size, device=device)
+        features[rows] = pooled.numpy().astype(store_dtype)
+        features.flush()
+        done[c] = True
+        _atomic_save_npy(folder / FeatureStore.DONE, done)
+    del features
+    if done.all() and "content_sha256" not in store.manifest:
+        _atomic_write_json(folder / "manifest.json",
+                           {**store.manifest, "content_sha256": _file_sha256(folder / FeatureStore.FEATURES)})
+    return FeatureStore.load(folder)

@@ -1,0 +1,339 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mechmem.cnn import (
+    PAPER_GRID,
+    QUICK_GRID,
+    AttentionCNN,
+    ClassMetrics,
+    CNNConfig,
+    TrainConfig,
+    TrainedCNN,
+    _CNNStack,
+    alignment_summary,
+    classification_metrics,
+    load_cnns,
+    save_cnns,
+    train_cnns,
+)
+
+POOLS = ("mean", "max")
+
+
+def diagonal_toy(n: int, n_layers: int = 3, seq_len: int = 64, seed: int = 0):
+    """Class c = the layer channel that carries a bright diagonal, on top of uniform noise; both pools alike."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % n_layers
+    feats = 0.3 * torch.rand(n, len(POOLS), n_layers, seq_len, seq_len, generator=g)
+    feats[torch.arange(n), :, labels] += torch.eye(seq_len)
+    return feats.half(), labels
+
+
+def small_run(configs, n=40, seq_len=32, epochs=1, **kw):
+    feats, labels = diagonal_toy(n, seq_len=seq_len)
+    return train_cnns(feats, POOLS, labels, np.arange(n - 8), np.arange(n - 8, n), 3, configs,
+                      TrainConfig(epochs=epochs, **kw), progress=False)
+
+
+# ----------------------------------------------------------------------------- configs and model
+
+
+def test_grids():
+    names = [c.name for c in PAPER_GRID]
+    assert len(set(names)) == 8 and "k6_c10_mean" in names and "k8_c16_max" in names
+    assert {c.n_feat_fc for c in PAPER_GRID} == {64}
+    assert [c.name for c in QUICK_GRID] == ["k6_c10_mean", "k6_c10_max"]
+
+
+def test_model_shapes():
+    x = torch.rand(5, 4, 64, 64)
+    for k, c, side in ((6, 10, 12), (8, 16, 10)):  # 64-k+1 -> /2 -> -k+1 -> /2
+        model = AttentionCNN(4, 3, CNNConfig(kernel_size=k, channels=c))
+        assert model.layers.fc1.in_features == c * side * side
+        assert model(x).shape == (5, 3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CNNConfig(pooling="median"),
+    lambda: CNNConfig(dropout=1.0),
+    lambda: AttentionCNN(4, 3, CNNConfig(kernel_size=8), seq_len=20),
+    lambda: AttentionCNN(4, 1),
+])
+def test_bad_model_args(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_stack_matches_members():
+    torch.manual_seed(0)
+    members = [AttentionCNN(3, 4, CNNConfig(pooling=p)) for p in POOLS]
+    stack = _CNNStack(members).eval()
+    xs = [torch.rand(6, 3, 64, 64) for _ in members]
+    out = stack(torch.cat(xs, dim=1))
+    for g, (m, x) in enumerate(zip(members, xs)):
+        torch.testing.assert_close(out[:, g], m.eval()(x))
+        torch.testing.assert_close(stack.unstack()[g](x), m(x))
+    with pytest.raises(ValueError):
+        _CNNStack([AttentionCNN(3, 4, CNNConfig(kernel_size=6)), AttentionCNN(3, 4, CNNConfig(kernel_size=8))])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_by_hand():
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 2, 2]
+    m = classification_metrics(y_true, y_pred, 3, logits=torch.zeros(6, 3))
+    np.testing.assert_array_equal(m.confusion, [[2, 1, 0], [0, 1, 1], [0, 0, 1]])
+    np.testing.assert_allclose(m.precision, [1, 1 / 2, 1 / 2])
+    np.testing.assert_allclose(m.recall, [2 / 3, 1 / 2, 1])
+    np.testing.assert_allclose(m.f1, [0.8, 0.5, 2 / 3])
+    assert m.min_f1 == pytest.approx(0.5) and m.mean_f1 == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert m.min_precision == 0.5 and m.min_recall == 0.5 and m.accuracy == pytest.approx(4 / 6)
+    assert m.loss == pytest.approx(math.log(3))  # uniform logits
+    np.testing.assert_array_equal(m.support, [3, 2, 1])
+
+
+def test_metrics_loss_from_logits():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    m = classification_metrics([0, 0], [0, 1], 2, logits)
+    expected = (-torch.log_softmax(logits, -1)[[0, 1], [0, 0]]).mean()
+    assert m.loss == pytest.approx(float(expected))
+
+
+def test_metrics_zero_division():
+    # class 2 is never true and never predicted; class 1 is true but never predicted
+    m = classification_metrics([0, 0, 1], [0, 0, 0], 3)
+    np.testing.assert_allclose(m.precision, [2 / 3, 0, 0])
+    np.testing.assert_allclose(m.recall, [1, 0, 0])
+    np.testing.assert_allclose(m.f1, [0.8, 0, 0])
+    assert math.isnan(m.loss)
+
+
+@pytest.mark.parametrize("args", [
+    ([0, 3], [0, 1], 3, None),  # label out of range
+    ([0, -1], [0, 1], 3, None),
+    ([0, 1], [0], 3, None),  # length mismatch
+    ([], [], 3, None),
+    ([0, 1], [0, 1], 3, torch.zeros(2, 2)),  # logits shape
+    ([0.0, 1.0], [0, 1], 3, None),  # not integers
+])
+def test_metrics_bad_inputs(args):
+    with pytest.raises(ValueError):
+        classification_metrics(*args)
+
+
+# ----------------------------------------------------------------------------- alignment summary
+
+
+def fake_trained(y: np.ndarray, pred: np.ndarray, n_classes: int, name_pooling="mean") -> TrainedCNN:
+    logits = torch.nn.functional.one_hot(torch.as_tensor(pred), n_classes).float() * 3
+    config = CNNConfig(pooling=name_pooling)
+    return TrainedCNN(config, AttentionCNN(2, n_classes, config), logits,
+                      classification_metrics(y, pred, n_classes, logits))
+
+
+def noisy_predictions(n: int, n_classes: int = 3, seed: int = 0, accuracy: float = 0.8):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_classes
+    pred = np.where(rng.random(n) < accuracy, y, rng.integers(0, n_classes, n))
+    return y, pred
+
+
+def test_alignment_summary_point_estimates():
+    y, p1 = noisy_predictions(90, seed=1)
+    _, p2 = noisy_predictions(90, seed=2)
+    t1, t2 = fake_trained(y, p1, 3), fake_trained(y, p2, 3, "max")
+    s = alignment_summary([t1, t2], y, n_boot=200)
+    m1, m2 = t1.eval_metrics, t2.eval_metrics
+    assert s["min_f1"] == pytest.approx(50 * (m1.min_f1 + m2.min_f1))
+    assert s["mean_rec"] == pytest.approx(50 * (m1.mean_recall + m2.mean_recall))
+    assert s["min_prec"] == pytest.approx(50 * (m1.min_precision + m2.min_precision))
+    assert s["mean_eval_loss"] == pytest.approx((m1.loss + m2.loss) / 2)
+    assert s["min_f1_ci_low"] <= s["min_f1"] <= s["min_f1_ci_high"]
+
+
+def test_bootstrap_matches_naive_loop():
+    y, p1 = noisy_predictions(50, seed=3)
+    _, p2 = noisy_predictions(50, seed=4)
+    s = alignment_summary([fake_trained(y, p1, 3), fake_trained(y, p2, 3, "max")], y, n_boot=300, seed=7)
+    idx = np.random.default_rng(7).integers(0, 50, size=(300, 50))  # one chunk: same draws
+    stats = [100 * np.mean([classification_metrics(y[i], p[i], 3).min_f1 for p in (p1, p2)]) for i in idx]
+    assert s["min_f1_ci_low"] == pytest.approx(np.percentile(stats, 2.5))
+    assert s["min_f1_ci_high"] == pytest.approx(np.percentile(stats, 97.5))
+
+
+def test_bootstrap_uses_same_resample_for_all_configs():
+    y, p = noisy_predictions(120)
+    one = alignment_summary([fake_trained(y, p, 3)], y, n_boot=300)
+    two = alignment_summary([fake_trained(y, p, 3), fake_trained(y, p, 3, "max")], y, n_boot=300)
+    # identical configs resampled together must give the single config's interval exactly
+    assert (one["min_f1_ci_low"], one["min_f1_ci_high"]) == (two["min_f1_ci_low"], two["min_f1_ci_high"])
+
+
+def test_bootstrap_ci_shrinks_with_more_samples():
+    y, p = noisy_predictions(60)
+    small = alignment_summary([fake_trained(y, p, 3)], y, n_boot=500)
+    y_big, p_big = np.tile(y, 50), np.tile(p, 50)  # same point estimate, 50x the samples
+    big = alignment_summary([fake_trained(y_big, p_big, 3)], y_big, n_boot=500)
+    assert big["min_f1"] == pytest.approx(small["min_f1"])
+    for s in (small, big):
+        assert s["min_f1_ci_low"] <= s["min_f1"] <= s["min_f1_ci_high"]
+    width = lambda s: s["min_f1_ci_high"] - s["min_f1_ci_low"]
+    assert width(big) < width(small) / 4
+
+
+def test_alignment_summary_bad_inputs():
+    y, p = noisy_predictions(30)
+    t = fake_trained(y, p, 3)
+    with pytest.raises(ValueError):
+        alignment_summary([t], y[:-1])
+    with pytest.raises(ValueError):
+        alignment_summary([t], np.full(30, 3))
+    with pytest.raises(ValueError):
+        alignment_summary([], y)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_learns_separable_toy():
+    """Class = which layer carries a bright diagonal: every config of the quick grid must learn it."""
+    feats, labels = diagonal_toy(240)
+    trained = train_cnns(feats, POOLS, labels, np.arange(180), np.arange(180, 240), 3, QUICK_GRID,
+                         TrainConfig(epochs=3), progress=False)
+    assert [t.config for t in trained] == list(QUICK_GRID)
+    for t in trained:
+        assert t.eval_metrics.min_f1 > 0.95, (t.config.name, t.eval_metrics.f1)
+        assert t.eval_logits.shape == (60, 3) and not t.model.training
+        assert len(t.train_losses) == 3 and t.train_losses[-1] < t.train_losses[0]
+    summary = alignment_summary(trained, labels[180:], n_boot=200)
+    assert summary["min_f1"] > 95
+
+
+def test_each_config_reads_its_own_pool():
+    """Pools are picked by name: the pool named "mean" is blank here, so the mean CNN cannot learn."""
+    feats, labels = diagonal_toy(120, seq_len=32)
+    feats[:, 1] = 0  # pool axis named ("max", "mean") below: the "mean" image is all zeros
+    trained = train_cnns(feats, ("max", "mean"), labels, np.arange(90), np.arange(90, 120), 3,
+                         [CNNConfig(pooling="max"), CNNConfig(pooling="mean")], TrainConfig(epochs=6),
+                         progress=False)
+    by_pool = {t.config.pooling: t.eval_metrics for t in trained}
+    assert by_pool["max"].min_f1 > 0.9
+    assert by_pool["mean"].min_f1 == 0  # constant input -> constant prediction -> some class never predicted
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b, exact=False):
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_config_independent_of_its_neighbours():
+    a, b, c = CNNConfig(6, 10, "mean"), CNNConfig(6, 10, "max"), CNNConfig(8, 16, "max")
+    alone = small_run([a])[0]
+    for together in (small_run([b, a, c]), small_run([a, b], fuse=False)):
+        mine = next(t for t in together if t.config == a)
+        assert_same_weights(state(alone.model), state(mine.model))
+        torch.testing.assert_close(alone.eval_logits, mine.eval_logits, rtol=1e-4, atol=1e-5)
+        assert alone.train_losses == pytest.approx(mine.train_losses, rel=1e-5)
+    # ...and training actually moved the weights away from the shared init
+    moved = small_run([a], seed=1)[0]
+    assert not torch.allclose(moved.model.layers.fc2.weight, alone.model.layers.fc2.weight)
+
+
+def test_deterministic_on_cpu():
+    first, second = small_run(QUICK_GRID), small_run(QUICK_GRID)
+    for t1, t2 in zip(first, second):
+        assert_same_weights(state(t1.model), state(t2.model), exact=True)
+        assert torch.equal(t1.eval_logits, t2.eval_logits)
+
+
+def test_numpy_memmap_features_give_same_result(tmp_path):
+    feats, labels = diagonal_toy(40, seq_len=32)
+    mm = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=tuple(feats.shape))
+    mm[:] = feats.numpy()
+    mm.flush()
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    args = (POOLS, labels.numpy(), np.arange(32), np.arange(32, 40), 3, QUICK_GRID, TrainConfig(epochs=1))
+    from_memmap = train_cnns(mm, *args, progress=False)
+    from_tensor = train_cnns(feats, *args, progress=False)
+    for t1, t2 in zip(from_memmap, from_tensor):
+        assert_same_weights(state(t1.model), state(t2.model), exact=True)
+
+
+def test_model_logits_match_eval_logits():
+    feats, labels = diagonal_toy(40, seq_len=32)
+    t = train_cnns(feats, POOLS, labels, np.arange(32), np.arange(32, 40), 3, [CNNConfig(pooling="max")],
+                   TrainConfig(epochs=1), progress=False)[0]
+    x = feats[32:, POOLS.index("max")].float()
+    torch.testing.assert_close(t.model(x), t.eval_logits)
+
+
+@pytest.mark.parametrize("change", [
+    dict(labels=torch.tensor([0, 1, 2, 3] * 4)),  # label 3 with n_classes=3
+    dict(labels=torch.zeros(15, dtype=torch.long)),  # one label short
+    dict(pools=("mean",)),  # features hold 2 pools
+    dict(pools=("mean", "median")),  # config k6_c10_max reads a pool the features lack
+    dict(configs=[CNNConfig(), CNNConfig()]),  # duplicate names
+    dict(configs=[]),
+    dict(train_idx=[0, 16]),  # out of range
+    dict(eval_idx=[]),
+    dict(features=torch.zeros(16, 2, 3, 32, 30)),  # not square
+    dict(features=torch.zeros(16, 2, 32, 32)),  # not 5-D
+    dict(n_classes=1),
+])
+def test_train_bad_inputs(change):
+    kw = dict(features=torch.zeros(16, 2, 3, 32, 32), pools=POOLS, labels=torch.arange(16) % 3,
+              train_idx=np.arange(12), eval_idx=np.arange(12, 16), n_classes=3, configs=QUICK_GRID)
+    kw.update(change)
+    with pytest.raises(ValueError):
+        train_cnns(**kw, progress=False)
+
+
+def test_overlapping_split_warns():
+    feats, labels = diagonal_toy(12, seq_len=32)
+    with pytest.warns(UserWarning, match="overlap"):
+        train_cnns(feats, POOLS, labels, np.arange(10), np.arange(8, 12), 3, QUICK_GRID[:1],
+                   TrainConfig(epochs=1), progress=False)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(tmp_path):
+    trained = small_run([CNNConfig(8, 16, "max"), CNNConfig(6, 10, "mean")])
+    save_cnns(trained, tmp_path / "cnns")
+    assert not list((tmp_path / "cnns").glob(".*tmp*"))  # no temporary files left behind
+    loaded = load_cnns(tmp_path / "cnns")
+    assert [t.config for t in loaded] == [t.config for t in trained]
+    x = torch.rand(4, 3, 32, 32)
+    for t, l in zip(trained, loaded):
+        assert not l.model.training
+        assert torch.equal(t.model(x), l.model(x))
+        assert torch.equal(t.eval_logits, l.eval_logits)
+        assert t.train_losses == l.train_losses
+        np.testing.assert_array_equal(t.eval_metrics.confusion, l.eval_metrics.confusion)
+        np.testing.assert_array_equal(t.eval_metrics.f1, l.eval_metrics.f1)
+        assert t.eval_metrics.loss == pytest.approx(l.eval_metrics.loss)
+
+
+def test_load_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_cnns(tmp_path / "nothing")
+
+
+def test_class_metrics_dict_round_trip():
+    m = classification_metrics([0, 1, 1], [0, 1, 0], 2)
+    back = ClassMetrics.from_dict(m.to_dict())
+    np.testing.assert_array_equal(back.confusion, m.confusion)
+    np.testing.assert_array_equal(back.f1, m.f1)

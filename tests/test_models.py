@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from mechmem import models
+from mechmem.hooks import pattern_hook, z_hook
+from mechmem.models import PYTHIA, PYTHIA_REVISIONS, ModelNotFound, load_model, pythia_spec, random_pythia
+
+
+def test_registry_matches_published_pythia_shapes():
+    assert (PYTHIA["1b"].n_layers, PYTHIA["1b"].n_heads, PYTHIA["1b"].d_model) == (16, 8, 2048)
+    assert (PYTHIA["12b"].n_layers, PYTHIA["12b"].n_heads, PYTHIA["12b"].d_model) == (36, 40, 5120)
+    assert pythia_spec("EleutherAI/pythia-2.8b-deduped").n_layers == 32
+    assert PYTHIA["410m"].hf_name(deduped=False) == "EleutherAI/pythia-410m"
+    assert PYTHIA_REVISIONS[0] == "step0" and PYTHIA_REVISIONS[-1] == "step143000"
+    assert len(PYTHIA_REVISIONS) == 154
+    with pytest.raises(ModelNotFound, match="unknown Pythia size"):
+        pythia_spec("3b")
+
+
+def test_local_checkpoint_loads_as_hooked_model(tiny_model):
+    names = set(tiny_model.hook_dict)
+    for layer in range(tiny_model.cfg.n_layers):
+        assert pattern_hook(layer) in names and z_hook(layer) in names
+    assert tiny_model.cfg.n_heads == 4
+
+
+def test_random_pythia_has_the_size_asked_for():
+    m = random_pythia("14m", device="cpu", seed=1)
+    assert (m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_model) == (6, 4, 128)
+    assert m.mechmem_name == "random-pythia-14m-seed1"
+    logits = m(torch.zeros(1, 8, dtype=torch.long))
+    assert logits.shape == (1, 8, 50304)
+
+
+def test_missing_folder_and_unreachable_hub_give_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ModelNotFound, match="not a local folder"):
+        load_model("./does/not/exist")
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_in_hub_cache", lambda name, revision: False)
+    with pytest.raises(ModelNotFound, match="cannot reach the Hugging Face hub") as err:
+        load_model("EleutherAI/pythia-70m-deduped")
+    assert "\n" not in str(err.value) and "--local-dir" in str(err.value)
+    with pytest.raises(ModelNotFound, match="unknown Pythia revision"):
+        load_model("EleutherAI/pythia-70m-deduped", revision="step7")
