@@ -1,0 +1,143 @@
+"""Attention-feature extraction: fused hooks against the plain forward and the paper's path.
+
+All paths run on the same model, in the same process, so their ratio is what matters:
+- `plain`: the model's forward pass with no hooks (the floor for any hook-based method);
+- `hf_sdpa`: Hugging Face's GPT-NeoX with SDPA attention and the same weights (GPU floor);
+- `fused`: `mechmem.features.extract_attention` (pooling inside the hooks, mean and max);
+- `paper`: the original pipeline: `run_with_cache` of every hook, the cache copied to the CPU,
+  one HDF5 dataset per sample of all heads' patterns in float16.
+
+    python benchmarks/extraction.py --sizes 31m --n 64 --batch 16                 # CPU
+    python benchmarks/extraction.py --device cuda --dtype bf16 --sizes 410m 1b 2.8b --n 1024 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mechmem.features import extract_attention
+from mechmem.hooks import pattern_hook
+from mechmem.models import _resolve_dtype, random_pythia
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def plain_forward(model, tokens: torch.Tensor, batch_size: int) -> None:
+    device = next(model.parameters()).device
+    for start in range(0, len(tokens), batch_size):
+        model(tokens[start : start + batch_size].to(device))
+    _sync(device)
+
+
+def fused(model, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size)
+
+
+@torch.no_grad()
+def paper_path(model, tokens: torch.Tensor, batch_size: int, h5_path: Path) -> None:
+    import h5py
+
+    device = next(model.parameters()).device
+    n_layers = model.cfg.n_layers
+    with h5py.File(h5_path, "w") as f:
+        for start in range(0, len(tokens), batch_size):
+            _, cache = model.run_with_cache(tokens[start : start + batch_size].to(device))
+            cache = {name: act.to("cpu") for name, act in cache.items()}
+            patterns = torch.stack([cache[pattern_hook(l)] for l in range(n_layers)], dim=1)
+            for i, sample in enumerate(patterns.to(torch.float16).numpy()):
+                f.create_dataset(f"sample_{start + i}", data=sample)
+
+
+def hf_sdpa_twin(model):
+    """The same weights in Hugging Face's GPT-NeoX with SDPA attention (no hooks at all)."""
+    from transformers import GPTNeoXForCausalLM
+
+    hf = model.original_model
+    twin = GPTNeoXForCausalLM._from_config(hf.config, attn_implementation="sdpa", dtype=next(hf.parameters()).dtype)
+    twin.load_state_dict(hf.state_dict())
+    return twin.to(next(hf.parameters()).device).eval()
+
+
+def timed(fn, *args, repeats: int = 2) -> float:
+    """Best of `repeats` wall-clock runs after one warm-up."""
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats: int, paper: bool,
+             paper_n: int | None = None) -> dict:
+    dev = torch.device(device)
+    model = random_pythia(size, device=dev, dtype=_resolve_dtype(dtype))
+    tokens = torch.randint(0, model.cfg.d_vocab, (n, 64), generator=torch.Generator().manual_seed(0))
+    row = {"size": size, "device": device, "dtype": dtype, "n": n, "batch": batch,
+           "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    row["plain_s"] = timed(plain_forward, model, tokens, batch, repeats=repeats)
+    row["fused_s"] = timed(fused, model, tokens, batch, repeats=repeats)
+    if dev.type == "cuda":
+        row["peak_gib_fused_or_plain"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        twin = hf_sdpa_twin(model)
+        row["hf_sdpa_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
+        del twin
+    row["fused_bytes_per_sample"] = 2 * model.cfg.n_layers * 64 * 64 * 2  # mean+max, float16
+    if paper:
+        with tempfile.TemporaryDirectory() as tmp:
+            h5 = Path(tmp) / "paper.h5"
+            m = min(n, paper_n or n)  # the paper's path is slow: time it on fewer samples
+            row["paper_n"] = m
+            row["paper_s"] = timed(paper_path, model, tokens[:m], batch, h5, repeats=1) * n / m
+            row["paper_bytes_per_sample"] = os.path.getsize(h5) / m
+    for key in ("plain_s", "fused_s", "hf_sdpa_s", "paper_s"):
+        if key in row:
+            row[key.replace("_s", "_samples_per_s")] = n / row[key]
+    row["fused_vs_plain"] = row["plain_s"] / row["fused_s"]
+    if "hf_sdpa_s" in row:
+        row["fused_vs_hf_sdpa"] = row["hf_sdpa_s"] / row["fused_s"]
+    if "paper_s" in row:
+        row["fused_vs_paper"] = row["paper_s"] / row["fused_s"]
+        row["storage_ratio_per_pool"] = (row["fused_bytes_per_sample"] / 2) / row["paper_bytes_per_sample"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["31m"])
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-paper", action="store_true")
+    p.add_argument("--paper-n", type=int, help="time the paper's path on this many samples only")
+    p.add_argument("--json", type=Path, help="append rows as JSON lines here")
+    args = p.parse_args()
+    for size in args.sizes:
+        row = run_size(size, n=args.n, batch=args.batch, device=args.device, dtype=args.dtype,
+                       repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+if __name__ == "__main__":
+    main()
