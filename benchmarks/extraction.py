@@ -25,7 +25,7 @@ import torch
 
 from mechmem.features import extract_attention
 from mechmem.hooks import pattern_hook
-from mechmem.models import _resolve_dtype, random_pythia
+from mechmem.models import _resolve_dtype, build_hf_pythia, random_pythia
 
 
 def _sync(device: torch.device) -> None:
@@ -60,14 +60,9 @@ def paper_path(model, tokens: torch.Tensor, batch_size: int, h5_path: Path) -> N
                 f.create_dataset(f"sample_{start + i}", data=sample)
 
 
-def hf_sdpa_twin(model):
-    """The same weights in Hugging Face's GPT-NeoX with SDPA attention (no hooks at all)."""
-    from transformers import GPTNeoXForCausalLM
-
-    hf = model.original_model
-    twin = GPTNeoXForCausalLM._from_config(hf.config, attn_implementation="sdpa", dtype=next(hf.parameters()).dtype)
-    twin.load_state_dict(hf.state_dict())
-    return twin.to(next(hf.parameters()).device).eval()
+def hf_sdpa_twin(size: str, device, dtype):
+    """Hugging Face's GPT-NeoX of the same size and seed with SDPA attention (no hooks at all)."""
+    return build_hf_pythia(size, device=device, dtype=dtype, seed=0, attn_implementation="sdpa")
 
 
 def timed(fn, *args, repeats: int = 2) -> float:
@@ -82,7 +77,7 @@ def timed(fn, *args, repeats: int = 2) -> float:
 
 
 def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats: int, paper: bool,
-             paper_n: int | None = None) -> dict:
+             paper_n: int | None = None, hf_sdpa: bool = False) -> dict:
     dev = torch.device(device)
     model = random_pythia(size, device=dev, dtype=_resolve_dtype(dtype))
     tokens = torch.randint(0, model.cfg.d_vocab, (n, 64), generator=torch.Generator().manual_seed(0))
@@ -94,7 +89,8 @@ def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats:
     row["fused_s"] = timed(fused, model, tokens, batch, repeats=repeats)
     if dev.type == "cuda":
         row["peak_gib_fused_or_plain"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        twin = hf_sdpa_twin(model)
+    if hf_sdpa:
+        twin = hf_sdpa_twin(size, dev, _resolve_dtype(dtype))
         row["hf_sdpa_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
         del twin
     row["fused_bytes_per_sample"] = 2 * model.cfg.n_layers * 64 * 64 * 2  # mean+max, float16
@@ -107,7 +103,7 @@ def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats:
             row["paper_bytes_per_sample"] = os.path.getsize(h5) / m
     for key in ("plain_s", "fused_s", "hf_sdpa_s", "paper_s"):
         if key in row:
-            row[key.replace("_s", "_samples_per_s")] = n / row[key]
+            row[key[:-2] + "_samples_per_s"] = n / row[key]
     row["fused_vs_plain"] = row["plain_s"] / row["fused_s"]
     if "hf_sdpa_s" in row:
         row["fused_vs_hf_sdpa"] = row["hf_sdpa_s"] / row["fused_s"]
@@ -126,13 +122,15 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-paper", action="store_true")
+    p.add_argument("--hf-sdpa", action="store_true", help="also time Hugging Face's SDPA forward (GPU floor)")
     p.add_argument("--paper-n", type=int, help="time the paper's path on this many samples only")
     p.add_argument("--json", type=Path, help="append rows as JSON lines here")
     args = p.parse_args()
     for size in args.sizes:
         row = run_size(size, n=args.n, batch=args.batch, device=args.device, dtype=args.dtype,
-                       repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n)
-        print(json.dumps(row), flush=True)
+                       repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n,
+                       hf_sdpa=args.hf_sdpa)
+        print(json.dumps(row), flush=True)  # one line a size, so a later crash loses nothing
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")

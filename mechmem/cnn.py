@@ -94,7 +94,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
-    fuse: bool = True  # run same-shaped configs as one grouped network (same results, faster)
+    fuse: bool | None = None  # run same-shaped configs as one grouped network; None: only on cuda
     eval_batch_size: int = 256
 
 
@@ -391,9 +391,12 @@ def train_cnns(
             warnings.warn(f"features do not fit on {device}; reading them from {features.device}", stacklevel=2)
 
     # Group same-shaped configs (or not, when fuse=False), in order of first appearance.
+    # (Fusing pays on a GPU, where small kernels are launch-bound; on CPU grouped convs run slower than
+    # separate ones, see benchmarks/bench_cnn.py.)
+    fuse = device.type == "cuda" if train.fuse is None else train.fuse
     groups: dict = {}
     for i, c in enumerate(configs):
-        groups.setdefault(c.shape_key if train.fuse else i, []).append(i)
+        groups.setdefault(c.shape_key if fuse else i, []).append(i)
     groups = list(groups.values())
     used_pools = sorted({pools.index(c.pooling) for c in configs})
     stacks, pool_slots = [], []

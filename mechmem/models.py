@@ -234,7 +234,7 @@ def _placeholder_tokenizer(folder: Path) -> None:
 
 
 def build_hf_pythia(size: str, *, device=None, dtype=None, seed: int = 0, n_ctx: int = 2048,
-                    **overrides):
+                    attn_implementation: str = "eager", **overrides):
     """A randomly initialised Hugging Face GPT-NeoX of a Pythia size, built on `device`."""
     from transformers import GPTNeoXForCausalLM
 
@@ -242,7 +242,7 @@ def build_hf_pythia(size: str, *, device=None, dtype=None, seed: int = 0, n_ctx:
     config = pythia_config(size, n_ctx=n_ctx, **overrides)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = GPTNeoXForCausalLM._from_config(config, dtype=dtype)
+        model = GPTNeoXForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -226,6 +226,10 @@ def test_each_config_reads_its_own_pool():
     assert by_pool["mean"].min_f1 == 0  # constant input -> constant prediction -> some class never predicted
 
 
+def device_of(model):
+    return next(model.parameters()).device
+
+
 def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -241,7 +245,7 @@ def assert_same_weights(a, b, exact=False):
 def test_config_independent_of_its_neighbours():
     a, b, c = CNNConfig(6, 10, "mean"), CNNConfig(6, 10, "max"), CNNConfig(8, 16, "max")
     alone = small_run([a])[0]
-    for together in (small_run([b, a, c]), small_run([a, b], fuse=False)):
+    for together in (small_run([b, a, c], fuse=True), small_run([a, b], fuse=False)):
         mine = next(t for t in together if t.config == a)
         assert_same_weights(state(alone.model), state(mine.model))
         torch.testing.assert_close(alone.eval_logits, mine.eval_logits, rtol=1e-4, atol=1e-5)
@@ -252,7 +256,7 @@ def test_config_independent_of_its_neighbours():
 
 
 def test_deterministic_on_cpu():
-    first, second = small_run(QUICK_GRID), small_run(QUICK_GRID)
+    first, second = small_run(QUICK_GRID, device="cpu"), small_run(QUICK_GRID, device="cpu")
     for t1, t2 in zip(first, second):
         assert_same_weights(state(t1.model), state(t2.model), exact=True)
         assert torch.equal(t1.eval_logits, t2.eval_logits)
@@ -264,7 +268,7 @@ def test_numpy_memmap_features_give_same_result(tmp_path):
     mm[:] = feats.numpy()
     mm.flush()
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    args = (POOLS, labels.numpy(), np.arange(32), np.arange(32, 40), 3, QUICK_GRID, TrainConfig(epochs=1))
+    args = (POOLS, labels.numpy(), np.arange(32), np.arange(32, 40), 3, QUICK_GRID, TrainConfig(epochs=1, device="cpu"))
     from_memmap = train_cnns(mm, *args, progress=False)
     from_tensor = train_cnns(feats, *args, progress=False)
     for t1, t2 in zip(from_memmap, from_tensor):
@@ -275,8 +279,8 @@ def test_model_logits_match_eval_logits():
     feats, labels = diagonal_toy(40, seq_len=32)
     t = train_cnns(feats, POOLS, labels, np.arange(32), np.arange(32, 40), 3, [CNNConfig(pooling="max")],
                    TrainConfig(epochs=1), progress=False)[0]
-    x = feats[32:, POOLS.index("max")].float()
-    torch.testing.assert_close(t.model(x), t.eval_logits)
+    x = feats[32:, POOLS.index("max")].float().to(device_of(t.model))
+    torch.testing.assert_close(t.model(x).cpu(), t.eval_logits)
 
 
 @pytest.mark.parametrize("change", [
@@ -314,9 +318,9 @@ def test_save_load_round_trip(tmp_path):
     trained = small_run([CNNConfig(8, 16, "max"), CNNConfig(6, 10, "mean")])
     save_cnns(trained, tmp_path / "cnns")
     assert not list((tmp_path / "cnns").glob(".*tmp*"))  # no temporary files left behind
-    loaded = load_cnns(tmp_path / "cnns")
+    loaded = load_cnns(tmp_path / "cnns", device=device_of(trained[0].model))
     assert [t.config for t in loaded] == [t.config for t in trained]
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(4, 3, 32, 32, device=device_of(trained[0].model))
     for t, l in zip(trained, loaded):
         assert not l.model.training
         assert torch.equal(t.model(x), l.model(x))
