@@ -70,7 +70,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         feats, labels = make_store(Path(tmp) / "features.npy", n, args.layers)
         if not args.memmap:
-            feats = torch.from_numpy(np.asarray(feats)).to(device)
+            feats = torch.from_numpy(np.array(feats)).to(device)
         MODES["together_fused"](feats, labels, 64, PAPER_GRID, device)  # warm up kernels and allocator
         times = {}
         for mode, fn in MODES.items():
