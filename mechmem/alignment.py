@@ -1,0 +1,268 @@
+"""The alignment benchmark: how well does each memorization taxonomy align with attention?
+
+Composes the stages: memorization table -> labels per (taxonomy, threshold) -> balanced splits ->
+one feature store for every sample any row needs (features do not depend on the taxonomy) ->
+CNNs trained per row -> a table of min F1 (the alignment score) with bootstrap intervals.
+
+Every row's result is written as soon as it is computed (`rows/*.json`, atomically), and the
+feature store resumes, so an interrupted run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mechmem import taxonomy as tx
+from mechmem.cnn import PAPER_GRID, QUICK_GRID, CNNConfig, TrainConfig, alignment_summary, save_cnns, train_cnns
+from mechmem.data import tokens_array
+from mechmem.features import FeatureStore, build_feature_store
+from mechmem.memorization import free_generation
+
+# The quick preset: the paper's proposed taxonomy, the original Recite/Reconstruct/Recollect
+# family, and enough neighbours to rank them (display names, as in the paper's tables).
+QUICK_ROWS: tuple[str, ...] = (
+    "Non-Memo, Guess, Others",
+    "Non-Memo, Reconstruct, Others",
+    "Non-Memo, Recite[5], Others",
+    "Non-Memo, Recollect[5], Others",
+    "Non-Memo, Code, Others",
+    "Non-Memo, Guess-or-Recollect[5], Others",
+    "Non-Memo, Recite[5], Reconstruct, Others",
+    "Non-Memo, Recollect[5], Reconstruct, Others",
+    "Non-Memo, Recite[5], Guess, Others",
+    "Non-Memo, Recite[50], Others",
+)
+
+TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "mean_prec", "min_rec",
+                 "mean_rec", "mean_eval_loss", "min_f1_ci_low", "min_f1_ci_high"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked taxonomy: an id, its duplicates threshold and ROUGE choice."""
+
+    tax_id: str
+    threshold: int = 5
+    rouge: str = "either"
+    rouge_threshold: float = 0.5
+
+    @property
+    def name(self) -> str:
+        return tx.display_name(self.tax_id, self.threshold)
+
+    @property
+    def slug(self) -> str:
+        extra = "" if (self.rouge, self.rouge_threshold) == ("either", 0.5) else f"_rouge{self.rouge}{self.rouge_threshold:g}"
+        return f"{self.tax_id}_t{self.threshold}{extra}"
+
+    def labels(self, df: pd.DataFrame) -> np.ndarray:
+        return tx.assign_categories(df, self.tax_id, duplicates_threshold=self.threshold,
+                                    rouge_threshold=self.rouge_threshold, rouge=self.rouge)
+
+    def class_names(self) -> list[str]:
+        return tx.class_names(self.tax_id, self.threshold)
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    rows: tuple[Row, ...]
+    train_per_class: int = 4000
+    eval_per_class: int = 2000
+    configs: tuple[CNNConfig, ...] = PAPER_GRID
+    train: TrainConfig = TrainConfig()
+    pooling: tuple[str, ...] = ("mean", "max")
+    extraction_batch_size: int = 64
+    n_boot: int = 1000
+    seed: int = 0
+    sweep: tuple[Row, ...] = ()  # ROUGE-threshold sweep rows, trained on the same features
+
+
+def quick_rows(rouge: str = "either", rouge_threshold: float = 0.5) -> tuple[Row, ...]:
+    return tuple(Row(*tx.parse_name(n), rouge=rouge, rouge_threshold=rouge_threshold) for n in QUICK_ROWS)
+
+
+def paper_rows(rouge: str = "either", rouge_threshold: float = 0.5) -> tuple[Row, ...]:
+    return tuple(Row(i, t, rouge, rouge_threshold) for i, t in tx.PAPER_ROWS)
+
+
+@dataclass
+class Plan:
+    """What each row trains and evaluates on, as positions in the data frame."""
+
+    splits: dict[Row, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # labels, train, eval
+    skipped: dict[Row, str] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Every data-frame position some row needs: one feature extraction serves them all."""
+        parts = [np.concatenate([tr, ev]) for _, tr, ev in self.splits.values()]
+        return np.unique(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
+
+
+def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_per_class: int, seed: int) -> Plan:
+    """Label and split every row; rows with a class too small are skipped with the reason."""
+    plan = Plan()
+    for row in rows:
+        labels = row.labels(df)
+        try:
+            tr, ev = tx.balanced_split(labels, len(row.class_names()), train_per_class, eval_per_class, seed)
+        except tx.NotEnoughSamples as err:
+            plan.skipped[row] = str(err)
+            continue
+        plan.splits[row] = (labels, np.asarray(tr), np.asarray(ev))
+    return plan
+
+
+def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """The 64 tokens the model is shown: memorized samples as they are, others with the model's own
+    greedy continuation as suffix (METHOD.md section 3), so every sample is the model generating."""
+    tokens = tokens_array(df.iloc[positions])
+    scores = df["memorization_score"].to_numpy()[positions]
+    return np.asarray(free_generation(model, torch.from_numpy(tokens), scores, batch_size=batch_size))
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.PathLike, *,
+                  progress: bool = True, log=print) -> pd.DataFrame:
+    """Run every row of `cfg` on `df` with `model`; write into `out` and return the table."""
+    out = Path(out)
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
+    plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed)
+    for row, reason in plan.skipped.items():
+        log(f"skipped {row.name}: {reason}")
+    _atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
+    if not plan.splits:
+        raise ValueError("no taxonomy row has enough samples in every class; lower --train-per-class/--eval-per-class")
+
+    store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress)
+    positions = plan.samples
+    features = torch.from_numpy(np.asarray(store.features))  # float16, held in memory for all rows
+    for row, (labels, train_pos, eval_pos) in tqdm(plan.splits.items(), desc="taxonomies", disable=not progress):
+        result_file = out / "rows" / f"{row.slug}.json"
+        if result_file.exists():
+            continue
+        n_classes = len(row.class_names())
+        # Store rows are the sorted data-frame positions: map this row's split into them.
+        tr, ev = np.searchsorted(positions, train_pos), np.searchsorted(positions, eval_pos)
+        store_labels = np.zeros(len(positions), dtype=np.int64)
+        store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
+        trained = train_cnns(features, store.pooling, store_labels, tr, ev, n_classes, cfg.configs,
+                             cfg.train, progress=progress)
+        summary = alignment_summary(trained, store_labels[ev], n_boot=cfg.n_boot, seed=cfg.seed)
+        save_cnns(trained, out / "cnns" / row.slug)
+        confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
+        per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
+        _atomic_json(result_file, {
+            "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
+            "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
+            "confusion": confusion.tolist(),
+            "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
+            "eval_sequence_ids": df["sequence_id"].to_numpy()[eval_pos].tolist(),
+        })
+    table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
+    write_outputs(table, out)
+    if cfg.sweep:
+        sweep = rouge_table(collect_table(out, [r for r in cfg.sweep if r in plan.splits]))
+        tmp = out / ".rouge_sweep.csv.tmp"
+        sweep.round(4).to_csv(tmp, index=False)
+        os.replace(tmp, out / "rouge_sweep.csv")
+    return table
+
+
+def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Path, cfg: AlignmentConfig,
+                      *, progress: bool = True) -> FeatureStore:
+    """The store of these samples' features, built (or resumed) once for every row."""
+    ids = df["sequence_id"].to_numpy()[positions]
+    view_file = folder.parent / "model_view_tokens.npz"
+    if view_file.exists():  # free generation is cached: it is the slow half of a resumed run
+        cached = np.load(view_file)
+        if np.array_equal(cached["sequence_ids"], ids):
+            tokens = cached["tokens"]
+        else:
+            raise ValueError(f"{view_file} holds other samples: use a new --out folder or delete it")
+    else:
+        tokens = model_view_tokens(model, df, positions)
+        tmp = view_file.with_name(".model_view_tokens.tmp.npz")
+        np.savez(tmp, sequence_ids=ids, tokens=tokens)
+        os.replace(tmp, view_file)
+    return build_feature_store(folder, model, ids, tokens, pooling=cfg.pooling,
+                               batch_size=cfg.extraction_batch_size, progress=progress)
+
+
+def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:
+    """The paper's table (figures in percent), sorted as its tables are: by classes, then min F1."""
+    records = [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
+    table = pd.DataFrame.from_records(records)
+    table = table.sort_values(["num_classes", "min_f1"], ascending=[False, False]).reset_index(drop=True)
+    return table
+
+
+def write_outputs(table: pd.DataFrame, out: Path) -> None:
+    """alignment.csv, alignment.md, a bar chart of min F1 with intervals, best/worst confusion matrices."""
+    from mechmem.plots import confusion_png, min_f1_bar_png
+
+    csv = table[TABLE_COLUMNS].round(4)
+    tmp = out / ".alignment.csv.tmp"
+    csv.to_csv(tmp, index=False)
+    os.replace(tmp, out / "alignment.csv")
+    (out / "alignment.md").write_text(markdown_table(csv))
+    min_f1_bar_png(table, out / "min_f1.png")
+    best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
+    for tag, r in (("best", best), ("worst", worst)):
+        confusion_png(np.array(r["confusion"]), r["class_names"], f"{r['tax_name']} (min F1 {r['min_f1']:.1f})",
+                      out / f"confusion_{tag}.png")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    def fmt(v):
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def ranking_text(table: pd.DataFrame) -> str:
+    lines = []
+    for rank, r in enumerate(table.sort_values("min_f1", ascending=False).itertuples(), 1):
+        lines.append(f"{rank:>2}. {r.min_f1:5.1f} [{r.min_f1_ci_low:5.1f}, {r.min_f1_ci_high:5.1f}]  {r.tax_name}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# ROUGE-threshold sweep (the paper's Table 4) on the same features
+# --------------------------------------------------------------------------------------------
+SWEEP_TAXONOMY = "Non-Memo, Guess, Others"
+SWEEP_ROUGES = (("Yes", "Yes", "either"), ("Yes", "No", "L"), ("No", "Yes", "3"))
+
+
+def sweep_rows(thresholds: Sequence[float] = tuple(np.round(np.arange(0.1, 1.0, 0.1), 1))) -> tuple[Row, ...]:
+    tax_id, t = tx.parse_name(SWEEP_TAXONOMY)
+    return tuple(Row(tax_id, t, rouge, float(rho)) for _, _, rouge in SWEEP_ROUGES for rho in thresholds)
+
+
+def rouge_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a sweep run in the paper's `04_rouge_table.csv` columns."""
+    flags = {rouge: (l, three) for l, three, rouge in SWEEP_ROUGES}
+    records = []
+    for r in table.itertuples():
+        row = r.row
+        l, three = flags[row["rouge"]]
+        records.append({"Rouge-L": l, "Rouge-3": three, "Threshold": row["rouge_threshold"],
+                        **{c: getattr(r, c) for c in TABLE_COLUMNS[2:]}})
+    return pd.DataFrame.from_records(records).sort_values("min_f1", ascending=False).reset_index(drop=True)
