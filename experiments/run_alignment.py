@@ -1,0 +1,169 @@
+"""The alignment benchmark: rank memorization taxonomies by how well attention predicts them.
+
+    python experiments/run_alignment.py                      # offline quick preset on the testbed
+    python experiments/run_alignment.py --grid paper         # all 54 rows of the paper, 8 CNNs each
+    python experiments/run_alignment.py --model EleutherAI/pythia-12b-deduped --data semantic-filters:12b-deduped \
+        --grid paper --device cuda                           # the paper's experiment (needs the hub)
+
+Writes into --out: alignment.csv / alignment.md (the paper's columns plus 95% bootstrap
+intervals), min_f1.png, confusion_best.png, confusion_worst.png, the trained CNNs (cnns/), the
+feature store (features/), per-row results (rows/) and the run's config (config.json). An
+interrupted run resumes from --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {  # grid: (rows, CNN configs, train per class, eval per class)
+    "quick": ("quick", "quick", 300, 150),
+    "paper": ("paper", "paper", 4000, 2000),
+}
+
+
+class CliError(Exception):
+    """Bad input: reported on one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"run_alignment: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=sorted(PRESETS), default="quick",
+                   help="quick: 10 rows, 2 CNNs, 300+150 samples a class; paper: 54 rows, 8 CNNs, 4000+2000")
+    p.add_argument("--model", default="testbed", help="'testbed', a local HF folder, or a hub name")
+    p.add_argument("--revision", default=None, help="hub revision, e.g. step143000 for Pythia")
+    p.add_argument("--data", default="testbed",
+                   help="'testbed', a parquet/jsonl file, or semantic-filters:SIZE[-deduped]")
+    p.add_argument("--taxonomies", nargs="+", help="paper ids or display names (default: the grid's rows)")
+    p.add_argument("--duplicates-thresholds", nargs="+", type=int,
+                   help="thresholds t for ids given in --taxonomies (default 5)")
+    p.add_argument("--rouge", choices=["either", "L", "3"], default="either")
+    p.add_argument("--rouge-threshold", type=float, default=0.5)
+    p.add_argument("--rouge-sweep", action="store_true",
+                   help="also run the paper's ROUGE sweep (Table 4) on the same features: rouge_sweep.csv")
+    p.add_argument("--configs", nargs="+", help="'quick', 'paper', or CNN names like k6_c10_mean")
+    p.add_argument("--train-per-class", type=int)
+    p.add_argument("--eval-per-class", type=int)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
+    p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/alignment-GRID)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _configs(names, grid):
+    from mechmem.cnn import PAPER_GRID, QUICK_GRID, CNNConfig
+
+    if not names:
+        return QUICK_GRID if grid == "quick" else PAPER_GRID
+    if names in (["quick"], ["paper"]):
+        return QUICK_GRID if names == ["quick"] else PAPER_GRID
+    known = {c.name: c for c in PAPER_GRID}
+    out = []
+    for name in names:
+        if name in known:
+            out.append(known[name])
+            continue
+        try:  # k{kernel}_c{channels}_{pooling}
+            k, c, pool = name.split("_")
+            out.append(CNNConfig(int(k.removeprefix("k")), int(c.removeprefix("c")), pool))
+        except ValueError:
+            raise CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'")
+    return tuple(out)
+
+
+def _rows(args, grid_rows):
+    from mechmem import alignment as al
+    from mechmem import taxonomy as tx
+
+    if not 0 < args.rouge_threshold <= 1:
+        raise CliError(f"--rouge-threshold must be in (0, 1], got {args.rouge_threshold}")
+    if not args.taxonomies:
+        rows = al.quick_rows if grid_rows == "quick" else al.paper_rows
+        return rows(args.rouge, args.rouge_threshold)
+    thresholds = args.duplicates_thresholds or [5]
+    for t in thresholds:
+        if t < 0:
+            raise CliError(f"--duplicates-thresholds must be >= 0, got {t}")
+    rows = []
+    for name in args.taxonomies:
+        if name in tx.TAXONOMY_IDS:
+            rows += [al.Row(name, t, args.rouge, args.rouge_threshold) for t in thresholds]
+            continue
+        try:
+            tax_id, t = tx.parse_name(name)
+        except ValueError as err:
+            raise CliError(f"unknown taxonomy {name!r}: {err}")
+        rows.append(al.Row(tax_id, t, args.rouge, args.rouge_threshold))
+    return tuple(dict.fromkeys(rows))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CliError as err:
+        print(f"run_alignment: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, KeyError) as err:  # bad input found by the library
+        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
+        print(f"run_alignment: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from mechmem import alignment as al
+    from mechmem.cnn import TrainConfig
+    from mechmem.data import load_memorization_data
+    from mechmem.models import load_model
+
+    grid_rows, grid_configs, train_pc, eval_pc = PRESETS[args.grid]
+    rows = _rows(args, grid_rows)
+    configs = _configs(args.configs, grid_configs)
+    train_pc = args.train_per_class or train_pc
+    eval_pc = args.eval_per_class or eval_pc
+    if train_pc < 1 or eval_pc < 1:
+        raise CliError("--train-per-class and --eval-per-class must be >= 1")
+    if args.epochs < 1 or args.batch_size < 1 or args.n_boot < 1:
+        raise CliError("--epochs, --batch-size and --n-boot must be >= 1")
+    out = args.out or ROOT / "runs" / f"alignment-{args.grid}"
+
+    df = load_memorization_data(args.data)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    cfg = al.AlignmentConfig(
+        rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device),
+        extraction_batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
+        sweep=al.sweep_rows() if args.rouge_sweep else (),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
+              "config": asdict(cfg)}
+    (out / "config.json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
+          f"{train_pc}+{eval_pc} samples a class; writing to {out}")
+    table = al.run_alignment(model, df, cfg, out, progress=not args.quiet)
+    print("\nAlignment ranking (min F1 %, 95% bootstrap interval):")
+    print(al.ranking_text(table))
+    print(f"\nwrote {out / 'alignment.csv'}, alignment.md, min_f1.png, confusion_best.png, confusion_worst.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
