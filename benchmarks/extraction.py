@@ -41,8 +41,8 @@ def plain_forward(model, tokens: torch.Tensor, batch_size: int) -> None:
     _sync(device)
 
 
-def fused(model, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size)
+def fused(model, tokens: torch.Tensor, batch_size: int, cuda_graph: bool | None = None) -> torch.Tensor:
+    return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size, cuda_graph=cuda_graph)
 
 
 @torch.no_grad()
@@ -89,9 +89,14 @@ def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats:
     row["fused_s"] = timed(fused, model, tokens, batch, repeats=repeats)
     if dev.type == "cuda":
         row["peak_gib_fused_or_plain"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        row["fused_nograph_s"] = timed(fused, model, tokens, batch, False, repeats=repeats)
+        graphed, eager = fused(model, tokens, batch, True), fused(model, tokens, batch, False)
+        row["graph_vs_eager_max_abs_diff"] = float((graphed - eager).abs().max())
     if hf_sdpa:
         twin = hf_sdpa_twin(size, dev, _resolve_dtype(dtype))
         row["hf_sdpa_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
+        twin.config._attn_implementation = "eager"  # the same model with eager attention
+        row["hf_eager_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
         del twin
     row["fused_bytes_per_sample"] = 2 * model.cfg.n_layers * 64 * 64 * 2  # mean+max, float16
     if paper:
@@ -101,7 +106,7 @@ def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats:
             row["paper_n"] = m
             row["paper_s"] = timed(paper_path, model, tokens[:m], batch, h5, repeats=1) * n / m
             row["paper_bytes_per_sample"] = os.path.getsize(h5) / m
-    for key in ("plain_s", "fused_s", "hf_sdpa_s", "paper_s"):
+    for key in ("plain_s", "fused_s", "fused_nograph_s", "hf_sdpa_s", "hf_eager_s", "paper_s"):
         if key in row:
             row[key[:-2] + "_samples_per_s"] = n / row[key]
     row["fused_vs_plain"] = row["plain_s"] / row["fused_s"]
@@ -117,7 +122,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["31m"])
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, nargs="+", default=[16], help="one or more batch sizes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2)
@@ -126,8 +131,8 @@ def main() -> None:
     p.add_argument("--paper-n", type=int, help="time the paper's path on this many samples only")
     p.add_argument("--json", type=Path, help="append rows as JSON lines here")
     args = p.parse_args()
-    for size in args.sizes:
-        row = run_size(size, n=args.n, batch=args.batch, device=args.device, dtype=args.dtype,
+    for size, batch in [(s, b) for s in args.sizes for b in args.batch]:
+        row = run_size(size, n=args.n, batch=batch, device=args.device, dtype=args.dtype,
                        repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n,
                        hf_sdpa=args.hf_sdpa)
         print(json.dumps(row), flush=True)  # one line a size, so a later crash loses nothing
