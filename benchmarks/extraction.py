@@ -41,8 +41,8 @@ def plain_forward(model, tokens: torch.Tensor, batch_size: int) -> None:
     _sync(device)
 
 
-def fused(model, tokens: torch.Tensor, batch_size: int, cuda_graph: bool | None = None) -> torch.Tensor:
-    return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size, cuda_graph=cuda_graph)
+def fused(model, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -89,9 +89,6 @@ def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats:
     row["fused_s"] = timed(fused, model, tokens, batch, repeats=repeats)
     if dev.type == "cuda":
         row["peak_gib_fused_or_plain"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        row["fused_nograph_s"] = timed(fused, model, tokens, batch, False, repeats=repeats)
-        graphed, eager = fused(model, tokens, batch, True), fused(model, tokens, batch, False)
-        row["graph_vs_eager_max_abs_diff"] = float((graphed - eager).abs().max())
     if hf_sdpa:
         twin = hf_sdpa_twin(size, dev, _resolve_dtype(dtype))
         row["hf_sdpa_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
@@ -106,7 +103,7 @@ def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats:
             row["paper_n"] = m
             row["paper_s"] = timed(paper_path, model, tokens[:m], batch, h5, repeats=1) * n / m
             row["paper_bytes_per_sample"] = os.path.getsize(h5) / m
-    for key in ("plain_s", "fused_s", "fused_nograph_s", "hf_sdpa_s", "hf_eager_s", "paper_s"):
+    for key in ("plain_s", "fused_s", "hf_sdpa_s", "hf_eager_s", "paper_s"):
         if key in row:
             row[key[:-2] + "_samples_per_s"] = n / row[key]
     row["fused_vs_plain"] = row["plain_s"] / row["fused_s"]

@@ -10,7 +10,9 @@ device once, and feeds it to every configuration. Configurations of the same sha
 pairs them: they differ only in which head pooling they read) are fused into one network with grouped
 convolutions (`_CNNStack`), so G small networks run as one set of kernels. Fusing is exact: AdamW is
 elementwise and member g's parameters only see member g's loss, so it changes floating-point
-summation order, not the maths.
+summation order, not the maths. It is on by default on cuda only: on a GPU the small kernels are
+launch-bound and fusing pays (1.7x for the paper's grid, see benchmarks/bench_cnn.py), on CPU grouped
+convolutions run slower than separate ones.
 
 Randomness is chosen so that a config's training never depends on which configs train beside it:
 - batch order: one generator seeded by `TrainConfig.seed`, shared by all configs (that is what lets
@@ -335,6 +337,40 @@ def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int,
         return AttentionCNN(n_layers, n_classes, config, seq_len)
 
 
+def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, configs, train):
+    """Validate train_cnns' arguments; return them normalised (tuples, int64 numpy arrays)."""
+    configs = tuple(configs)
+    if not configs or not all(isinstance(c, CNNConfig) for c in configs):
+        raise ValueError("configs must be a non-empty sequence of CNNConfig")
+    if len({c.name for c in configs}) != len(configs):
+        raise ValueError(f"config names must be unique, got {[c.name for c in configs]}")
+    if not isinstance(features, (Tensor, np.ndarray)) or features.ndim != 5:
+        raise ValueError(f"features must be a 5-D [sample pool layer query key] tensor or array, got "
+                         f"{getattr(features, 'shape', type(features))}")
+    pools = tuple(pools)
+    n_samples, n_pools, _, seq_len, seq_len_k = features.shape
+    if n_pools != len(pools) or seq_len != seq_len_k:
+        raise ValueError(f"features shape {tuple(features.shape)} does not match pools {pools} "
+                         "or is not square in query/key")
+    for c in configs:
+        if c.pooling not in pools:
+            raise ValueError(f"config {c.name} reads pooling {c.pooling!r}, but features only hold {pools}")
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    labels = _as_labels(labels, n_classes, "labels")
+    if len(labels) != n_samples:
+        raise ValueError(f"labels has {len(labels)} entries but features has {n_samples} samples")
+    train_idx = _as_indices(train_idx, n_samples, "train_idx")
+    eval_idx = _as_indices(eval_idx, n_samples, "eval_idx")
+    if np.intersect1d(train_idx, eval_idx).size:
+        warnings.warn("train_idx and eval_idx overlap: eval metrics are not held-out", stacklevel=3)
+    if train.epochs < 1 or train.batch_size < 1 or train.eval_batch_size < 1:
+        raise ValueError(f"epochs and batch sizes must be >= 1, got {train}")
+    for c in configs:
+        feature_side(seq_len, c.kernel_size)  # fail before training if a kernel is too large
+    return configs, pools, labels, train_idx, eval_idx
+
+
 def train_cnns(
     features: Float[Tensor, "sample pool layer query key"] | np.ndarray,
     pools: Sequence[str],
@@ -353,37 +389,10 @@ def train_cnns(
     float16 to halve the memory; it stays on cpu if the device is out of memory); a numpy array or
     memmap is read batch by batch. Either way each batch is converted to float32 on the device.
     """
-    configs = tuple(configs)
-    if not configs or not all(isinstance(c, CNNConfig) for c in configs):
-        raise ValueError("configs must be a non-empty sequence of CNNConfig")
-    if len({c.name for c in configs}) != len(configs):
-        raise ValueError(f"config names must be unique, got {[c.name for c in configs]}")
-    if not isinstance(features, (Tensor, np.ndarray)) or features.ndim != 5:
-        raise ValueError(f"features must be a 5-D [sample pool layer query key] tensor or array, got "
-                         f"{getattr(features, 'shape', type(features))}")
-    pools = tuple(pools)
-    n_samples, n_pools, n_layers, seq_len, seq_len_k = features.shape
-    if n_pools != len(pools) or seq_len != seq_len_k:
-        raise ValueError(f"features shape {tuple(features.shape)} does not match pools {pools} "
-                         "or is not square in query/key")
-    for c in configs:
-        if c.pooling not in pools:
-            raise ValueError(f"config {c.name} reads pooling {c.pooling!r}, but features only hold {pools}")
-    if n_classes < 2:
-        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-    labels = _as_labels(labels, n_classes, "labels")
-    if len(labels) != n_samples:
-        raise ValueError(f"labels has {len(labels)} entries but features has {n_samples} samples")
-    train_idx = _as_indices(train_idx, n_samples, "train_idx")
-    eval_idx = _as_indices(eval_idx, n_samples, "eval_idx")
-    if np.intersect1d(train_idx, eval_idx).size:
-        warnings.warn("train_idx and eval_idx overlap: eval metrics are not held-out", stacklevel=2)
-    if train.epochs < 1 or train.batch_size < 1 or train.eval_batch_size < 1:
-        raise ValueError(f"epochs and batch sizes must be >= 1, got {train}")
+    configs, pools, labels, train_idx, eval_idx = _check_inputs(
+        features, pools, labels, train_idx, eval_idx, n_classes, configs, train)
+    _, _, n_layers, seq_len, _ = features.shape
     device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for c in configs:
-        feature_side(seq_len, c.kernel_size)  # fail before training if the kernel is too large
-
     if isinstance(features, Tensor) and features.device != device:
         try:
             features = features.to(device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -67,33 +66,6 @@ def _run_until_last_pattern(model, batch: Tensor, hooks) -> None:
     raise RuntimeError("the last layer's hook_pattern never fired; is this a hooked transformer?")
 
 
-class _GraphedForward:
-    """The hooked forward pass captured once as a CUDA graph and replayed for every batch.
-
-    On a GPU the gap between a hooked model and a plain Hugging Face forward is Python: the
-    bridge's hook points and module wrappers, run for every batch. A replay launches the same
-    kernels with none of that Python. The hooks only write into preallocated buffers, so what
-    the graph captured is exactly what an eager call computes.
-    """
-
-    def __init__(self, model, hooks, batch_size: int, seq: int, device: torch.device):
-        self.tokens = torch.zeros(batch_size, seq, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy inits)
-            for _ in range(2):
-                _run_until_last_pattern(model, self.tokens, hooks)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            _run_until_last_pattern(model, self.tokens, hooks)
-
-    def __call__(self, batch: Tensor) -> None:
-        self.tokens[: len(batch)].copy_(batch, non_blocking=True)
-        self.tokens[len(batch) :].zero_()
-        self.graph.replay()
-
-
 @torch.no_grad()
 def extract_attention(
     model,
@@ -104,15 +76,12 @@ def extract_attention(
     device: str | torch.device | None = None,
     per_head: bool = False,
     out_dtype: torch.dtype = torch.float32,
-    cuda_graph: bool | None = None,
     progress: bool = False,
 ) -> Float[Tensor, "sample pool layer query key"] | Float[Tensor, "sample layer head query key"]:
     """Head-pooled attention patterns of every layer, on the CPU.
 
     With `per_head=True` it returns the unpooled patterns `[sample, layer, head, query, key]`
     instead: meant for the few samples localization and visualisation look at.
-    `cuda_graph` (default: on for CUDA devices) replays one captured forward per batch; if the
-    model cannot be captured it falls back to ordinary calls with a warning.
     """
     pooling = _check_pooling(pooling)
     tokens = _check_tokens(tokens)
@@ -141,17 +110,9 @@ def extract_attention(
 
     hooks = [(pattern_hook(layer), capture(layer)) for layer in range(n_layers)]
 
-    def forward(batch: Tensor) -> None:
-        _run_until_last_pattern(model, batch, hooks)
-
-    if (device.type == "cuda") if cuda_graph is None else cuda_graph:
-        try:
-            forward = _GraphedForward(model, hooks, batch_size, seq, device)
-        except Exception as err:  # noqa: BLE001 - any capture failure means: run without a graph
-            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); running eagerly")
     for start in tqdm(range(0, n, batch_size), desc="attention", disable=not progress):
         batch = tokens[start : start + batch_size].to(device, non_blocking=True)
-        forward(batch)
+        _run_until_last_pattern(model, batch, hooks)
         out[start : start + len(batch)].copy_(buf[: len(batch)], non_blocking=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -54,3 +54,116 @@ def confusion_png(confusion: np.ndarray, class_names: Sequence[str], title: str,
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Localization and ablation (mechmem.localize, mechmem.ablation)
+# --------------------------------------------------------------------------------------------
+def delta_maps_png(delta: np.ndarray, class_names: Sequence[str], path: Path, title: str | None = None,
+                   prefix_len: int = 32) -> None:
+    """Delta[c] per class (rows) and layer (columns), as in the paper's localization figures.
+
+    Each class has its own colour scale (shared by its layers), so a row shows where in the model
+    that class is decided; dashed lines mark the prefix/suffix boundary.
+    """
+    delta = np.asarray(delta, dtype=float)
+    n_classes, n_layers = delta.shape[:2]
+    fig, axes = plt.subplots(n_classes, n_layers, figsize=(1.9 * n_layers + 1.2, 1.9 * n_classes + 0.6),
+                             squeeze=False)
+    for c in range(n_classes):
+        vmax = max(float(delta[c].max()), 1e-12)
+        for l in range(n_layers):
+            ax = axes[c, l]
+            im = ax.imshow(delta[c, l], cmap="inferno", vmin=0, vmax=vmax, interpolation="nearest")
+            if 0 < prefix_len < delta.shape[-1]:
+                ax.axhline(prefix_len - 0.5, color="white", lw=0.5, ls="--")
+                ax.axvline(prefix_len - 0.5, color="white", lw=0.5, ls="--")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_title(f"layer {l}", fontsize=9)
+            if l == 0:
+                ax.set_ylabel(class_names[c], fontsize=9)
+        fig.colorbar(im, ax=axes[c, :].tolist(), fraction=0.02, pad=0.01)
+    fig.suptitle(title or "Delta: decisive attention regions per class (query down, key across)", fontsize=10)
+    _save(fig, path)
+
+
+def layer_importance_png(importance: np.ndarray, class_names: Sequence[str], path: Path,
+                         title: str | None = None) -> None:
+    """Delta summed per layer, per class: raw (left) and as a share of the class's total (right)."""
+    imp = np.asarray(importance, dtype=float)
+    share = imp / np.maximum(imp.sum(1, keepdims=True), 1e-30)
+    layers = np.arange(imp.shape[1])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for c, name in enumerate(class_names):
+        a.plot(layers, imp[c], marker="o", label=name)
+        b.plot(layers, share[c], marker="o", label=name)
+    a.set_ylabel("sum of Delta over the layer")
+    b.set_ylabel("share of the class's Delta")
+    for ax in (a, b):
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.suptitle(title or "How much each layer matters to each class", fontsize=10)
+    _save(fig, path)
+
+
+def head_scores_png(scores: np.ndarray, class_names: Sequence[str], path: Path, top: int = 3) -> None:
+    """Per class, a layer x head heat map of head scores; the top heads are outlined."""
+    scores = np.asarray(scores, dtype=float)
+    n_classes, n_layers, n_heads = scores.shape
+    fig, axes = plt.subplots(1, n_classes, figsize=(0.45 * n_heads * n_classes + 1.5 * n_classes, 0.4 * n_layers + 1.6),
+                             squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        im = ax.imshow(scores[c], cmap="viridis", aspect="auto")
+        for flat in np.argsort(-scores[c], axis=None)[:top]:
+            l, h = np.unravel_index(flat, scores[c].shape)
+            ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, color="red", lw=1.5))
+        ax.set_title(class_names[c], fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(n_layers))
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle(f"Head scores: share of the decisive region D each head attends to (top {top} outlined)", fontsize=10)
+    _save(fig, path)
+
+
+def ablation_png(summary: pd.DataFrame, path: Path, metric: str = "extractable") -> None:
+    """Per target class (rows) and eval set (columns): `metric` vs k for the targeted heads and the
+    random control (means with intervals), the unablated baseline at k = 0; last column: loss on
+    non-memorized text."""
+    s = summary
+    targets = [t for t in s.loc[s["condition"] == "targeted", "target_class"].unique()]
+    sets = list(s.loc[s["metric"] == metric, "eval_set"].unique())
+    cols = sets + ["non-memorized text"]
+    fig, axes = plt.subplots(max(1, len(targets)), len(cols), figsize=(2.7 * len(cols), 2.4 * max(1, len(targets))),
+                             squeeze=False)
+    for i, target in enumerate(targets or [""]):
+        for j, eval_set in enumerate(cols):
+            ax = axes[i, j]
+            m = "loss" if eval_set == "non-memorized text" else metric
+            sel = s[(s["metric"] == m) & (s["eval_set"] == eval_set)]
+            base = sel[sel["condition"] == "baseline"]
+            for kind, color, rows in (("targeted", "tab:red", sel[(sel["condition"] == "targeted") & (sel["target_class"] == target)]),
+                                      ("random", "tab:gray", sel[sel["condition"] == "random"])):
+                rows = pd.concat([base, rows]).sort_values("k")
+                ax.plot(rows["k"], rows["value"], marker="o", color=color, label=kind)
+                ax.fill_between(rows["k"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.2)
+            ax.set_xscale("symlog", linthresh=1)
+            ks = sorted(sel["k"].unique())
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(eval_set, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"heads of {target}\n{metric}", fontsize=9)
+            if j == len(cols) - 1:
+                ax.set_ylabel("loss (nats/token)", fontsize=8)
+            if i == len(targets) - 1 or not targets:
+                ax.set_xlabel("heads ablated (k)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Ablating the heads localized for a class vs random heads (95% intervals)", fontsize=10)
+    _save(fig, path)

@@ -294,6 +294,7 @@ def test_model_logits_match_eval_logits():
     dict(eval_idx=[]),
     dict(features=torch.zeros(16, 2, 3, 32, 30)),  # not square
     dict(features=torch.zeros(16, 2, 32, 32)),  # not 5-D
+    dict(features=torch.zeros(16, 2, 3, 16, 16)),  # too short for kernel 6
     dict(n_classes=1),
 ])
 def test_train_bad_inputs(change):

@@ -1,0 +1,322 @@
+"""Head ablation: switch attention heads off through hooks, and measure what that does to memorization.
+
+A head writes to the residual stream through W_O from its `blocks.{l}.attn.hook_z` output, so
+replacing that output removes exactly that head's contribution and nothing else. "zero" sets it to
+0; "mean" sets it to the head's mean output over a reference batch (and over positions), which
+keeps the average signal downstream layers expect while removing the sample-specific part.
+
+The hooks are plain `(hook_name, function)` pairs: use them with `model.run_with_hooks(...)` or
+inside `with model.hooks(fwd_hooks=...)`. On a TransformerBridge they also fire when the wrapped
+Hugging Face model runs on its own (the bridge wraps its submodules in place), which is how
+`mechmem.memorization` decodes with a key/value cache: so memorization scores under ablation are
+measured with the ordinary memorization functions inside the hooks context.
+
+The experiment (`ablation_experiment`): per memorized class, ablate its top-k heads from
+`mechmem.localize`; as control, k heads drawn at random; measure on held-out samples of every
+class the share still extractable and the mean memorization score, and the loss on
+non-memorized text (is the effect specific to memorization, or is the model just broken?).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechmem.hooks import z_hook
+
+METHODS = ("zero", "mean")
+Head = tuple[int, int]  # (layer, head)
+
+
+def _check_heads(model, heads: Sequence[Head]) -> dict[int, list[int]]:
+    """{layer: sorted heads}, after checking every (layer, head) exists in the model."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    by_layer: dict[int, set[int]] = {}
+    for pair in heads:
+        try:
+            layer, head = (int(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"heads must be (layer, head) pairs, got {pair!r}") from None
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"head ({layer}, {head}) does not exist: the model has {n_layers} layers x {n_heads} heads")
+        by_layer.setdefault(layer, set()).add(head)
+    return {layer: sorted(hs) for layer, hs in sorted(by_layer.items())}
+
+
+@torch.no_grad()
+def head_means(
+    model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int] | None = None, *, batch_size: int = 64
+) -> dict[int, Float[Tensor, "head d_head"]]:
+    """Each head's `hook_z` output averaged over the reference samples and their positions."""
+    tokens = torch.as_tensor(np.asarray(tokens)).long()
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise ValueError(f"reference tokens must be a non-empty [batch, pos] array, got shape {tuple(tokens.shape)}")
+    layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(layers))
+    sums: dict[int, Tensor] = {}
+
+    def capture(layer: int):
+        def hook(z: Float[Tensor, "batch pos head d_head"], hook):
+            s = z.double().sum(dim=(0, 1))
+            sums[layer] = sums[layer] + s if layer in sums else s
+        return hook
+
+    device = next(model.parameters()).device
+    for start in range(0, len(tokens), batch_size):
+        model.run_with_hooks(tokens[start:start + batch_size].to(device),
+                             fwd_hooks=[(z_hook(l), capture(l)) for l in layers])
+    return {l: (sums[l] / tokens.numel()).float() for l in layers}
+
+
+def head_ablation_hooks(
+    model,
+    heads: Sequence[Head],
+    *,
+    method: str = "zero",
+    reference: Int[Tensor, "batch pos"] | None = None,
+    means: dict[int, Float[Tensor, "head d_head"]] | None = None,
+) -> list[tuple[str, Callable]]:
+    """`(hook_name, function)` pairs that ablate `heads` (a list of (layer, head)); one hook per layer.
+
+    method "zero": the head's `hook_z` output is set to 0. "mean": set to its mean over the
+    `reference` tokens (or precomputed `means` from `head_means`). An empty list gives no hooks.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown ablation method {method!r}; use one of {METHODS}")
+    by_layer = _check_heads(model, heads)
+    if not by_layer:
+        return []
+    if method == "mean" and means is None:
+        if reference is None:
+            raise ValueError("mean ablation needs reference tokens (or precomputed means) to average over")
+        means = head_means(model, reference, list(by_layer))
+
+    def make(layer: int, idx: list[int]):
+        value = None if method == "zero" else means[layer][idx]  # [n_idx, d_head]
+
+        def hook(z: Float[Tensor, "batch pos head d_head"], hook):
+            z = z.clone()
+            z[:, :, idx] = 0.0 if value is None else value.to(z.device, z.dtype)
+            return z
+
+        return hook
+
+    return [(z_hook(layer), make(layer, idx)) for layer, idx in by_layer.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def token_loss(model, tokens: Int[Tensor, "batch pos"], *, batch_size: int = 64) -> np.ndarray:
+    """Per sample, mean next-token cross-entropy (nats) over the sample (teacher forcing)."""
+    tokens = torch.as_tensor(np.asarray(tokens)).long()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        logits = model(batch).float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, batch[:, 1:, None])[..., 0]
+        out.append(nll.mean(-1).cpu().double())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def measure(
+    model,
+    eval_tokens: Int[Tensor, "n pos"],
+    loss_tokens: Int[Tensor, "m pos"],
+    hooks: Sequence[tuple[str, Callable]] = (),
+    *,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Per-sample memorization score of `eval_tokens` and loss on `loss_tokens`, with `hooks` active."""
+    from mechmem.memorization import memorization_score
+
+    with model.hooks(fwd_hooks=list(hooks)):
+        score = memorization_score(model, eval_tokens, batch_size=batch_size, progress=False)
+        loss = token_loss(model, loss_tokens, batch_size=batch_size)
+    return {"memorization_score": np.asarray(score, dtype=float), "loss": loss}
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AblationConfig:
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    n_random: int = 10  # random control draws per k (shared by every target class)
+    method: str = "zero"
+    batch_size: int = 64
+    n_boot: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown ablation method {self.method!r}; use one of {METHODS}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be positive head counts, got {self.ks}")
+        if self.n_random < 1 or self.n_boot < 1 or not 0 < self.confidence < 1:
+            raise ValueError("need n_random >= 1, n_boot >= 1 and confidence in (0, 1)")
+
+
+@dataclass
+class Condition:
+    """One ablation: which heads, why, and the per-sample results."""
+
+    kind: str  # "baseline", "targeted" or "random"
+    target: str  # the class whose heads are ablated ("" for baseline and random)
+    k: int
+    draw: int
+    heads: list[Head]
+    result: dict[str, np.ndarray] | None = None
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, rng: np.random.Generator) -> list[Head]:
+    flat = rng.choice(n_layers * n_heads, size=k, replace=False)
+    return sorted((int(f // n_heads), int(f % n_heads)) for f in flat)
+
+
+def plan_conditions(rankings: dict[str, Sequence[Head]], n_layers: int, n_heads: int,
+                    cfg: AblationConfig) -> list[Condition]:
+    """Baseline, then each target's top-k heads, then the random draws (one set for all targets)."""
+    total = n_layers * n_heads
+    ks = [k for k in cfg.ks if k <= total]
+    if not ks:
+        raise ValueError(f"every k in {cfg.ks} exceeds the model's {total} heads")
+    out = [Condition("baseline", "", 0, 0, [])]
+    for target, ranked in rankings.items():
+        for k in ks:
+            if k > len(ranked):
+                raise ValueError(f"class {target!r} ranks only {len(ranked)} heads, fewer than k = {k}")
+            out.append(Condition("targeted", target, k, 0, sorted(tuple(h) for h in ranked[:k])))
+    rng = np.random.default_rng(cfg.seed)
+    for k in ks:
+        out += [Condition("random", "", k, d, random_heads(n_layers, n_heads, k, rng)) for d in range(cfg.n_random)]
+    return out
+
+
+def _bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Resampled means of values [draw, sample]: draws and samples both resampled (paired samples)."""
+    n_draws, n = values.shape
+    d = rng.integers(0, n_draws, size=(n_boot, n_draws)) if n_draws > 1 else np.zeros((n_boot, 1), dtype=int)
+    s = rng.integers(0, n, size=(n_boot, n))
+    # mean over resampled draws of the mean over resampled samples
+    per_draw = values[:, s].mean(-1)  # [draw, boot]
+    return np.take_along_axis(per_draw.T, d, axis=1).mean(1)
+
+
+def _paired_diff(targeted: np.ndarray, random: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap of mean(targeted) - mean(random) with the same resampled samples for both."""
+    n_draws, n = random.shape
+    s = rng.integers(0, n, size=(n_boot, n))
+    d = rng.integers(0, n_draws, size=(n_boot, n_draws))
+    t = targeted[s].mean(-1)
+    r = np.take_along_axis(random[:, s].mean(-1).T, d, axis=1).mean(1)
+    return t - r
+
+
+def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg: AblationConfig) -> pd.DataFrame:
+    """One row per (condition, eval set, metric), with intervals; targeted rows carry the random contrast.
+
+    `sets` maps eval-set names to positions in the per-sample `memorization_score` results; the
+    loss is reported once per condition as eval set "non-memorized text".
+    """
+    rng = np.random.default_rng(cfg.seed + 1)
+    lo, hi = 100 * (1 - cfg.confidence) / 2, 100 * (1 + cfg.confidence) / 2
+    metrics = {"extractable": lambda r, pos: (r["memorization_score"][pos] >= 1.0).astype(float),
+               "memorization_score": lambda r, pos: r["memorization_score"][pos]}
+    # (metric, set, values fn) to report
+    items = [(m, name, pos) for name, pos in sets.items() for m in metrics]
+    items.append(("loss", "non-memorized text", None))
+
+    def values(c: Condition, metric: str, pos) -> np.ndarray:
+        return c.result["loss"] if metric == "loss" else metrics[metric](c.result, pos)
+
+    randoms: dict[int, list[Condition]] = {}
+    for c in conditions:
+        if c.kind == "random":
+            randoms.setdefault(c.k, []).append(c)
+    records = []
+    groups = [[c] for c in conditions if c.kind != "random"] + list(randoms.values())
+    for group in groups:
+        first = group[0]
+        for metric, set_name, pos in items:
+            v = np.stack([values(c, metric, pos) for c in group])  # [draw, sample]
+            if v.shape[1] == 0:
+                continue
+            boot = _bootstrap_means(v, cfg.n_boot, rng)
+            rec = {"condition": first.kind, "target_class": first.target, "k": first.k,
+                   "heads": ";".join(f"L{l}H{h}" for l, h in first.heads) if first.kind != "random" else "",
+                   "eval_set": set_name, "metric": metric, "n": v.shape[1], "n_draws": len(group),
+                   "value": float(v.mean()), "ci_low": float(np.percentile(boot, lo)),
+                   "ci_high": float(np.percentile(boot, hi))}
+            if first.kind == "random":
+                per_draw = v.mean(1)
+                rec |= {"draws_min": float(per_draw.min()), "draws_max": float(per_draw.max())}
+            if first.kind == "targeted" and first.k in randoms:
+                r = np.stack([values(c, metric, pos) for c in randoms[first.k]])
+                diff = _paired_diff(v[0], r, cfg.n_boot, rng)
+                rec |= {"random_value": float(r.mean()), "diff_vs_random": float(v.mean() - r.mean()),
+                        "diff_ci_low": float(np.percentile(diff, lo)), "diff_ci_high": float(np.percentile(diff, hi)),
+                        # share of random draws that lowered the metric at least as much as the targeted heads
+                        "frac_random_as_low": float((r.mean(1) <= v.mean() + 1e-12).mean())}
+            records.append(rec)
+    columns = ["condition", "target_class", "k", "heads", "eval_set", "metric", "n", "n_draws", "value", "ci_low",
+               "ci_high", "draws_min", "draws_max", "random_value", "diff_vs_random", "diff_ci_low",
+               "diff_ci_high", "frac_random_as_low"]
+    return pd.DataFrame.from_records(records).reindex(columns=columns)
+
+
+def ablation_experiment(
+    model,
+    eval_sets: dict[str, Int[Tensor, "n pos"]],
+    loss_tokens: Int[Tensor, "m pos"],
+    rankings: dict[str, Sequence[Head]],
+    cfg: AblationConfig = AblationConfig(),
+    *,
+    subsets: dict[str, tuple[str, np.ndarray]] | None = None,
+    reference: Int[Tensor, "r pos"] | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[Condition]]:
+    """Run every condition and summarise it (see `summarize`).
+
+    `eval_sets` maps names (the classes) to held-out samples, original tokens; `rankings` maps each
+    target class to its heads, best first. `subsets` adds named eval sets made of some samples of a
+    set (name -> (set name, boolean mask)), e.g. the highly duplicated part of a class, at no cost.
+    `reference` is the batch "mean" ablation averages over (default: `loss_tokens`).
+    """
+    if not eval_sets:
+        raise ValueError("ablation_experiment needs at least one eval set")
+    names = list(eval_sets)
+    tokens = [torch.as_tensor(np.asarray(eval_sets[n])).long() for n in names]
+    for n, t in zip(names, tokens):
+        if t.ndim != 2 or len(t) == 0:
+            raise ValueError(f"eval set {n!r} must be a non-empty [sample, pos] token array, got {tuple(t.shape)}")
+    offsets = np.cumsum([0] + [len(t) for t in tokens])
+    sets = {n: np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names)}
+    for sub, (parent, mask) in (subsets or {}).items():
+        mask = np.asarray(mask, dtype=bool)
+        if parent not in sets or mask.shape != sets[parent].shape:
+            raise ValueError(f"subset {sub!r}: needs a mask over the {len(sets.get(parent, []))} samples of {parent!r}")
+        sets[sub] = sets[parent][mask]
+    all_tokens = torch.cat(tokens)
+    loss_tokens = torch.as_tensor(np.asarray(loss_tokens)).long()
+
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    conditions = plan_conditions(rankings, n_layers, n_heads, cfg)
+    means = None
+    if cfg.method == "mean":
+        means = head_means(model, loss_tokens if reference is None else reference, batch_size=cfg.batch_size)
+    for c in tqdm(conditions, desc=f"ablations ({cfg.method})", disable=not progress):
+        hooks = head_ablation_hooks(model, c.heads, method=cfg.method, means=means)
+        c.result = measure(model, all_tokens, loss_tokens, hooks, batch_size=cfg.batch_size)
+    return summarize(conditions, sets, cfg), conditions
