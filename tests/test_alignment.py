@@ -1,0 +1,143 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mechmem.alignment as al
+import mechmem.features as F
+from mechmem.cnn import CNNConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = (CNNConfig(6, 4, "mean"),)
+
+
+def synthetic_frame(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Memorization table in the published schema: a third non-memorized, the rest split
+    between guessable (repeating) and recalled samples with varied duplicate counts."""
+    rng = np.random.default_rng(seed)
+    kind = np.arange(n) % 3  # 0 non-memo, 1 guess (repeating), 2 recall
+    tokens = rng.integers(1, 512, size=(n, 64))
+    tokens[kind == 1, 32:] = tokens[kind == 1, :32]  # suffix repeats prefix: ROUGE 1
+    from mechmem.heuristics import rouge_columns
+
+    rouge_l, rouge_3 = rouge_columns(tokens)
+    return pd.DataFrame({
+        "sequence_id": np.arange(1000, 1000 + n, dtype=np.int64),
+        "tokens": list(tokens),
+        "text": ["x"] * n,
+        "memorization_score": np.where(kind == 0, 0.25, 1.0),
+        "sequence_duplicates": np.where(kind == 2, rng.integers(0, 20, n), rng.integers(0, 3, n)).astype(np.int64),
+        "is_incrementing": np.zeros(n, dtype=bool),
+        "is_repeating": kind == 1,
+        "rouge_L_prefix_to_suffix": rouge_l,
+        "rouge_3_prefix_to_suffix": rouge_3,
+        "is_code": np.zeros(n, dtype=bool),
+    })
+
+
+def small_config(**kw):
+    rows = (al.Row("merge_2_other_guess_recollect_recite", 5), al.Row("merge_2_other_recite_guess_recollect", 5))
+    return al.AlignmentConfig(rows=rows, train_per_class=12, eval_per_class=8, configs=SMALL,
+                              train=TrainConfig(epochs=1, device="cpu"), n_boot=50, **kw)
+
+
+def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatch):
+    df = synthetic_frame()
+    table = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    assert list(pd.read_csv(tmp_path / "alignment.csv").columns) == al.TABLE_COLUMNS
+    assert set(table["tax_name"]) == {"Non-Memo, Guess, Others", "Non-Memo, Recite[5], Others"}
+    for name in ("alignment.md", "min_f1.png", "confusion_best.png", "confusion_worst.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    row = table.iloc[0]
+    assert 0 <= row.min_f1_ci_low <= row.min_f1 <= row.min_f1_ci_high <= 100
+    assert (tmp_path / "cnns" / "merge_2_other_guess_recollect_recite_t5" / "cnns.json").exists()
+    # Guess is perfectly visible in attention (the suffix copies the prefix): better than chance.
+    guess = json.loads((tmp_path / "rows" / "merge_2_other_guess_recollect_recite_t5.json").read_text())
+    assert guess["class_names"] == ["Non-Memo", "Guess", "Others"]
+    assert len(guess["eval_sequence_ids"]) == 3 * 8
+
+    # A second run resumes: no extraction, no training.
+    monkeypatch.setattr(al, "train_cnns", lambda *a, **k: pytest.fail("retrained a finished row"))
+    monkeypatch.setattr(F, "extract_attention", lambda *a, **k: pytest.fail("re-extracted features"))
+    again = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    pd.testing.assert_frame_equal(again[al.TABLE_COLUMNS], table[al.TABLE_COLUMNS])
+
+
+def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_model):
+    from mechmem.memorization import greedy_continuation
+
+    df = synthetic_frame(30)
+    positions = np.array([0, 1, 3])  # kinds 0 (non-memo), 1 (memorized), 0
+    view = al.model_view_tokens(tiny_model, df, positions)
+    original = np.stack(df["tokens"].to_numpy()[positions])
+    np.testing.assert_array_equal(view[1], original[1])
+    np.testing.assert_array_equal(view[:, :32], original[:, :32])
+    expected = greedy_continuation(tiny_model, original[[0, 2], :32], progress=False)
+    np.testing.assert_array_equal(view[[0, 2], 32:], np.asarray(expected))
+
+
+def test_rows_short_of_samples_are_skipped_with_the_reason(tmp_path, tiny_model):
+    df = synthetic_frame()
+    cfg = small_config()
+    cfg = al.AlignmentConfig(**{**cfg.__dict__, "rows": cfg.rows + (al.Row("merge_2_other_recite_guess_recollect", 1000),)})
+    logs = []
+    al.run_alignment(tiny_model, df, cfg, tmp_path, progress=False, log=logs.append)
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert list(skipped) == ["Non-Memo, Recite[1k], Others"]
+    assert any("Recite[1k]" in line for line in logs)
+
+
+def test_rouge_sweep_reuses_one_feature_extraction(tmp_path, tiny_model, monkeypatch):
+    df = synthetic_frame()
+    calls = []
+    real = F.build_feature_store
+    monkeypatch.setattr(al, "build_feature_store", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sweep = tuple(r for r in al.sweep_rows((0.3, 0.6)))
+    al.run_alignment(tiny_model, df, small_config(sweep=sweep), tmp_path, progress=False, log=lambda m: None)
+    assert len(calls) == 1
+    rouge = pd.read_csv(tmp_path / "rouge_sweep.csv")
+    assert list(rouge.columns[:3]) == ["Rouge-L", "Rouge-3", "Threshold"]
+    assert len(rouge) == 6 and set(rouge["Threshold"]) == {0.3, 0.6}
+    store = F.FeatureStore.load(tmp_path / "features")
+    needed = al.plan_rows(df, small_config().rows + sweep, 12, 8, 0).samples
+    assert store.manifest["n_samples"] == len(needed)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "run_alignment.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--taxonomies", "Non-Memo, Banana, Others"], "taxonomy"),
+    (["--rouge-threshold", "1.5"], "--rouge-threshold"),
+    (["--duplicates-thresholds", "-3", "--taxonomies", "merge_2_other_guess_recollect_recite"], "thresholds"),
+    (["--model", "./no/such/model", "--data", "{data}"], "no/such/model"),
+    (["--configs", "k6_c10_median"], "k6_c10_median"),
+    (["--data", "missing.parquet", "--model", "{model}"], "missing.parquet"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_checkpoint):
+    data = tmp_path / "memo.parquet"
+    synthetic_frame(30).to_parquet(data)
+    args = [a.format(data=data, model=tiny_checkpoint) for a in args]
+    result = _cli(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoint):
+    data = tmp_path / "memo.parquet"
+    synthetic_frame().to_parquet(data)
+    out = tmp_path / "out"
+    result = _cli("--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
+                  "--configs", "k6_c4_mean", "--train-per-class", "10", "--eval-per-class", "5", "--epochs", "1",
+                  "--n-boot", "20", "--device", "cpu", "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Non-Memo, Guess, Others" in result.stdout
+    assert pd.read_csv(out / "alignment.csv").shape[0] == 1
+    assert json.loads((out / "config.json").read_text())["data"] == str(data)
