@@ -11,8 +11,8 @@ pairs them: they differ only in which head pooling they read) are fused into one
 convolutions (`_CNNStack`), so G small networks run as one set of kernels. Fusing is exact: AdamW is
 elementwise and member g's parameters only see member g's loss, so it changes floating-point
 summation order, not the maths. It is on by default on cuda only: on a GPU the small kernels are
-launch-bound and fusing pays (1.7x for the paper's grid, see benchmarks/bench_cnn.py), on CPU grouped
-convolutions run slower than separate ones.
+launch-bound and fusing pays (1.9x over one-config-at-a-time for the paper's grid on an H200, see
+benchmarks/bench_cnn.py); on CPU grouped convolutions run slower than separate ones.
 
 Randomness is chosen so that a config's training never depends on which configs train beside it:
 - batch order: one generator seeded by `TrainConfig.seed`, shared by all configs (that is what lets
