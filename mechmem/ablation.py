@@ -149,6 +149,65 @@ def measure(
 # --------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """Held-out samples of every class (original tokens) and what the experiment derives from them."""
+
+    eval_sets: dict[str, np.ndarray]  # class name -> tokens [n, 64]
+    sequence_ids: dict[str, np.ndarray]
+    memorized: list[str]  # classes whose samples are all extractable: the ablation targets
+    loss_tokens: np.ndarray  # non-memorized samples: the loss is measured on them
+    subsets: dict[str, tuple[str, np.ndarray]]  # e.g. "Others (dup > 5)" -> ("Others", mask)
+
+
+def held_out_sets(
+    df: pd.DataFrame,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    per_class: int,
+    exclude_ids: Sequence[int] = (),
+    duplicates_threshold: int | None = None,
+    seed: int = 0,
+) -> HeldOut:
+    """Up to `per_class` samples of each class, none of `exclude_ids` (what trained the CNNs or
+    chose the heads). With `duplicates_threshold` t, each memorized class is also split into its
+    samples duplicated more than t times and the rest (when both parts are non-empty)."""
+    labels = np.asarray(labels)
+    if len(labels) != len(df):
+        raise ValueError(f"{len(labels)} labels for {len(df)} samples")
+    for col in ("sequence_id", "tokens", "memorization_score"):
+        if col not in df.columns:
+            raise ValueError(f"the data has no {col!r} column")
+    if duplicates_threshold is not None and "sequence_duplicates" not in df.columns:
+        raise ValueError("splitting by duplicates needs a 'sequence_duplicates' column")
+    free = ~np.isin(df["sequence_id"].to_numpy(), np.asarray(exclude_ids, dtype=np.int64))
+    scores = df["memorization_score"].to_numpy()
+    rng = np.random.default_rng(seed)
+    eval_sets, ids, memorized, subsets, loss = {}, {}, [], {}, []
+    for c, name in enumerate(class_names):
+        pos = np.flatnonzero((labels == c) & free)
+        if len(pos) == 0:
+            raise ValueError(f"no held-out samples of class {name!r} (all are excluded or the class is empty)")
+        pos = np.sort(rng.choice(pos, size=min(per_class, len(pos)), replace=False))
+        tokens = np.stack([np.asarray(t, dtype=np.int64) for t in df["tokens"].to_numpy()[pos]])
+        eval_sets[name], ids[name] = tokens, df["sequence_id"].to_numpy()[pos]
+        if (scores[labels == c] >= 1.0).all():
+            memorized.append(name)
+            if duplicates_threshold is not None:
+                high = df["sequence_duplicates"].to_numpy()[pos] > duplicates_threshold
+                if high.any() and not high.all():
+                    subsets[f"{name} (dup > {duplicates_threshold})"] = (name, high)
+                    subsets[f"{name} (dup <= {duplicates_threshold})"] = (name, ~high)
+        else:
+            loss.append(tokens[scores[pos] < 1.0])
+    if not memorized:
+        raise ValueError("no class is memorized (every class has samples with memorization_score < 1)")
+    if not loss:
+        raise ValueError("no non-memorized class: the loss on non-memorized text cannot be measured")
+    return HeldOut(eval_sets, ids, memorized, np.concatenate(loss), subsets)
+
+
 @dataclass(frozen=True)
 class AblationConfig:
     ks: tuple[int, ...] = (1, 2, 4, 8)

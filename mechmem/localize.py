@@ -11,9 +11,9 @@ Guided backpropagation (Springenberg et al. 2015) lets a gradient through a ReLU
 forward input was positive AND the gradient coming back is positive, so the maps show what
 *supports* a logit, not what could be changed to move it.
 
-Beyond the paper, the same D is scored per head: the share of a sample's decisive mass (summed
-over layers) that a head's own attention weights cover, `sum_qk D[l] * A[l, h] / sum_lqk D`. Heads
-are named by their hook (`blocks.{l}.attn.hook_pattern`), so the ranking feeds `mechmem.ablation`.
+Beyond the paper, the same D is scored per head: how much of the decisive region a head's own
+attention covers, `sum_qk D[l] * A[l, h]` (Delta's per-head term before the max over heads), as a
+share of that sum over every (layer, head), averaged over samples. Heads are named by their hook (`blocks.{l}.attn.hook_pattern`), so the ranking feeds `mechmem.ablation`.
 Per-head patterns are recomputed for the few samples used here; they are never stored.
 """
 
@@ -140,9 +140,14 @@ def weighted_by_heads(
 def head_coverage(
     decisive: Float[Tensor, "batch layer query key"], patterns: Float[Tensor, "batch layer head query key"]
 ) -> Float[Tensor, "batch layer head"]:
-    """Share of a sample's decisive mass (all layers) that each head's attention weights cover."""
+    """Each head's share of the sample's decisive attention: sum_qk D[l] * A[l, h] over all heads' sums.
+
+    The un-maxed per-head term of Delta, normalised to sum to 1 over (layer, head): a head that
+    attends where D is high, in a layer where D is high, takes a large share; with no preference
+    every head gets 1 / (n_layers * n_heads). A sample with no decisive region scores 0 everywhere.
+    """
     covered = einsum(decisive, patterns, "b l q k, b l h q k -> b l h")
-    total = reduce(decisive, "b l q k -> b", "sum")
+    total = reduce(covered, "b l h -> b", "sum")
     return covered / total.clamp(min=torch.finfo(total.dtype).tiny)[:, None, None]
 
 
@@ -162,7 +167,7 @@ class Localization:
 
     class_names: list[str]
     delta: np.ndarray  # [class, layer, query, key]  Delta[c]
-    head_scores: np.ndarray  # [class, layer, head]  mean head coverage of D over samples
+    head_scores: np.ndarray  # [class, layer, head]  mean share of the decisive attention (sums to 1)
     head_ci: np.ndarray  # [class, layer, head, 2]  confidence interval of head_scores
     n_samples: np.ndarray  # [class]
     sequence_ids: np.ndarray  # the samples used
@@ -421,7 +426,6 @@ def localize_run(
     ids = eval_ids[chosen]
     tokens = store.tokens[store.index(ids)]
     meta = {"run": str(run), "row": slug, "tax_name": row.get("tax_name"), "taxonomy": row.get("row"),
-            "model": getattr(model, "mechmem_name", None) or store.manifest["model"]["name"],
-            "train_sequence_ids": row.get("train_sequence_ids", [])}
+            "model": getattr(model, "mechmem_name", None) or store.manifest["model"]["name"]}
     return localize(model, cnns, tokens, labels[chosen], row["class_names"], sequence_ids=ids, cfg=cfg,
                     progress=progress, meta=meta)

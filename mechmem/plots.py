@@ -114,8 +114,8 @@ def head_scores_png(scores: np.ndarray, class_names: Sequence[str], path: Path, 
     """Per class, a layer x head heat map of head scores; the top heads are outlined."""
     scores = np.asarray(scores, dtype=float)
     n_classes, n_layers, n_heads = scores.shape
-    fig, axes = plt.subplots(1, n_classes, figsize=(0.45 * n_heads * n_classes + 1.5 * n_classes, 0.4 * n_layers + 1.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, n_classes, figsize=(n_classes * (0.35 * n_heads + 2.2), 0.35 * n_layers + 1.8),
+                             squeeze=False, layout="constrained")
     for c, ax in enumerate(axes[0]):
         im = ax.imshow(scores[c], cmap="viridis", aspect="auto")
         for flat in np.argsort(-scores[c], axis=None)[:top]:
@@ -127,7 +127,8 @@ def head_scores_png(scores: np.ndarray, class_names: Sequence[str], path: Path, 
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
         fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle(f"Head scores: share of the decisive region D each head attends to (top {top} outlined)", fontsize=10)
+    fig.suptitle(f"Head scores: each head's share of the decisive attention (top {top} outlined; "
+                 f"uniform = {1 / (n_layers * n_heads):.3f})", fontsize=10)
     _save(fig, path)
 
 
@@ -139,7 +140,7 @@ def ablation_png(summary: pd.DataFrame, path: Path, metric: str = "extractable")
     targets = [t for t in s.loc[s["condition"] == "targeted", "target_class"].unique()]
     sets = list(s.loc[s["metric"] == metric, "eval_set"].unique())
     cols = sets + ["non-memorized text"]
-    fig, axes = plt.subplots(max(1, len(targets)), len(cols), figsize=(2.7 * len(cols), 2.4 * max(1, len(targets))),
+    fig, axes = plt.subplots(max(1, len(targets)), len(cols), figsize=(2.4 * len(cols), 2.4 * max(1, len(targets))),
                              squeeze=False)
     for i, target in enumerate(targets or [""]):
         for j, eval_set in enumerate(cols):
@@ -152,6 +153,12 @@ def ablation_png(summary: pd.DataFrame, path: Path, metric: str = "extractable")
                 rows = pd.concat([base, rows]).sort_values("k")
                 ax.plot(rows["k"], rows["value"], marker="o", color=color, label=kind)
                 ax.fill_between(rows["k"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.2)
+            if m != "loss":
+                ax.set_ylim(-0.03, 1.03)
+                if j > 0:
+                    ax.tick_params(labelleft=False)
+            else:
+                ax.yaxis.set_label_position("right")
             ax.set_xscale("symlog", linthresh=1)
             ks = sorted(sel["k"].unique())
             ax.set_xticks(ks, [str(k) for k in ks])

@@ -1,0 +1,156 @@
+"""Ablate the heads localized for each memorized class, against random heads as control.
+
+    python experiments/ablate_heads.py                         # offline, testbed (localizes first if needed)
+    python experiments/ablate_heads.py --localization runs/localize --ks 1 2 4 8 --n-random 20 --method mean
+
+For each memorized class of the localized taxonomy, its top-k heads (k = 1, 2, 4, 8) are ablated
+(hook_z set to 0, or to its mean with --method mean) and, as control, k heads drawn at random
+(--n-random draws per k, shared by every class). Measured on held-out samples of every class (not
+used to train the CNNs or to rank the heads): the share still extractable, the mean memorization
+score, and the loss on non-memorized text. Memorized classes are also split by duplication count
+at the taxonomy's threshold.
+
+Writes into --out: ablation.csv (targeted, random and baseline rows with 95% bootstrap intervals;
+targeted rows carry their difference to random at the same k), ablation.png, extraction.png (the
+memorization score), samples.npz (per-sample results of every condition) and config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_LOCALIZATION = ROOT / "runs" / "localize"
+DEFAULT_OUT = ROOT / "runs" / "ablation"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"ablate_heads: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--localization", type=Path, default=DEFAULT_LOCALIZATION,
+                   help="output folder of experiments/localize.py (made with its defaults if absent)")
+    p.add_argument("--model", default=None, help="model (default: the one the localization used)")
+    p.add_argument("--data", default=None, help="memorization data (default: the localized run's)")
+    p.add_argument("--per-class", type=int, default=120, help="held-out samples per class")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of heads ablated")
+    p.add_argument("--n-random", type=int, default=10, help="random control draws per k")
+    p.add_argument("--method", choices=["zero", "mean"], default="zero")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def ablate(model, df, labels, loc, cfg, out: Path, *, per_class: int, exclude_ids=(), duplicates_threshold=None,
+           progress: bool = True):
+    """The experiment once inputs are loaded: held-out sets, every condition, outputs. Returns the summary."""
+    from mechmem.ablation import ablation_experiment, held_out_sets
+    from mechmem.plots import ablation_png
+
+    held = held_out_sets(df, labels, loc.class_names, per_class=per_class, exclude_ids=exclude_ids,
+                         duplicates_threshold=duplicates_threshold, seed=cfg.seed)
+    k_max = min(max(cfg.ks), loc.n_layers * loc.n_heads)
+    rankings = {c: loc.top_heads(c, k_max) for c in held.memorized}
+    sizes = ", ".join(f"{n} {len(t)}" for n, t in held.eval_sets.items())
+    print(f"held-out samples: {sizes}; targets: {held.memorized}; {len(cfg.ks)} k x (1 per target + "
+          f"{cfg.n_random} random) ablations, method {cfg.method}")
+    summary, conditions = ablation_experiment(model, held.eval_sets, held.loss_tokens, rankings, cfg,
+                                              subsets=held.subsets, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    summary.round(6).to_csv(out / "ablation.csv", index=False)
+    ablation_png(summary, out / "ablation.png", metric="extractable")
+    ablation_png(summary, out / "extraction.png", metric="memorization_score")
+    np.savez_compressed(
+        out / "samples.npz",
+        condition=np.array([f"{c.kind}|{c.target}|{c.k}|{c.draw}" for c in conditions]),
+        heads=np.array([";".join(f"L{l}H{h}" for l, h in c.heads) for c in conditions]),
+        memorization_score=np.stack([c.result["memorization_score"] for c in conditions]),
+        loss=np.stack([c.result["loss"] for c in conditions]),
+        eval_set=np.concatenate([[n] * len(t) for n, t in held.eval_sets.items()]),
+        sequence_id=np.concatenate(list(held.sequence_ids.values())),
+    )
+    return summary
+
+
+def headline(summary) -> str:
+    """Targeted vs random, per target class, eval set and k, for the share extractable and the loss."""
+    s = summary[summary["condition"] == "targeted"]
+    lines = []
+    for r in s[s["metric"].isin(["extractable", "loss"])].itertuples():
+        lines.append(f"{r.target_class:>22} k={r.k:<2} {r.eval_set:>26} {r.metric:>11}: {r.value:6.3f} "
+                     f"(random {r.random_value:6.3f}; diff {r.diff_vs_random:+.3f} "
+                     f"[{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]; {100 * r.frac_random_as_low:3.0f}% of draws as low)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
+        print(f"ablate_heads: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from mechmem.ablation import AblationConfig
+    from mechmem.alignment import Row
+    from mechmem.data import load_memorization_data
+    from mechmem.localize import Localization, run_model_name, run_rows
+    from mechmem.models import load_model
+
+    t0 = time.time()
+    cfg = AblationConfig(ks=tuple(args.ks), n_random=args.n_random, method=args.method,
+                         batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed)
+    if args.per_class < 1:
+        raise ValueError("--per-class must be >= 1")
+    if not (args.localization / "localization.json").is_file() and args.localization == DEFAULT_LOCALIZATION:
+        import importlib.util
+
+        print(f"no localization in {args.localization}: running experiments/localize.py with its defaults first")
+        spec = importlib.util.spec_from_file_location("localize_cli", ROOT / "experiments" / "localize.py")
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        if cli.main(["--out", str(args.localization)] + (["--quiet"] if args.quiet else [])) != 0:
+            return 2
+    loc = Localization.load(args.localization)
+    run_dir = Path(loc.meta["run"])
+    name, revision = run_model_name(run_dir)
+    data = args.data or json.loads((run_dir / "config.json").read_text())["data"]
+    row = Row(**loc.meta["taxonomy"])
+    df = load_memorization_data(data)
+    labels = np.asarray(row.labels(df))
+    model = load_model(args.model or name, device=args.device, revision=revision)
+    trained_on = run_rows(run_dir)[loc.meta["row"]].get("train_sequence_ids", [])
+    exclude = np.concatenate([np.asarray(trained_on, dtype=np.int64), loc.sequence_ids.astype(np.int64)])
+    summary = ablate(model, df, labels, loc, cfg, args.out, per_class=args.per_class, exclude_ids=exclude,
+                     duplicates_threshold=row.threshold, progress=not args.quiet)
+    (args.out / "config.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "localization": str(args.localization),
+         "run": str(run_dir), "model": args.model or name, "data": data, "taxonomy": loc.meta.get("tax_name"),
+         "config": asdict(cfg)}, indent=1))
+    print(headline(summary))
+    print(f"\nwrote {args.out}/ablation.csv, ablation.png, extraction.png, samples.npz ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
