@@ -1,4 +1,5 @@
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,7 @@ def test_experiment_writes_outputs(tiny_model, synthetic, tmp_path):
     first = np.arange(9)  # localize on 3 samples a class; they are then excluded from the ablation
     loc = localize(tiny_model, cnns, np.stack(df["tokens"].to_numpy()[first]), labels[first], names,
                    sequence_ids=df["sequence_id"].to_numpy()[first], progress=False)
-    cfg = AblationConfig(ks=(1, 2), n_random=2, n_boot=50)
+    cfg = AblationConfig(ks=(1,), n_random=2, n_boot=50)
     summary = _cli("ablate_heads").ablate(tiny_model, df, labels, loc, cfg, tmp_path, per_class=4,
                                           exclude_ids=loc.sequence_ids, duplicates_threshold=5, progress=False)
     for f in ("ablation.csv", "ablation.png", "extraction.png", "samples.npz"):
@@ -230,3 +231,34 @@ def test_experiment_writes_outputs(tiny_model, synthetic, tmp_path):
     top1 = csv[(csv["condition"] == "targeted") & (csv["k"] == 1) & (csv["target_class"] == "Guess")]
     assert top1["heads"].iloc[0] == "L{}H{}".format(*loc.top_heads("Guess", 1)[0])
     assert len(summary) == len(csv)
+
+
+def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys):
+    """localize.py on a run whose labels come from the data file, then ablate_heads.py on its output."""
+    from mechmem.data import load_memorization_data
+    from mechmem.taxonomy import assign_categories
+    from test_localize import make_run
+
+    df, labels = synthetic
+    table = df.assign(tokens=[t.tolist() for t in df["tokens"]], text="some text", is_incrementing=False,
+                      is_repeating=labels == 1, is_code=False,  # class 1 is guessed, class 2 recalled
+                      rouge_L_prefix_to_suffix=0.0, rouge_3_prefix_to_suffix=0.0)
+    table.to_parquet(tmp_path / "data.parquet")
+    data = load_memorization_data(tmp_path / "data.parquet", progress=False)
+    labels = assign_categories(data, "Non-Memo, Guess, Others")
+    assert np.bincount(labels).tolist() == [8, 8, 8]
+    run, *_ = make_run(tmp_path / "run", tiny_model, tiny_checkpoint, tokens=torch.from_numpy(np.stack(df["tokens"])),
+                       ids=df["sequence_id"].to_numpy(), labels=labels, data=str(tmp_path / "data.parquet"),
+                       eval_labels=False)
+    assert _cli("localize").main(["--run", str(run), "--out", str(tmp_path / "loc"), "--samples-per-class", "2",
+                                  "--quiet"]) == 0
+    rc = _cli("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl"),
+                                    "--per-class", "2", "--ks", "1", "--n-random", "2", "--n-boot", "20", "--quiet"])
+    assert rc == 0
+    csv = pd.read_csv(tmp_path / "abl" / "ablation.csv")
+    assert set(csv["condition"]) == {"baseline", "targeted", "random"} and (csv["n"] <= 2).all()
+    used = set(np.load(tmp_path / "abl" / "samples.npz")["sequence_id"].tolist())
+    loc_ids = set(np.load(tmp_path / "loc" / "localization.npz")["sequence_ids"].tolist())
+    train_ids = set(json.loads(next((run / "rows").glob("*.json")).read_text())["train_sequence_ids"])
+    assert used and not used & (loc_ids | train_ids)  # held out from the CNNs and from the ranking
+    assert "random" in capsys.readouterr().out

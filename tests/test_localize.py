@@ -208,12 +208,16 @@ def test_save_load_round_trip(tmp_path, tiny_model, tiny_tokens, labels10):
 
 
 # ----------------------------------------------------------------------------- from a run_alignment folder
-def make_run(folder: Path, model, checkpoint, n: int = 36, slug: str = "merge_2_other_guess_recollect_recite_t5"):
-    """A run_alignment output folder in miniature: features, 2 CNNs, one row json, config.json."""
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 512, (n, 64), generator=g)
-    ids = np.arange(1000, 1000 + n)
-    labels = np.arange(n) % 3
+def make_run(folder: Path, model, checkpoint, n: int = 36, slug: str = "merge_2_other_guess_recollect_recite_t5",
+             tokens=None, ids=None, labels=None, data: str = "unused", eval_labels: bool = True):
+    """A run_alignment output folder in miniature: features, 2 CNNs, one row json, config.json.
+
+    With `eval_labels=False` the row json holds only what run_alignment writes, so labels must be
+    recomputed from `data`."""
+    if tokens is None:
+        tokens = torch.randint(0, 512, (n, 64), generator=torch.Generator().manual_seed(1))
+        ids, labels = np.arange(1000, 1000 + n), np.arange(n) % 3
+    n = len(tokens)
     store = build_feature_store(folder / "features", model, ids, tokens, chunk_size=16, progress=False)
     train, ev = np.arange(0, n, 2), np.arange(1, n, 2)
     trained = train_cnns(np.asarray(store.features), store.pooling, labels, train, ev, 3,
@@ -226,8 +230,8 @@ def make_run(folder: Path, model, checkpoint, n: int = 36, slug: str = "merge_2_
         "row": {"tax_id": "merge_2_other_guess_recollect_recite", "threshold": 5, "rouge": "either",
                 "rouge_threshold": 0.5},
         "train_sequence_ids": ids[train].tolist(), "eval_sequence_ids": ids[ev].tolist(),
-        "eval_labels": labels[ev].tolist()}))
-    (folder / "config.json").write_text(json.dumps({"model": str(checkpoint), "data": "unused"}))
+        **({"eval_labels": labels[ev].tolist()} if eval_labels else {})}))
+    (folder / "config.json").write_text(json.dumps({"model": str(checkpoint), "data": data}))
     return folder, tokens, ids, labels
 
 
