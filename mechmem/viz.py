@@ -13,6 +13,7 @@ the 1.3 MB bundle once per view, and its notebook path probes google.com to pick
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -65,6 +66,7 @@ class SampleView:
     split: str | None = None  # "train" / "eval" of the CNNs that scored it, or None
     probabilities: dict[str, list[float]] | None = None  # CNN name -> per-class probability
     region_map: Float[np.ndarray, "layer query key"] | None = None  # the class's decisive regions
+    region_info: str | None = None  # what the class map was averaged over
     sample_region_map: Float[np.ndarray, "layer query key"] | None = None  # the same, this sample only
     top_heads: pd.DataFrame | None = None  # localization's ranking rows for this class, best first
     original_suffix: list[str] | None = None  # when the model saw its own greedy suffix instead
@@ -95,15 +97,15 @@ class SampleView:
 # Composing views from a model, a memorization table and (optionally) an alignment run
 # ============================================================================================
 def token_strings(token_ids: Sequence[int], tokenizer=None) -> list[str]:
-    """One string per token (`tokenizer.decode([id])`), or "<id>" when there is no tokenizer."""
+    """One string per token (`tokenizer.decode([id])`), or "<id>" where there is no tokenizer or no text."""
     if tokenizer is None:
         return [f"<{int(t)}>" for t in token_ids]
-    return [tokenizer.decode([int(t)]) for t in token_ids]
+    return [tokenizer.decode([int(t)]) or f"<{int(t)}>" for t in token_ids]  # unknown ids decode to ""
 
 
-def pool_heads(attention: Float[Tensor, "sample layer head query key"], pooling: str
-               ) -> Float[Tensor, "sample layer query key"]:
-    """The CNN's input: heads pooled as the feature store pools them, rounded through float16 as stored."""
+def cnn_input(attention: Float[Tensor, "sample layer head query key"], pooling: str
+              ) -> Float[Tensor, "sample layer query key"]:
+    """What a CNN reads: heads pooled as the feature store pools them, rounded through its float16."""
     if pooling not in ("mean", "max"):
         raise ValueError(f"unknown head pooling {pooling!r}; use 'mean' or 'max'")
     return reduce(attention, "s l h q k -> s l q k", pooling).half().float()
@@ -123,7 +125,7 @@ def cnn_probabilities(cnns, attention: Float[Tensor, "sample layer head query ke
                 f"but the attention has {attention.shape[1]} layers of {attention.shape[-1]}: another model?"
             )
         device = next(model.parameters()).device
-        x = pool_heads(attention, trained.config.pooling).to(device)
+        x = cnn_input(attention, trained.config.pooling).to(device)
         out[trained.config.name] = torch.softmax(model.eval()(x), dim=-1).cpu().numpy()
     return out
 
@@ -185,6 +187,7 @@ def sample_views(
     cnns=None,
     ranking: pd.DataFrame | None = None,
     region_maps: Mapping | None = None,
+    region_info: Mapping[str, str] | None = None,
     sample_region_maps: np.ndarray | None = None,
     splits: Mapping[int, str] | None = None,
     original_tokens: np.ndarray | None = None,
@@ -227,6 +230,7 @@ def sample_views(
             view.original_suffix = token_strings(original_tokens[i][prefix_len:], tokenizer)
         if label is not None:
             view.region_map = class_map(region_maps, class_names, label)
+            view.region_info = (region_info or {}).get(class_names[label])
             view.top_heads = heads_for_class(ranking, class_names, label, top_heads)
             if region_maps and view.region_map is None:
                 notes.append(f"decisive-region map: localization has no map for class {class_names[label]!r}")
@@ -307,11 +311,12 @@ def read_run(folder: str | os.PathLike | None, taxonomy: str, model=None) -> Run
     return run
 
 
-def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, store=None) -> tuple[np.ndarray, list[str]]:
-    """The tokens the model is shown (greedy suffix for non-memorized samples), from the run's store
-    when it holds the sample, else computed as alignment computes them."""
+def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, store=None) -> np.ndarray:
+    """The tokens the model is shown: the run's store holds them for its samples; for any other
+    non-memorized sample the suffix is the model's own greedy continuation, as alignment does it."""
+    from mechmem.memorization import free_generation
+
     tokens = np.stack([np.asarray(t, dtype=np.int64) for t in df["tokens"].iloc[positions]])
-    notes = []
     ids = df["sequence_id"].to_numpy()[positions]
     todo = np.ones(len(ids), dtype=bool)
     if store is not None:
@@ -319,50 +324,55 @@ def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, store=None
         if in_store.any():
             tokens[in_store] = store.tokens[store.index(ids[in_store])]
             todo &= ~in_store
-    needs_greedy = todo & (df["memorization_score"].to_numpy()[positions] < 1)
-    if needs_greedy.any():
-        try:
-            from mechmem.alignment import model_view_tokens as greedy_view
-        except ImportError as err:  # mechmem.memorization not there: show the table's tokens, say so
-            notes.append(f"model view: shown with the table's suffix, not the model's greedy one ({err})")
-        else:
-            tokens[needs_greedy] = greedy_view(model, df, positions[needs_greedy])
-    return tokens, notes
+    if todo.any():
+        scores = df["memorization_score"].to_numpy()[positions][todo]
+        tokens[todo] = np.asarray(free_generation(model, torch.from_numpy(tokens[todo]), scores))
+    return tokens
 
 
-def localization_for(run: RunOutputs, ranking: pd.DataFrame | None, region_maps: Mapping | None
-                     ) -> tuple[pd.DataFrame | None, Mapping | None, list[str]]:
-    """Localization outputs: the ones given, else what mechmem.localize wrote into the run folder."""
-    notes = []
-    if ranking is None or region_maps is None:
-        found_ranking, found_maps = _read_localization(run)
-        ranking = ranking if ranking is not None else found_ranking
-        region_maps = region_maps if region_maps is not None else found_maps
-    if ranking is None:
-        notes.append("head ranking: no localization output was given or found in the run folder")
-    if region_maps is None:
-        notes.append("decisive-region map: no localization output was given or found in the run folder")
-    return ranking, region_maps, notes
+def load_localization(source, taxonomy: str, class_names: Sequence[str]):
+    """A `mechmem.localize.Localization` (or the folder experiments/localize.py wrote) if it is about
+    this taxonomy; else None and the reason, for the pages to show."""
+    from mechmem.localize import Localization
+
+    if source is None:
+        return None, ["class decisive-region map and head ranking: no localization was given "
+                      "(make one with `python experiments/localize.py`)"]
+    if not isinstance(source, Localization):
+        if not (Path(source) / Localization.ARRAYS).is_file():
+            return None, [f"class decisive-region map and head ranking: no localization at {source} "
+                          "(make one with `python experiments/localize.py`)"]
+        source = Localization.load(source)
+    about = source.meta.get("tax_name")
+    if (about is not None and about != taxonomy) or list(source.class_names) != list(class_names):
+        return None, [f"class decisive-region map and head ranking: the localization given is about "
+                      f"{about or source.class_names}, not {taxonomy!r}"]
+    return source, []
 
 
-def _read_localization(run: RunOutputs) -> tuple[pd.DataFrame | None, dict | None]:
-    """`localization/{slug}/head_ranking.csv` and `region_maps.npz` (one array per class name)."""
-    if run.slug is None:
-        return None, None
-    folder = run.folder / "localization" / run.slug
-    ranking = pd.read_csv(folder / "head_ranking.csv") if (folder / "head_ranking.csv").exists() else None
-    maps = None
-    if (folder / "region_maps.npz").exists():
-        with np.load(folder / "region_maps.npz") as npz:
-            maps = {k: npz[k] for k in npz.files}
-    return ranking, maps
+def sample_decisive_maps(cnns, attention: Float[Tensor, "sample layer head query key"], labels: Sequence[int]
+                         ) -> Float[np.ndarray, "sample layer query key"]:
+    """One sample's term of localization's Delta map for its own class: the decisive region D (guided
+    backprop through each CNN) times the attention, max over heads, averaged over the CNNs."""
+    from mechmem.localize import decisive_region, guided_gradients, pool_heads, weighted_by_heads
+
+    attention = torch.as_tensor(attention).float()
+    origin = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    total = torch.zeros(attention.shape[0], *attention.shape[1:2], *attention.shape[3:])
+    for trained in cnns:
+        grads = guided_gradients(trained.model, pool_heads(attention, trained.config.pooling)).cpu()
+        total += weighted_by_heads(decisive_region(grads, origin), attention)
+    return (total / len(cnns)).numpy()
 
 
 def inspect_run(model, df: pd.DataFrame, sequence_ids: Sequence[int] | None, cfg: InspectConfig = InspectConfig(),
-                *, run_dir: str | os.PathLike | None = None, ranking: pd.DataFrame | None = None,
-                region_maps: Mapping | None = None, progress: bool = False) -> list[SampleView]:
-    """Views of the chosen samples (default: `cfg.per_class` per class of `cfg.taxonomy`, taken from the
-    run's eval split when there is a run) with everything the run and localization provide."""
+                *, run_dir: str | os.PathLike | None = None, localization=None, progress: bool = False
+                ) -> list[SampleView]:
+    """Views of the chosen samples (default: `cfg.per_class` per class of `cfg.taxonomy`, from the CNNs'
+    eval split when there is a run) with whatever the run folder and the localization provide.
+
+    `localization` is a `mechmem.localize.Localization` or the folder experiments/localize.py wrote.
+    """
     from mechmem import taxonomy as tx
     from mechmem.features import extract_attention
 
@@ -376,16 +386,29 @@ def inspect_run(model, df: pd.DataFrame, sequence_ids: Sequence[int] | None, cfg
         picked = pick_samples(labels_all, all_ids, len(class_names), cfg.per_class, cfg.seed, among=run.eval_ids)
         sequence_ids = [i for c in sorted(picked) for i in picked[c]]
     positions = _positions(all_ids, sequence_ids)
-    tokens, notes = model_view_tokens(model, df, positions, run.store)
+    labels = labels_all[positions]
+    tokens = model_view_tokens(model, df, positions, run.store)
     attention = extract_attention(model, torch.from_numpy(tokens), per_head=True, batch_size=cfg.batch_size,
                                   progress=progress)
-    ranking, region_maps, loc_notes = localization_for(run, ranking, region_maps)
+    loc, notes = load_localization(localization, cfg.taxonomy, class_names)
+    info = None
+    if loc is not None:
+        source = f" of {loc.meta['run']}" if loc.meta.get("run") else ""
+        info = {n: f"mean over the {int(loc.n_samples[c])} samples of the class that localization used and "
+                   f"the CNNs {', '.join(loc.cnn_names)}{source}" for c, n in enumerate(loc.class_names)}
+    if run.cnns:
+        sample_maps = sample_decisive_maps(run.cnns, attention, labels)
+    else:
+        sample_maps = None
+        notes.append("this sample's decisive-region map: needs the run's trained CNNs")
     return sample_views(
         attention, tokens, df.iloc[positions], tokenizer=getattr(model, "tokenizer", None), taxonomy=cfg.taxonomy,
-        class_names=class_names, labels=labels_all[positions], cnns=run.cnns, ranking=ranking,
-        region_maps=region_maps, splits=run.splits(), top_heads=cfg.top_heads,
+        class_names=class_names, labels=labels, cnns=run.cnns,
+        ranking=None if loc is None else loc.head_table(),
+        region_maps=None if loc is None else {n: loc.delta[c] for c, n in enumerate(loc.class_names)},
+        region_info=info, sample_region_maps=sample_maps, splits=run.splits(), top_heads=cfg.top_heads,
         original_tokens=np.stack([np.asarray(t) for t in df["tokens"].iloc[positions]]),
-        missing=run.missing + notes + loc_notes, model_name=str(getattr(model, "mechmem_name", "")),
+        missing=run.missing + notes, model_name=str(getattr(model, "mechmem_name", "")),
     )
 
 
@@ -449,6 +472,11 @@ def _visible(token: str) -> str:
     return token if token.strip() else "␣" * len(token) or "∅"
 
 
+def _inline(token: str) -> str:
+    """A token on one line of text: newlines as ↵, tabs as ⇥, an empty token as ∅."""
+    return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
 def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
@@ -468,22 +496,33 @@ class _Page:
     def view(self, view_id: str, component: str, attention: np.ndarray, tokens: list[str], *, kind: str,
              **props) -> str:
         props = {"tokens": tokens, "maskUpperTri": True} | {k: v for k, v in props.items() if v is not None}
-        call = f"[{_js(view_id)},{_js(component)},{_js(props)[:-1]},\"attention\":{_num_array(attention, self.decimals)}}}]"
+        call = f"{_js(view_id)}:[{_js(component)},{_js(props)[:-1]},\"attention\":{_num_array(attention, self.decimals)}}}]"
         self.calls.append(call)
-        return (f'<div class="cv-view" id="{view_id}" data-kind="{kind}">'
-                f'<p class="placeholder">Attention view not drawn: this page needs JavaScript.</p></div>')
+        return (f'<div class="cv-view" id="{view_id}" data-kind="{kind}"><p class="placeholder">Not drawn yet: '
+                f'a view draws when scrolled into sight (this page needs JavaScript).</p></div>')
 
     def script(self) -> str:
         return (f"<script>{circuitsvis_bundle()}</script>\n<script>\n"
-                "const VIEWS = [\n" + ",\n".join(self.calls) + "\n];\n" + _RENDER_JS + "</script>")
+                "const VIEWS = {\n" + ",\n".join(self.calls) + "\n};\n" + _RENDER_JS + "</script>")
 
 
+# Views draw when they come near the screen: a chart of 64 x 64 cells costs the browser ~0.5 s, and
+# a large model's page holds thousands of them. `mechmemDrawAll()` (the "draw all" button) forces it.
 _RENDER_JS = """
-for (const [id, component, props] of VIEWS) {
+function draw(id) {
   const el = document.getElementById(id);
+  if (el.dataset.rendered) return;
+  const [component, props] = VIEWS[id];
   try { CircuitsVis.render(id, CircuitsVis[component], props); el.dataset.rendered = "1"; }
   catch (err) { el.textContent = "circuitsvis could not draw this view: " + err; el.dataset.rendered = "error"; }
 }
+window.mechmemDrawAll = () => Object.keys(VIEWS).forEach(draw);
+if ("IntersectionObserver" in window) {
+  const near = new IntersectionObserver((entries) => entries.forEach((e) => {
+    if (e.isIntersecting) { near.unobserve(e.target); draw(e.target.id); }
+  }), {rootMargin: "800px 0px"});
+  Object.keys(VIEWS).forEach((id) => near.observe(document.getElementById(id)));
+} else mechmemDrawAll();
 """
 
 _CSS = """
@@ -496,6 +535,7 @@ th{background:#f6f6f6} .num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{display:inline-block;height:.8em;background:#2563eb;vertical-align:middle}
 .pred{font-weight:bold} .missing{color:#92400e;background:#fffbeb;border:1px solid #fcd34d;padding:.5em 1em}
 .ranked{color:#b91c1c;font-weight:bold} .placeholder{color:#888} small{color:#666}
+.cv-view:not([data-rendered]){min-height:850px}
 a{color:#1d4ed8}
 """
 
@@ -544,7 +584,7 @@ def _probabilities_html(v: SampleView) -> str:
 def _tokens_html(v: SampleView) -> str:
     def spans(tokens, start, cls):
         return "".join(f'<span class="tok {cls}" title="position {start + i}, id {v.token_ids[start + i]}">'
-                       f"{html.escape(t)}</span>" for i, t in enumerate(tokens))
+                       f"{html.escape(_inline(t))}</span>" for i, t in enumerate(tokens))
 
     greedy = " greedy" if v.original_suffix is not None else ""
     out = (f"<p><span class='tok prefix'>prefix</span> tokens 0–{v.prefix_len - 1}, "
@@ -553,7 +593,7 @@ def _tokens_html(v: SampleView) -> str:
            f"<div>{spans(v.tokens[:v.prefix_len], 0, 'prefix')}<b> ‖ </b>"
            f"{spans(v.tokens[v.prefix_len:], v.prefix_len, 'suffix' + greedy)}</div>")
     if v.original_suffix is not None:
-        original = "".join(f"<span class='tok'>{html.escape(t)}</span>" for t in v.original_suffix)
+        original = "".join(f"<span class='tok'>{html.escape(_inline(t))}</span>" for t in v.original_suffix)
         out += ("<p><small>Not memorized: as in training the CNNs, the suffix shown (dashed) and fed to the model "
                 f"is the model's own greedy continuation of the prefix. The data's suffix was:</small></p><div>{original}</div>")
     return out
@@ -561,10 +601,50 @@ def _tokens_html(v: SampleView) -> str:
 
 def _ranking_html(v: SampleView) -> str:
     t = v.top_heads
+    has_ci = {"ci_low", "ci_high"} <= set(t.columns)
+
+    def ci(r) -> str:
+        return f"<td class='num'>[{float(r.ci_low):.3g}, {float(r.ci_high):.3g}]</td>" if has_ci else ""
+
     rows = "".join(f"<tr><td class='num'>{int(r.rank)}</td><td>{head_label(int(r.layer), int(r.head))}</td>"
                    f"<td><code>{html.escape(str(r.hook_name))}</code>, head {int(r.head)}</td>"
-                   f"<td class='num'>{float(r.score):.4g}</td></tr>" for r in t.itertuples())
-    return f"<table><tr><th>rank</th><th>head</th><th>hook</th><th>score</th></tr>{rows}</table>"
+                   f"<td class='num'>{float(r.score):.3g}</td>{ci(r)}</tr>" for r in t.itertuples())
+    return ("<table><tr><th>rank</th><th>head</th><th>hook</th><th>score</th>"
+            + ("<th>95% interval</th>" if has_ci else "") + f"</tr>{rows}</table>")
+
+
+def _regions_html(v: SampleView, page: _Page, tokens: list[str]) -> list[str]:
+    n_layers, n_heads = v.attention.shape[:2]
+    parts = [f"<h2 id='regions'>Decisive regions for class {_fmt(v.class_name)}</h2>"]
+    maps = [("class", "The class's map", v.region_info or "mean over the class's samples", v.region_map),
+            ("sample", "This sample's map", "its own term of the class map, through the run's CNNs",
+             v.sample_region_map)]
+    if all(m is None for *_, m in maps):
+        parts.append("<p class='placeholder'>No decisive-region map (see “missing” below).</p>")
+    else:
+        parts.append("<p>Where attention decides for this class, one panel per layer: localization's guided-"
+                     "backpropagation region D (what pushes the CNNs to this class rather than the others) times "
+                     "the attention pattern, max over heads. A panel's sum says how much its layer matters.</p>")
+    for key, name, about, m in maps:
+        if m is None:
+            continue
+        sums = m.reshape(m.shape[0], -1).sum(1)
+        parts.append(f"<h3>{name} <small>({html.escape(about)})</small></h3><p><small>layer sums: "
+                     + ", ".join(f"L{l} {s:.3g}" for l, s in enumerate(sums)) + "</small></p>")
+        parts.append(page.view(f"regions-{key}", "AttentionHeads", m, tokens, kind=f"regions-{key}",
+                               attentionHeadNames=[f"layer {l}" for l in range(m.shape[0])],
+                               maxValue=float(m.max()) or 1.0, minValue=0.0))
+    if v.top_heads is not None:
+        ranked = [(int(r.layer), int(r.head), int(r.rank)) for r in v.top_heads.itertuples()
+                  if int(r.layer) < n_layers and int(r.head) < n_heads]
+        parts.append(f"<h3 id='ranked-heads'>Heads localization ranks highest for {_fmt(v.class_name)}</h3>"
+                     "<p><small>score: the share of a sample's decisive region that the head's attention covers, "
+                     "mean over the class's samples.</small></p>" + _ranking_html(v)
+                     + "<p>This sample's patterns at those heads, best first:</p>")
+        parts.append(page.view("top-heads", "AttentionHeads", np.stack([v.attention[l, h] for l, h, _ in ranked]),
+                               tokens, kind="top-heads",
+                               attentionHeadNames=[f"#{r} {head_label(l, h)}" for l, h, r in ranked]))
+    return parts
 
 
 def sample_page(v: SampleView, *, decimals: int = 3, index_href: str | None = "index.html") -> str:
@@ -573,45 +653,22 @@ def sample_page(v: SampleView, *, decimals: int = 3, index_href: str | None = "i
     page = _Page(decimals)
     tokens = [_visible(t) for t in v.tokens]
     marks = _rank_marks(v)
-    title = f"sample {v.sequence_id} · {v.class_name or 'unlabelled'}"
-    parts = [_head(f"mechmem · {title}")]
+    parts = [_head(f"mechmem · sample {v.sequence_id} · {v.class_name or 'unlabelled'}")]
     if index_href:
         parts.append(f'<p><a href="{html.escape(index_href)}">← all samples</a></p>')
     parts += [f"<h1>Sample {v.sequence_id}: <span class='pred'>{_fmt(v.class_name)}</span></h1>",
+              "<p><small>On this page: <a href='#cnn'>CNN predictions</a> · <a href='#tokens'>tokens</a> · "
+              "<a href='#regions'>decisive regions and top heads</a> · <a href='#attention'>attention by layer "
+              "and head</a>" + (" · <a href='#missing'>missing</a>" if v.missing else "") + "</small></p>",
               _facts_html(v), "<h2 id='cnn'>CNN predicted probabilities</h2>", _probabilities_html(v),
-              "<h2 id='tokens'>The 64 tokens</h2>", _tokens_html(v)]
-
-    parts.append(f"<h2 id='regions'>Decisive regions for class {_fmt(v.class_name)}</h2>")
-    if v.region_map is not None or v.sample_region_map is not None:
-        parts.append("<p>Localization's map of the attention regions that decide for this class (guided "
-                     "backpropagation × attention, max over heads), one panel per layer. "
-                     "The sum over a panel says how much its layer matters.</p>")
-        for key, name, m in (("class", "class map, averaged over the class's samples", v.region_map),
-                             ("sample", "this sample's map", v.sample_region_map)):
-            if m is None:
-                continue
-            sums = m.reshape(m.shape[0], -1).sum(1)
-            parts.append(f"<h3>{name}</h3><p><small>layer sums: "
-                         + ", ".join(f"L{l} {s:.3g}" for l, s in enumerate(sums)) + "</small></p>")
-            parts.append(page.view(f"regions-{key}", "AttentionHeads", m, tokens, kind=f"regions-{key}",
-                                   attentionHeadNames=[f"layer {l}" for l in range(m.shape[0])],
-                                   maxValue=float(m.max()) or 1.0, minValue=0.0))
-    else:
-        parts.append("<p class='placeholder'>No decisive-region map (see “missing” below).</p>")
-    if v.top_heads is not None:
-        parts.append(f"<h3>Heads localization ranks highest for {_fmt(v.class_name)}</h3>"
-                     + _ranking_html(v) + "<p>This sample's patterns at those heads, best first:</p>")
-        ranked = [(int(r.layer), int(r.head), int(r.rank)) for r in v.top_heads.itertuples()
-                  if int(r.layer) < n_layers and int(r.head) < n_heads]
-        parts.append(page.view("top-heads", "AttentionHeads", np.stack([v.attention[l, h] for l, h, _ in ranked]),
-                               tokens, kind="top-heads",
-                               attentionHeadNames=[f"#{r} {head_label(l, h)}" for l, h, r in ranked]))
+              "<h2 id='tokens'>The 64 tokens</h2>", _tokens_html(v), *_regions_html(v, page, tokens)]
 
     parts.append(f"<h2 id='attention'>Attention patterns: {n_layers} layers × {n_heads} heads</h2>"
                  "<p>Hover a head to view it, click to lock. Rows are query (destination) tokens, columns "
                  "the key (source) tokens they attend to. "
-                 + ("<span class='ranked'>★</span> marks the heads localization ranked highest for this class."
-                    if marks else "") + "</p>")
+                 + ("<span class='ranked'>★#r</span> marks the heads localization ranked highest for this class. "
+                    if marks else "") + "Views draw as they scroll into sight; "
+                 "<button type='button' onclick='mechmemDrawAll()'>draw all now</button></p>")
     for layer in range(n_layers):
         names = [head_label(layer, h) + (f" ★#{marks[(layer, h)]}" if (layer, h) in marks else "")
                  for h in range(n_heads)]
@@ -679,6 +736,7 @@ def attention_grid_png(v: SampleView, path: str | os.PathLike, *, gamma: float =
 
     n_layers, n_heads, seq, _ = v.attention.shape
     region = v.sample_region_map if v.sample_region_map is not None else v.region_map
+    region_of = "this sample" if v.sample_region_map is not None else "class mean"
     cols = n_heads + (region is not None)
     fig, axes = plt.subplots(n_layers, cols, figsize=(1.15 * cols + 0.6, 1.15 * n_layers + 0.9), squeeze=False)
     marks = _rank_marks(v)
@@ -699,13 +757,14 @@ def attention_grid_png(v: SampleView, path: str | os.PathLike, *, gamma: float =
             ax.set_xticks([])
             ax.set_yticks([])
             if l == 0:
-                ax.set_title(f"head {c}" if c < n_heads else "decisive\nregions", fontsize=8)
+                ax.set_title(f"head {c}" if c < n_heads else f"decisive regions\n({region_of})", fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"layer {l}", fontsize=8)
     facts = f"score {_fmt(v.memorization_score, '.2f')}, duplicates {_fmt(v.sequence_duplicates)}"
     pred = f", CNN: {v.predicted} ({v.mean_probabilities.max():.2f})" if v.probabilities else ""
     fig.suptitle(f"sample {v.sequence_id} · {v.class_name or 'unlabelled'} · {facts}{pred}", fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight(),
+                        wspace=0.06, hspace=0.06)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -731,3 +790,254 @@ def write_pages(views: Sequence[SampleView], out: str | os.PathLike, *, decimals
     summary.to_csv(out / "samples.csv", index=False)
     (out / "index.html").write_text(index_page(views, title=title, notes=notes), encoding="utf-8")
     return out / "index.html"
+
+
+# ============================================================================================
+# Headless chromium: screenshots, and proof that a page renders with no network
+# ============================================================================================
+LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:", "chrome:", "devtools:")
+
+
+def find_chromium() -> str:
+    """The chromium binary ($MECHMEM_CHROMIUM, else chromium / chromium-browser / google-chrome on PATH)."""
+    import shutil
+
+    for name in (os.environ.get("MECHMEM_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and (found := shutil.which(name)):
+            return found
+    raise FileNotFoundError("no chromium found: install it (`apt-get install chromium`) or set MECHMEM_CHROMIUM")
+
+
+class Chromium:
+    """Headless chromium with the network unplugged, driven over the DevTools protocol on a pipe.
+
+    Every request goes to a dead local proxy, so a page that needs the network shows it. The pipe
+    (fds 3 and 4, NUL-separated JSON) needs no websocket library; waiting is in real time, since
+    chromium's virtual time replays every animation frame of circuitsvis's charts (30 s a page).
+    `net_log` also records every request at the network layer, for `offsite_requests`.
+    """
+
+    def __init__(self, *, window: tuple[int, int] = (1280, 2000), net_log: str | os.PathLike | None = None,
+                 timeout: float = 60):
+        import subprocess
+        import tempfile
+
+        self.timeout, self.events, self._id, self._buffer = timeout, [], 0, b""
+        self._profile = tempfile.TemporaryDirectory(prefix="mechmem-chromium-")
+        self._stderr = tempfile.TemporaryFile()
+        cmd = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-default-apps", "--hide-scrollbars", "--remote-debugging-pipe",
+               f"--user-data-dir={self._profile.name}", "--proxy-server=127.0.0.1:9",
+               "--proxy-bypass-list=<-loopback>", f"--window-size={window[0]},{window[1]}"]
+        if net_log is not None:
+            cmd.append(f"--log-net-log={Path(net_log).resolve()}")
+        to_chrome, self._to = os.pipe()
+        self._from, from_chrome = os.pipe()
+
+        def plug_pipe():  # in the child: the protocol's fds 3 (commands in) and 4 (replies out)
+            os.dup2(to_chrome, 3)
+            os.dup2(from_chrome, 4)
+
+        self.proc = subprocess.Popen([*cmd, "about:blank"], stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                     stderr=self._stderr, close_fds=False, preexec_fn=plug_pipe)
+        os.close(to_chrome)
+        os.close(from_chrome)
+
+    def __enter__(self) -> "Chromium":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.send("Browser.close", timeout=10)
+            except (RuntimeError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for fd in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._stderr.close()
+        self._profile.cleanup()
+
+    def _message(self, deadline: float) -> dict:
+        import select
+        import time
+
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from], [], [], left)[0]:
+                raise RuntimeError("chromium did not answer in time")
+            chunk = os.read(self._from, 1 << 20)
+            if not chunk:
+                self._stderr.seek(0)
+                tail = " | ".join(self._stderr.read().decode(errors="replace").strip().splitlines()[-3:])
+                raise RuntimeError(f"chromium exited ({self.proc.poll()}): {tail}")
+            self._buffer += chunk
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(raw)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None,
+             timeout: float | None = None) -> dict:
+        """One DevTools command; events that arrive meanwhile are kept in `self.events`."""
+        import time
+
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            reply = self._message(deadline)
+            if reply.get("id") != self._id:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise RuntimeError(f"chromium {method}: {reply['error'].get('message')}")
+            else:
+                return reply.get("result", {})
+
+    def open(self, page: str | os.PathLike) -> str:
+        """Load a page from disk in a new tab; returns the tab's session once its load event fired."""
+        import time
+
+        path = Path(page).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no page at {path}")
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Network", "Runtime"):
+            self.send(f"{domain}.enable", session=session)
+        self.send("Page.bringToFront", session=session)  # a background tab gets no frames: nothing would draw
+        self.send("Page.navigate", {"url": path.as_uri()}, session)
+        deadline = time.monotonic() + self.timeout
+        while not any(e.get("method") == "Page.loadEventFired" and e.get("sessionId") == session
+                      for e in self.events):
+            self.events.append(self._message(deadline))
+        return session
+
+    def evaluate(self, session: str, expression: str, timeout: float | None = None):
+        """The value of a JavaScript expression in the page (promises are awaited)."""
+        result = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                "returnByValue": True}, session, timeout)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    def screenshot(self, session: str, path: str | os.PathLike, *, full_page: bool = False) -> Path:
+        import base64
+
+        params = {"format": "png"}
+        if full_page:
+            size = self.evaluate(session, "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+            params |= {"captureBeyondViewport": True,
+                       "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1}}
+        data = self.send("Page.captureScreenshot", params, session)["data"]
+        Path(path).write_bytes(base64.b64decode(data))
+        return Path(path)
+
+    def requests(self, session: str) -> list[str]:
+        """Every URL the tab asked for (its own page included)."""
+        return [e["params"]["request"]["url"] for e in self.events
+                if e.get("method") == "Network.requestWillBeSent" and e.get("sessionId") == session]
+
+
+# The views' report: per circuitsvis container, its canvases and how many of their pixels carry
+# colour (drawn attention cells; the masked triangle is grey, the background white).
+_VIEWS_REPORT_JS = """
+(() => {
+  const coloured = (canvas) => {
+    const ctx = canvas.width && canvas.height ? canvas.getContext("2d") : null;
+    if (!ctx) return 0;
+    const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    let n = 0;
+    for (let i = 0; i < d.length; i += 4)
+      if (d[i + 3] > 0 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 40) n++;
+    return n;
+  };
+  return [...document.querySelectorAll(".cv-view")].map((el) => ({
+    id: el.id, kind: el.dataset.kind, rendered: el.dataset.rendered || "",
+    canvases: el.querySelectorAll("canvas").length,
+    coloured: [...el.querySelectorAll("canvas")].reduce((n, c) => n + coloured(c), 0),
+  }));
+})()"""
+
+
+@dataclass
+class PageCheck:
+    """What a page did in a browser with no network."""
+
+    views: list[dict]  # per circuitsvis view: id, kind, rendered ("1" / "error" / ""), canvases, coloured pixels
+    requests: list[str]  # every URL the page requested, itself included
+    offsite: list[str]  # those that would leave the machine
+
+    @property
+    def drawn(self) -> bool:
+        return bool(self.views) and all(v["rendered"] == "1" and v["coloured"] > 0 for v in self.views)
+
+
+def check_page(page: str | os.PathLike, *, screenshot: str | os.PathLike | None = None, full_page: bool = False,
+               window: tuple[int, int] = (1280, 2000), wait_s: float = 20, net_log: str | os.PathLike | None = None
+               ) -> PageCheck:
+    """Open a page offline in headless chromium, wait (up to `wait_s`) until its attention views have
+    drawn, and report them with every request it made; optionally save a screenshot."""
+    wait_ms = int(wait_s * 1000)
+    with Chromium(window=window, net_log=net_log, timeout=wait_s + 60) as browser:
+        session = browser.open(page)
+        # Scroll to each view as a reader would (views draw on sight), wait until it has drawn.
+        views = browser.evaluate(session, f"""(async () => {{
+            const t0 = performance.now();
+            const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+            for (const el of document.querySelectorAll(".cv-view")) {{
+              el.scrollIntoView();
+              while (!el.dataset.rendered && performance.now() - t0 < {wait_ms}) await sleep(50);
+            }}
+            for (;;) {{
+              const views = {_VIEWS_REPORT_JS};
+              const settled = views.every((v) => v.rendered === "error" || v.coloured > 0);
+              if (settled || performance.now() - t0 > {wait_ms}) return views;
+              await sleep(100);
+            }}
+          }})()""", timeout=wait_s + 30)
+        if screenshot is not None:
+            browser.evaluate(session, "window.scrollTo(0, 0); new Promise((r) => setTimeout(r, 1500))")
+            browser.screenshot(session, screenshot, full_page=full_page)
+        requests = browser.requests(session)
+    offsite = {u for u in requests if not u.startswith(LOCAL_SCHEMES)}
+    if net_log is not None:
+        offsite |= set(offsite_requests(net_log))
+    return PageCheck(views, requests, sorted(offsite))
+
+
+def offsite_requests(net_log: str | os.PathLike) -> list[str]:
+    """URLs the page asked for that are not on this machine, from a chromium `--log-net-log` file.
+
+    Requests chromium makes for itself (update checks, sign-in probes) carry no initiator and are
+    not the page's doing; every request a page makes carries its origin ("null" for file://) and
+    the page's site in its network isolation key.
+    """
+    text = Path(net_log).read_text()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:  # chromium killed before closing the file
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    urls = []
+    for event in log["events"]:
+        params = event.get("params") or {}
+        if names.get(event["type"]) != "URL_REQUEST_START_JOB" or "url" not in params:
+            continue
+        browsers_own = params.get("initiator") == "not an origin" and "file://" not in params.get(
+            "network_isolation_key", "")
+        if not browsers_own and not params["url"].startswith(LOCAL_SCHEMES):
+            urls.append(params["url"])
+    return sorted(set(urls))

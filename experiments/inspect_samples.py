@@ -1,0 +1,147 @@
+"""Inspection pages: a few samples' tokens, attention by layer and head, labels, CNN verdicts, decisive regions.
+
+    python experiments/inspect_samples.py                          # offline: testbed, 3 samples a class
+    python experiments/inspect_samples.py --ids 1203 4410 --out runs/inspect-mine
+    python experiments/inspect_samples.py --run runs/alignment-paper --localization runs/localize-paper
+
+Samples default to --per-class of each class of --taxonomy (the paper's proposed "Non-Memo, Guess,
+Others"), drawn from the CNNs' held-out split when there is a run. The CNNs (and the tokens the model
+was shown) come from a run_alignment folder (--run, default runs/alignment-quick), the class maps and
+the head ranking from an experiments/localize.py folder (--localization, default runs/localize); a
+page says what it lacks when they are not there.
+
+Writes into --out (default runs/inspect): index.html (samples by class), sample_{id}.html (one page
+each: self-contained, opens from disk with no network), sample_{id}.png (the attention grid for
+reports) and samples.csv. --check opens every page in headless chromium with the network unplugged
+and fails unless every attention view draws and nothing is requested off the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_RUN = ROOT / "runs" / "alignment-quick"
+DEFAULT_LOCALIZATION = ROOT / "runs" / "localize"
+DEFAULT_OUT = ROOT / "runs" / "inspect"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"inspect_samples: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv=None):
+    from mechmem.viz import PROPOSED_TAXONOMY
+
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ids", type=int, nargs="+", help="sequence ids to inspect (default: --per-class of each class)")
+    p.add_argument("--per-class", type=int, default=3, help="samples a class when no --ids are given")
+    p.add_argument("--taxonomy", default=PROPOSED_TAXONOMY, help="display name, e.g. 'Non-Memo, Recite[5], Others'")
+    p.add_argument("--model", default="testbed", help="'testbed', a local HF folder, or a hub name")
+    p.add_argument("--revision", default=None, help="hub revision, e.g. step143000 for Pythia")
+    p.add_argument("--data", default="testbed", help="'testbed', a parquet/jsonl file, or semantic-filters:SIZE")
+    p.add_argument("--run", default=None, help=f"run_alignment folder, or 'none' (default {DEFAULT_RUN.relative_to(ROOT)})")
+    p.add_argument("--localization", default=None,
+                   help=f"experiments/localize.py folder, or 'none' (default {DEFAULT_LOCALIZATION.relative_to(ROOT)})")
+    p.add_argument("--top-heads", type=int, default=8, help="ranked heads shown and marked per page")
+    p.add_argument("--decimals", type=int, default=3, help="attention values are rounded to this in the pages")
+    p.add_argument("--seed", type=int, default=0, help="which samples are drawn")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-png", action="store_true", help="skip the matplotlib attention grids")
+    p.add_argument("--check", action="store_true", help="open every page offline in headless chromium and verify it")
+    p.add_argument("--screenshot", type=Path, help="save a screenshot of the first page (headless chromium) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _folder(value: str | None, default: Path) -> tuple[Path | None, bool]:
+    """(folder or None, whether it was asked for explicitly)."""
+    if value is None:
+        return default, False
+    return (None, True) if value.lower() == "none" else (Path(value), True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # bad input: one line, exit 2
+        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
+        print(f"inspect_samples: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from mechmem import viz
+    from mechmem.data import load_memorization_data
+    from mechmem.models import load_model
+
+    if args.per_class < 1 or args.top_heads < 0 or not 0 <= args.decimals <= 6:
+        raise ValueError("--per-class must be >= 1, --top-heads >= 0 and --decimals in [0, 6]")
+    t0 = time.time()
+    run_dir, run_asked = _folder(args.run, DEFAULT_RUN)
+    loc_dir, loc_asked = _folder(args.localization, DEFAULT_LOCALIZATION)
+    for folder, asked, what in ((run_dir, run_asked, "--run"), (loc_dir, loc_asked, "--localization")):
+        if asked and folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"{what} folder {folder} does not exist")
+
+    df = load_memorization_data(args.data, progress=not args.quiet)
+    model = load_model(args.model, device=args.device, revision=args.revision)
+    notes = []
+    if run_dir is not None and not run_asked:
+        try:  # the default run is used only if this model made it
+            viz.read_run(run_dir, args.taxonomy, model)
+        except ValueError as err:
+            notes.append(f"CNN probabilities: not using {run_dir}: {err}")
+            run_dir = None
+    cfg = viz.InspectConfig(taxonomy=args.taxonomy, per_class=args.per_class, top_heads=args.top_heads,
+                            decimals=args.decimals, seed=args.seed)
+    views = viz.inspect_run(model, df, args.ids, cfg, run_dir=run_dir, localization=loc_dir,
+                            progress=not args.quiet)
+    for v in views:
+        v.missing = notes + v.missing
+    index = viz.write_pages(views, args.out, decimals=args.decimals, pngs=not args.no_png,
+                            title=f"mechmem · {len(views)} samples of {args.taxonomy}")
+    (args.out / "config.json").write_text(json.dumps(
+        {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
+         "run": str(run_dir) if run_dir else None, "localization": str(loc_dir) if loc_dir else None,
+         "config": vars(cfg)}, indent=1))
+
+    by_class = {}
+    for v in views:
+        by_class.setdefault(v.class_name, []).append(v.sequence_id)
+    for name, ids in by_class.items():
+        print(f"{name:>12}: {', '.join(map(str, ids))}")
+    for note in dict.fromkeys(m for v in views for m in v.missing):
+        print(f"missing: {note}")
+    print(f"wrote {len(views)} pages to {args.out} ({time.time() - t0:.0f} s); open {index.resolve().as_uri()}")
+
+    if args.screenshot is not None:
+        args.screenshot.parent.mkdir(parents=True, exist_ok=True)
+        viz.check_page(args.out / f"{views[0].stem}.html", screenshot=args.screenshot, window=(1280, 2200))
+        print(f"screenshot of {views[0].stem}.html: {args.screenshot}")
+    if args.check:
+        failed = 0
+        for page in [index, *(args.out / f"{v.stem}.html" for v in views)]:
+            check = viz.check_page(page, wait_s=120)
+            ok = (check.drawn or not check.views) and not check.offsite
+            failed += not ok
+            print(f"{'ok' if ok else 'FAILED'}: {page.name}: {sum(v['coloured'] > 0 for v in check.views)}/"
+                  f"{len(check.views)} views drawn offline, {len(check.offsite)} requests off the machine"
+                  + (f" ({', '.join(check.offsite)})" if check.offsite else ""))
+        if failed:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
