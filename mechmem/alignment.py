@@ -114,7 +114,8 @@ def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_
     for row in rows:
         labels = row.labels(df)
         try:
-            tr, ev = tx.balanced_split(labels, len(row.class_names()), train_per_class, eval_per_class, seed)
+            tr, ev = tx.balanced_split(labels, len(row.class_names()), train_per_class, eval_per_class, seed,
+                                       class_names=row.class_names())
         except tx.NotEnoughSamples as err:
             plan.skipped[row] = str(err)
             continue
@@ -151,7 +152,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
 
     store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress)
     positions = plan.samples
-    features = torch.from_numpy(np.asarray(store.features))  # float16, held in memory for all rows
+    features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
     for row, (labels, train_pos, eval_pos) in tqdm(plan.splits.items(), desc="taxonomies", disable=not progress):
         result_file = out / "rows" / f"{row.slug}.json"
         if result_file.exists():
