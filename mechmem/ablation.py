@@ -115,35 +115,56 @@ def head_ablation_hooks(
 # Measuring
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def token_loss(model, tokens: Int[Tensor, "batch pos"], *, batch_size: int = 64) -> np.ndarray:
-    """Per sample, mean next-token cross-entropy (nats) over the sample (teacher forcing)."""
+def teacher_forced(
+    model, tokens: Int[Tensor, "n pos"], *, prefix_len: int = 32, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """One forward pass over the whole samples: per sample, how many leading suffix tokens are each the
+    argmax after the true context, and the mean next-token loss (nats) over the sample.
+
+    Greedy decoding reproduces the whole suffix exactly when every suffix token is the argmax after
+    the true context (its context is then the true one at every step), so `leading == suffix length`
+    decides extractability without decoding.
+    """
     tokens = torch.as_tensor(np.asarray(tokens)).long()
     device = next(model.parameters()).device
-    out = []
+    leading, loss = [], []
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
-        logits = model(batch).float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, batch[:, 1:, None])[..., 0]
-        out.append(nll.mean(-1).cpu().double())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+        logp = torch.log_softmax(model(batch)[:, :-1].float(), dim=-1)
+        target = batch[:, 1:]
+        loss.append((-logp.gather(-1, target[..., None])[..., 0]).mean(-1).double().cpu())
+        hit = (logp[:, prefix_len - 1:].argmax(-1) == target[:, prefix_len - 1:]).long()
+        leading.append(hit.cumprod(-1).sum(-1).cpu())
+    if not leading:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    return torch.cat(leading).numpy(), torch.cat(loss).numpy()
 
 
 def measure(
     model,
-    eval_tokens: Int[Tensor, "n pos"],
-    loss_tokens: Int[Tensor, "m pos"],
+    tokens: Int[Tensor, "n pos"],
     hooks: Sequence[tuple[str, Callable]] = (),
     *,
+    prefix_len: int = 32,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Per-sample memorization score of `eval_tokens` and loss on `loss_tokens`, with `hooks` active."""
+    """Per sample, with `hooks` active: memorization score (greedy decoding from the prefix) and loss.
+
+    Extractable samples are recognised by one teacher-forced pass (`teacher_forced`); only the
+    others are decoded, with `mechmem.memorization` inside the hooks context. On a testbed-sized
+    model most samples under a random ablation stay extractable, so this saves most of the decoding.
+    """
     from mechmem.memorization import memorization_score
 
+    tokens = torch.as_tensor(np.asarray(tokens)).long()
     with model.hooks(fwd_hooks=list(hooks)):
-        score = memorization_score(model, eval_tokens, batch_size=batch_size, progress=False)
-        loss = token_loss(model, loss_tokens, batch_size=batch_size)
-    return {"memorization_score": np.asarray(score, dtype=float), "loss": loss}
+        leading, loss = teacher_forced(model, tokens, prefix_len=prefix_len, batch_size=batch_size)
+        score = np.ones(len(tokens))
+        redo = leading < tokens.shape[1] - prefix_len
+        if redo.any():
+            score[redo] = memorization_score(model, tokens[torch.from_numpy(redo)], prefix_len=prefix_len,
+                                             batch_size=batch_size, progress=False)
+    return {"memorization_score": score, "loss": loss}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,8 +177,9 @@ class HeldOut:
     eval_sets: dict[str, np.ndarray]  # class name -> tokens [n, 64]
     sequence_ids: dict[str, np.ndarray]
     memorized: list[str]  # classes whose samples are all extractable: the ablation targets
-    loss_tokens: np.ndarray  # non-memorized samples: the loss is measured on them
+    non_memorized: list[str]  # the others: their loss is the "is the model still fine?" check
     subsets: dict[str, tuple[str, np.ndarray]]  # e.g. "Others (dup > 5)" -> ("Others", mask)
+    reference: np.ndarray  # other held-out samples, any class: what "mean" ablation averages over
 
 
 def held_out_sets(
@@ -184,14 +206,18 @@ def held_out_sets(
     free = ~np.isin(df["sequence_id"].to_numpy(), np.asarray(exclude_ids, dtype=np.int64))
     scores = df["memorization_score"].to_numpy()
     rng = np.random.default_rng(seed)
-    eval_sets, ids, memorized, subsets, loss = {}, {}, [], {}, []
+
+    def tokens_at(pos):
+        return np.stack([np.asarray(t, dtype=np.int64) for t in df["tokens"].to_numpy()[pos]])
+
+    eval_sets, ids, memorized, non_memorized, subsets = {}, {}, [], [], {}
     for c, name in enumerate(class_names):
         pos = np.flatnonzero((labels == c) & free)
         if len(pos) == 0:
             raise ValueError(f"no held-out samples of class {name!r} (all are excluded or the class is empty)")
         pos = np.sort(rng.choice(pos, size=min(per_class, len(pos)), replace=False))
-        tokens = np.stack([np.asarray(t, dtype=np.int64) for t in df["tokens"].to_numpy()[pos]])
-        eval_sets[name], ids[name] = tokens, df["sequence_id"].to_numpy()[pos]
+        free[pos] = False
+        eval_sets[name], ids[name] = tokens_at(pos), df["sequence_id"].to_numpy()[pos]
         if (scores[labels == c] >= 1.0).all():
             memorized.append(name)
             if duplicates_threshold is not None:
@@ -200,12 +226,15 @@ def held_out_sets(
                     subsets[f"{name} (dup > {duplicates_threshold})"] = (name, high)
                     subsets[f"{name} (dup <= {duplicates_threshold})"] = (name, ~high)
         else:
-            loss.append(tokens[scores[pos] < 1.0])
+            non_memorized.append(name)
     if not memorized:
         raise ValueError("no class is memorized (every class has samples with memorization_score < 1)")
-    if not loss:
+    if not non_memorized:
         raise ValueError("no non-memorized class: the loss on non-memorized text cannot be measured")
-    return HeldOut(eval_sets, ids, memorized, np.concatenate(loss), subsets)
+    rest = np.flatnonzero(free & (labels >= 0))
+    reference = tokens_at(np.sort(rng.choice(rest, size=min(per_class, len(rest)), replace=False))) if len(rest) \
+        else np.concatenate(list(eval_sets.values()))
+    return HeldOut(eval_sets, ids, memorized, non_memorized, subsets, reference)
 
 
 @dataclass(frozen=True)
@@ -266,10 +295,9 @@ def plan_conditions(rankings: dict[str, Sequence[Head]], n_layers: int, n_heads:
 def _bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """Resampled means of values [draw, sample]: draws and samples both resampled (paired samples)."""
     n_draws, n = values.shape
-    d = rng.integers(0, n_draws, size=(n_boot, n_draws)) if n_draws > 1 else np.zeros((n_boot, 1), dtype=int)
+    d = rng.integers(0, n_draws, size=(n_boot, n_draws))
     s = rng.integers(0, n, size=(n_boot, n))
-    # mean over resampled draws of the mean over resampled samples
-    per_draw = values[:, s].mean(-1)  # [draw, boot]
+    per_draw = values[:, s].mean(-1)  # [draw, boot]: each draw's mean over the resampled samples
     return np.take_along_axis(per_draw.T, d, axis=1).mean(1)
 
 
@@ -283,23 +311,27 @@ def _paired_diff(targeted: np.ndarray, random: np.ndarray, n_boot: int, rng: np.
     return t - r
 
 
-def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg: AblationConfig) -> pd.DataFrame:
-    """One row per (condition, eval set, metric), with intervals; targeted rows carry the random contrast.
+METRICS: dict[str, Callable[[dict], np.ndarray]] = {
+    "extractable": lambda r: (r["memorization_score"] >= 1.0).astype(float),
+    "memorization_score": lambda r: r["memorization_score"],
+    "loss": lambda r: r["loss"],
+}
+SUMMARY_COLUMNS = ["condition", "target_class", "k", "heads", "eval_set", "metric", "n", "n_draws", "value", "ci_low",
+                   "ci_high", "draws_min", "draws_max", "random_value", "diff_vs_random", "diff_ci_low",
+                   "diff_ci_high", "frac_random_below"]
 
-    `sets` maps eval-set names to positions in the per-sample `memorization_score` results; the
-    loss is reported once per condition as eval set "non-memorized text".
+
+def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg: AblationConfig) -> pd.DataFrame:
+    """One row per (condition, eval set, metric) with a percentile-bootstrap interval.
+
+    `sets` maps eval-set names to positions in the per-sample results. Random rows pool the draws
+    of one k (the interval resamples draws and samples; draws_min/max are the extreme draws).
+    Targeted rows carry the contrast with random at the same k: the difference with its paired
+    bootstrap interval, and `frac_random_below`, the share of random draws whose mean is <= the
+    targeted value (for extraction, 0 means the targeted heads did more damage than every draw).
     """
     rng = np.random.default_rng(cfg.seed + 1)
     lo, hi = 100 * (1 - cfg.confidence) / 2, 100 * (1 + cfg.confidence) / 2
-    metrics = {"extractable": lambda r, pos: (r["memorization_score"][pos] >= 1.0).astype(float),
-               "memorization_score": lambda r, pos: r["memorization_score"][pos]}
-    # (metric, set, values fn) to report
-    items = [(m, name, pos) for name, pos in sets.items() for m in metrics]
-    items.append(("loss", "non-memorized text", None))
-
-    def values(c: Condition, metric: str, pos) -> np.ndarray:
-        return c.result["loss"] if metric == "loss" else metrics[metric](c.result, pos)
-
     randoms: dict[int, list[Condition]] = {}
     for c in conditions:
         if c.kind == "random":
@@ -308,37 +340,33 @@ def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg:
     groups = [[c] for c in conditions if c.kind != "random"] + list(randoms.values())
     for group in groups:
         first = group[0]
-        for metric, set_name, pos in items:
-            v = np.stack([values(c, metric, pos) for c in group])  # [draw, sample]
-            if v.shape[1] == 0:
+        for set_name, pos in sets.items():
+            if len(pos) == 0:
                 continue
-            boot = _bootstrap_means(v, cfg.n_boot, rng)
-            rec = {"condition": first.kind, "target_class": first.target, "k": first.k,
-                   "heads": ";".join(f"L{l}H{h}" for l, h in first.heads) if first.kind != "random" else "",
-                   "eval_set": set_name, "metric": metric, "n": v.shape[1], "n_draws": len(group),
-                   "value": float(v.mean()), "ci_low": float(np.percentile(boot, lo)),
-                   "ci_high": float(np.percentile(boot, hi))}
-            if first.kind == "random":
-                per_draw = v.mean(1)
-                rec |= {"draws_min": float(per_draw.min()), "draws_max": float(per_draw.max())}
-            if first.kind == "targeted" and first.k in randoms:
-                r = np.stack([values(c, metric, pos) for c in randoms[first.k]])
-                diff = _paired_diff(v[0], r, cfg.n_boot, rng)
-                rec |= {"random_value": float(r.mean()), "diff_vs_random": float(v.mean() - r.mean()),
-                        "diff_ci_low": float(np.percentile(diff, lo)), "diff_ci_high": float(np.percentile(diff, hi)),
-                        # share of random draws that lowered the metric at least as much as the targeted heads
-                        "frac_random_as_low": float((r.mean(1) <= v.mean() + 1e-12).mean())}
-            records.append(rec)
-    columns = ["condition", "target_class", "k", "heads", "eval_set", "metric", "n", "n_draws", "value", "ci_low",
-               "ci_high", "draws_min", "draws_max", "random_value", "diff_vs_random", "diff_ci_low",
-               "diff_ci_high", "frac_random_as_low"]
-    return pd.DataFrame.from_records(records).reindex(columns=columns)
+            for metric, fn in METRICS.items():
+                v = np.stack([fn(c.result)[pos] for c in group])  # [draw, sample]
+                boot = _bootstrap_means(v, cfg.n_boot, rng)
+                rec = {"condition": first.kind, "target_class": first.target, "k": first.k,
+                       "heads": ";".join(f"L{l}H{h}" for l, h in first.heads) if first.kind != "random" else "",
+                       "eval_set": set_name, "metric": metric, "n": v.shape[1], "n_draws": len(group),
+                       "value": float(v.mean()), "ci_low": float(np.percentile(boot, lo)),
+                       "ci_high": float(np.percentile(boot, hi))}
+                if first.kind == "random":
+                    rec |= {"draws_min": float(v.mean(1).min()), "draws_max": float(v.mean(1).max())}
+                if first.kind == "targeted" and first.k in randoms:
+                    r = np.stack([fn(c.result)[pos] for c in randoms[first.k]])
+                    diff = _paired_diff(v[0], r, cfg.n_boot, rng)
+                    rec |= {"random_value": float(r.mean()), "diff_vs_random": float(v.mean() - r.mean()),
+                            "diff_ci_low": float(np.percentile(diff, lo)),
+                            "diff_ci_high": float(np.percentile(diff, hi)),
+                            "frac_random_below": float((r.mean(1) <= v.mean() + 1e-12).mean())}
+                records.append(rec)
+    return pd.DataFrame.from_records(records).reindex(columns=SUMMARY_COLUMNS)
 
 
 def ablation_experiment(
     model,
     eval_sets: dict[str, Int[Tensor, "n pos"]],
-    loss_tokens: Int[Tensor, "m pos"],
     rankings: dict[str, Sequence[Head]],
     cfg: AblationConfig = AblationConfig(),
     *,
@@ -346,12 +374,12 @@ def ablation_experiment(
     reference: Int[Tensor, "r pos"] | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, list[Condition]]:
-    """Run every condition and summarise it (see `summarize`).
+    """Run every condition of `plan_conditions` on every eval set and summarise it (`summarize`).
 
     `eval_sets` maps names (the classes) to held-out samples, original tokens; `rankings` maps each
     target class to its heads, best first. `subsets` adds named eval sets made of some samples of a
     set (name -> (set name, boolean mask)), e.g. the highly duplicated part of a class, at no cost.
-    `reference` is the batch "mean" ablation averages over (default: `loss_tokens`).
+    `reference` is the batch "mean" ablation averages over (default: every eval sample).
     """
     if not eval_sets:
         raise ValueError("ablation_experiment needs at least one eval set")
@@ -368,14 +396,12 @@ def ablation_experiment(
             raise ValueError(f"subset {sub!r}: needs a mask over the {len(sets.get(parent, []))} samples of {parent!r}")
         sets[sub] = sets[parent][mask]
     all_tokens = torch.cat(tokens)
-    loss_tokens = torch.as_tensor(np.asarray(loss_tokens)).long()
 
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    conditions = plan_conditions(rankings, n_layers, n_heads, cfg)
+    conditions = plan_conditions(rankings, model.cfg.n_layers, model.cfg.n_heads, cfg)
     means = None
     if cfg.method == "mean":
-        means = head_means(model, loss_tokens if reference is None else reference, batch_size=cfg.batch_size)
+        means = head_means(model, all_tokens if reference is None else reference, batch_size=cfg.batch_size)
     for c in tqdm(conditions, desc=f"ablations ({cfg.method})", disable=not progress):
         hooks = head_ablation_hooks(model, c.heads, method=cfg.method, means=means)
-        c.result = measure(model, all_tokens, loss_tokens, hooks, batch_size=cfg.batch_size)
+        c.result = measure(model, all_tokens, hooks, batch_size=cfg.batch_size)
     return summarize(conditions, sets, cfg), conditions

@@ -132,21 +132,23 @@ def head_scores_png(scores: np.ndarray, class_names: Sequence[str], path: Path, 
     _save(fig, path)
 
 
-def ablation_png(summary: pd.DataFrame, path: Path, metric: str = "extractable") -> None:
+def ablation_png(summary: pd.DataFrame, path: Path, metric: str = "extractable",
+                 loss_sets: Sequence[str] = ("Non-Memo",)) -> None:
     """Per target class (rows) and eval set (columns): `metric` vs k for the targeted heads and the
-    random control (means with intervals), the unablated baseline at k = 0; last column: loss on
-    non-memorized text."""
+    random control (means with intervals), the unablated baseline at k = 0; last columns: the loss
+    on `loss_sets` (the non-memorized text)."""
     s = summary
     targets = [t for t in s.loc[s["condition"] == "targeted", "target_class"].unique()]
     sets = list(s.loc[s["metric"] == metric, "eval_set"].unique())
-    cols = sets + ["non-memorized text"]
+    loss_cols = [f"loss: {n}" for n in loss_sets if n in set(s["eval_set"])]
+    cols = sets + loss_cols
     fig, axes = plt.subplots(max(1, len(targets)), len(cols), figsize=(2.4 * len(cols), 2.4 * max(1, len(targets))),
                              squeeze=False)
     for i, target in enumerate(targets or [""]):
         for j, eval_set in enumerate(cols):
             ax = axes[i, j]
-            m = "loss" if eval_set == "non-memorized text" else metric
-            sel = s[(s["metric"] == m) & (s["eval_set"] == eval_set)]
+            m = "loss" if eval_set in loss_cols else metric
+            sel = s[(s["metric"] == m) & (s["eval_set"] == eval_set.removeprefix("loss: "))]
             base = sel[sel["condition"] == "baseline"]
             for kind, color, rows in (("targeted", "tab:red", sel[(sel["condition"] == "targeted") & (sel["target_class"] == target)]),
                                       ("random", "tab:gray", sel[sel["condition"] == "random"])):
@@ -167,7 +169,7 @@ def ablation_png(summary: pd.DataFrame, path: Path, metric: str = "extractable")
                 ax.set_title(eval_set, fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"heads of {target}\n{metric}", fontsize=9)
-            if j == len(cols) - 1:
+            if m == "loss":
                 ax.set_ylabel("loss (nats/token)", fontsize=8)
             if i == len(targets) - 1 or not targets:
                 ax.set_xlabel("heads ablated (k)")

@@ -9,7 +9,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from mechmem.ablation import (AblationConfig, Condition, head_ablation_hooks, head_means, held_out_sets, measure,
-                              plan_conditions, summarize, token_loss)
+                              plan_conditions, summarize, teacher_forced)
 from mechmem.hooks import z_hook
 from mechmem.memorization import greedy_continuation, memorization_score
 
@@ -111,18 +111,28 @@ def test_generation_under_ablation_goes_only_through_the_heads(tiny_model, memor
         full = greedy_continuation(tiny_model, memorized_tokens[:, :32], 32, use_cache=False, progress=False)
     reference = greedy_continuation(hf_without_heads, memorized_tokens[:, :32], 32, progress=False)
     assert torch.equal(cached, reference) and torch.equal(full, reference)
-    result = measure(tiny_model, memorized_tokens, memorized_tokens[:2], hooks, batch_size=3)
-    np.testing.assert_array_equal(result["memorization_score"],
-                                  memorization_score(hf_without_heads, memorized_tokens, progress=False))
-    assert result["memorization_score"].min() < 1  # ablation did break some extraction
+    # add samples the ablated model does reproduce: measure() finds those with its teacher-forced pass
+    mixed = torch.cat([memorized_tokens, torch.cat([memorized_tokens[:, :32], reference], dim=1)])
+    result = measure(tiny_model, mixed, hooks, batch_size=3)
+    want = memorization_score(hf_without_heads, mixed, progress=False)
+    np.testing.assert_array_equal(result["memorization_score"], want)
+    assert (want[:4] < 1).any() and (want[4:] == 1).all()
     assert all(not hp._forward_hooks for hp in tiny_model.hook_dict.values())  # hooks removed afterwards
 
 
-def test_token_loss_matches_hf(tiny_model, tiny_tokens, tiny_checkpoint):
+def test_teacher_forced_pass(tiny_model, tiny_tokens, tiny_checkpoint, memorized_tokens):
     hf = GPTNeoXForCausalLM.from_pretrained(tiny_checkpoint).eval()
     with torch.no_grad():
         want = [float(hf(t[None], labels=t[None]).loss) for t in tiny_tokens[:3]]
-    np.testing.assert_allclose(token_loss(tiny_model, tiny_tokens[:3], batch_size=2), want, rtol=1e-5)
+    leading, loss = teacher_forced(tiny_model, tiny_tokens[:3], batch_size=2)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    # leading suffix tokens reproduced: all 32 for the model's own continuations; for those with one token
+    # changed at suffix position 5, exactly 5
+    leading, _ = teacher_forced(tiny_model, memorized_tokens)
+    assert (leading == 32).all()
+    changed = memorized_tokens.clone()
+    changed[:, 37] = (changed[:, 37] + 1) % 512
+    assert (teacher_forced(tiny_model, changed)[0] == 5).all()
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -145,21 +155,23 @@ def test_plan_conditions():
 def test_summarize_by_hand():
     cfg = AblationConfig(ks=(1,), n_random=2, n_boot=200)
     res = lambda scores, loss: {"memorization_score": np.array(scores, float), "loss": np.array(loss, float)}
-    conds = [Condition("baseline", "", 0, 0, [], res([1, 1, 1, 1], [2.0, 2.0])),
-             Condition("targeted", "Guess", 1, 0, [(0, 1)], res([0, 0.5, 1, 1], [2.5, 2.5])),
-             Condition("random", "", 1, 0, [(1, 1)], res([1, 1, 1, 0.5], [2.0, 2.2])),
-             Condition("random", "", 1, 1, [(1, 0)], res([1, 1, 1, 1], [2.0, 2.0]))]
+    conds = [Condition("baseline", "", 0, 0, [], res([1, 1, 1, 1], [2.0, 2.0, 1.0, 1.0])),
+             Condition("targeted", "Guess", 1, 0, [(0, 1)], res([0, 0.5, 1, 1], [2.5, 2.5, 1.0, 1.0])),
+             Condition("random", "", 1, 0, [(1, 1)], res([1, 1, 1, 0.5], [2.0, 2.2, 1.0, 1.0])),
+             Condition("random", "", 1, 1, [(1, 0)], res([1, 1, 1, 1], [2.0, 2.0, 1.0, 1.0]))]
     s = summarize(conds, {"Guess": np.array([0, 1]), "Others": np.array([2, 3])}, cfg)
+    assert len(s) == 3 * 2 * 3  # (baseline, targeted, random draws pooled) x 2 sets x 3 metrics
     get = lambda cond, metric, eval_set: s[(s["condition"] == cond) & (s["metric"] == metric) & (s["eval_set"] == eval_set)].iloc[0]
     t = get("targeted", "extractable", "Guess")
-    assert t.value == 0.0 and t.random_value == 1.0 and t.diff_vs_random == -1.0 and t.frac_random_as_low == 0
-    assert t.heads == "L0H1" and t.n == 2
+    assert t.value == 0.0 and t.random_value == 1.0 and t.diff_vs_random == -1.0 and t.frac_random_below == 0
+    assert t.heads == "L0H1" and t.n == 2 and t.diff_ci_high < 0
     r = get("random", "memorization_score", "Others")
     assert r.value == pytest.approx(0.875) and r.n_draws == 2 and (r.draws_min, r.draws_max) == (0.75, 1.0)
     assert r.ci_low <= r.value <= r.ci_high
-    loss = get("targeted", "loss", "non-memorized text")
-    assert loss.value == 2.5 and loss.diff_vs_random == pytest.approx(2.5 - 2.05)
-    assert set(s["condition"]) == {"baseline", "targeted", "random"}
+    loss = get("targeted", "loss", "Guess")
+    assert loss.value == 2.5 and loss.diff_vs_random == pytest.approx(2.5 - 2.05) and loss.frac_random_below == 1
+    b = get("baseline", "extractable", "Others")
+    assert b.value == 1.0 and (b.ci_low, b.ci_high) == (1.0, 1.0) and np.isnan(b.diff_vs_random)
 
 
 def synthetic_data(model, n_per_class: int = 8, seed: int = 0):
@@ -189,7 +201,8 @@ def test_held_out_sets(synthetic):
     assert all(len(t) == 5 for t in held.eval_sets.values())
     used = np.concatenate(list(held.sequence_ids.values()))
     assert not set(used) & {500, 501, 502, 503}
-    np.testing.assert_array_equal(held.loss_tokens, held.eval_sets["Non-Memo"])
+    assert held.non_memorized == ["Non-Memo"]
+    assert len(held.reference) == 5 and not any((held.reference == t).all(1).any() for t in held.eval_sets.values())
     name, mask = held.subsets["Guess (dup > 5)"]
     assert name == "Guess" and mask.dtype == bool
     dup = df.set_index("sequence_id").loc[held.sequence_ids["Guess"], "sequence_duplicates"].to_numpy()
@@ -217,14 +230,15 @@ def test_experiment_writes_outputs(tiny_model, synthetic, tmp_path):
     loc = localize(tiny_model, cnns, np.stack(df["tokens"].to_numpy()[first]), labels[first], names,
                    sequence_ids=df["sequence_id"].to_numpy()[first], progress=False)
     cfg = AblationConfig(ks=(1,), n_random=2, n_boot=50)
-    summary = _cli("ablate_heads").ablate(tiny_model, df, labels, loc, cfg, tmp_path, per_class=4,
+    summary, held = _cli("ablate_heads").ablate(tiny_model, df, labels, loc, cfg, tmp_path, per_class=4,
                                           exclude_ids=loc.sequence_ids, duplicates_threshold=5, progress=False)
     for f in ("ablation.csv", "ablation.png", "extraction.png", "samples.npz"):
         assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
     csv = pd.read_csv(tmp_path / "ablation.csv")
     assert set(csv["condition"]) == {"baseline", "targeted", "random"}
     assert set(csv.loc[csv["condition"] == "targeted", "target_class"]) == {"Guess", "Others"}
-    assert {"Non-Memo", "Guess", "Others", "Guess (dup > 5)", "non-memorized text"} <= set(csv["eval_set"])
+    assert {"Non-Memo", "Guess", "Others", "Guess (dup > 5)"} <= set(csv["eval_set"])
+    assert set(csv["metric"]) == {"extractable", "memorization_score", "loss"}
     assert csv.loc[csv["condition"] == "random", "n_draws"].eq(2).all()
     base = csv[(csv["condition"] == "baseline") & (csv["metric"] == "extractable") & (csv["eval_set"] == "Guess")]
     assert base["value"].iloc[0] == 1.0  # unablated, every memorized sample is still extractable
