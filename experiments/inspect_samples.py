@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="testbed", help="'testbed', a local HF folder, or a hub name")
     p.add_argument("--revision", default=None, help="hub revision, e.g. step143000 for Pythia")
     p.add_argument("--data", default="testbed", help="'testbed', a parquet/jsonl file, or semantic-filters:SIZE")
-    p.add_argument("--run", default=None, help=f"run_alignment folder, or 'none' (default {DEFAULT_RUN.relative_to(ROOT)})")
+    p.add_argument("--run", default=None,
+                   help=f"run_alignment folder, or 'none' (default {DEFAULT_RUN.relative_to(ROOT)})")
     p.add_argument("--localization", default=None,
                    help=f"experiments/localize.py folder, or 'none' (default {DEFAULT_LOCALIZATION.relative_to(ROOT)})")
     p.add_argument("--top-heads", type=int, default=8, help="ranked heads shown and marked per page")

@@ -496,8 +496,8 @@ class _Page:
     def view(self, view_id: str, component: str, attention: np.ndarray, tokens: list[str], *, kind: str,
              **props) -> str:
         props = {"tokens": tokens, "maskUpperTri": True} | {k: v for k, v in props.items() if v is not None}
-        call = f"{_js(view_id)}:[{_js(component)},{_js(props)[:-1]},\"attention\":{_num_array(attention, self.decimals)}}}]"
-        self.calls.append(call)
+        props_js = _js(props)[:-1] + f',"attention":{_num_array(attention, self.decimals)}}}'  # the bulk, compact
+        self.calls.append(f"{_js(view_id)}:[{_js(component)},{props_js}]")
         return (f'<div class="cv-view" id="{view_id}" data-kind="{kind}"><p class="placeholder">Not drawn yet: '
                 f'a view draws when scrolled into sight (this page needs JavaScript).</p></div>')
 
@@ -526,11 +526,13 @@ if ("IntersectionObserver" in window) {
 """
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.2em auto;max-width:1100px;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.2em auto;max-width:1100px;padding:0 1em;
+  color:#222}
 h1{font-size:1.35em} h2{font-size:1.1em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.4em 0} td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}
 th{background:#f6f6f6} .num{text-align:right;font-variant-numeric:tabular-nums}
-.tok{display:inline-block;white-space:pre;font-family:ui-monospace,monospace;font-size:.9em;margin:1px;padding:0 2px;border-radius:3px}
+.tok{display:inline-block;white-space:pre;font-family:ui-monospace,monospace;font-size:.9em;margin:1px;padding:0 2px;
+  border-radius:3px}
 .prefix{background:#dbeafe} .suffix{background:#ffedd5} .greedy{outline:1px dashed #c2410c}
 .bar{display:inline-block;height:.8em;background:#2563eb;vertical-align:middle}
 .pred{font-weight:bold} .missing{color:#92400e;background:#fffbeb;border:1px solid #fcd34d;padding:.5em 1em}
@@ -595,7 +597,8 @@ def _tokens_html(v: SampleView) -> str:
     if v.original_suffix is not None:
         original = "".join(f"<span class='tok'>{html.escape(_inline(t))}</span>" for t in v.original_suffix)
         out += ("<p><small>Not memorized: as in training the CNNs, the suffix shown (dashed) and fed to the model "
-                f"is the model's own greedy continuation of the prefix. The data's suffix was:</small></p><div>{original}</div>")
+                "is the model's own greedy continuation of the prefix. The data's suffix was:</small></p>"
+                f"<div>{original}</div>")
     return out
 
 
@@ -819,7 +822,9 @@ class Chromium:
 
     def __init__(self, *, window: tuple[int, int] = (1280, 2000), net_log: str | os.PathLike | None = None,
                  timeout: float = 60):
+        import fcntl
         import subprocess
+        import sys
         import tempfile
 
         self.timeout, self.events, self._id, self._buffer = timeout, [], 0, b""
@@ -834,15 +839,18 @@ class Chromium:
             cmd.append(f"--log-net-log={Path(net_log).resolve()}")
         to_chrome, self._to = os.pipe()
         self._from, from_chrome = os.pipe()
-
-        def plug_pipe():  # in the child: the protocol's fds 3 (commands in) and 4 (replies out)
-            os.dup2(to_chrome, 3)
-            os.dup2(from_chrome, 4)
-
-        self.proc = subprocess.Popen([*cmd, "about:blank"], stdin=subprocess.DEVNULL, stdout=self._stderr,
-                                     stderr=self._stderr, close_fds=False, preexec_fn=plug_pipe)
-        os.close(to_chrome)
-        os.close(from_chrome)
+        # The child's ends go on fds 3 (commands in) and 4 (replies out) through a small Python
+        # trampoline (a preexec_fn is unsafe with torch's threads). They first move above fd 4 so
+        # that placing one cannot clobber the other.
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in (to_chrome, from_chrome)]
+        for fd in (to_chrome, from_chrome):
+            os.close(fd)
+        trampoline = ("import os, sys; a, b = int(sys.argv[1]), int(sys.argv[2]); os.dup2(a, 3); os.dup2(b, 4); "
+                      "os.close(a); os.close(b); os.execv(sys.argv[3], sys.argv[3:])")
+        self.proc = subprocess.Popen([sys.executable, "-c", trampoline, *map(str, ends), *cmd, "about:blank"],
+                                     stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, pass_fds=ends)
+        for fd in ends:
+            os.close(fd)
 
     def __enter__(self) -> "Chromium":
         return self
@@ -938,7 +946,8 @@ class Chromium:
 
         params = {"format": "png"}
         if full_page:
-            size = self.evaluate(session, "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+            size = self.evaluate(session, "[document.documentElement.scrollWidth, "
+                                          "document.documentElement.scrollHeight]")
             params |= {"captureBeyondViewport": True,
                        "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1}}
         data = self.send("Page.captureScreenshot", params, session)["data"]

@@ -346,7 +346,8 @@ def _cli(*args):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     result = _cli("--run", tmp_path / "nowhere", "--out", tmp_path / "out")
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines == [f"inspect_samples: error: --run folder {tmp_path}/nowhere does not exist"]
+    assert result.returncode == 2
+    assert lines == [f"inspect_samples: error: --run folder {tmp_path}/nowhere does not exist"]
 
 
 def _main(argv, monkeypatch, model):
