@@ -60,7 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
-    p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    p.add_argument("--split", choices=["shared", "paper"], default="shared",
+                   help="shared: every taxonomy draws from one seeded ranking, so one small feature "
+                        "extraction serves all (default); paper: the paper's per-class draws")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/alignment-GRID)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -149,7 +152,7 @@ def run(args) -> int:
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
         train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device),
-        extraction_batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
+        extraction_batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, split=args.split,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,8 @@ class AlignmentConfig:
     configs: tuple[CNNConfig, ...] = PAPER_GRID
     train: TrainConfig = TrainConfig()
     pooling: tuple[str, ...] = ("mean", "max")
-    extraction_batch_size: int = 64
+    extraction_batch_size: int = 256
+    split: str = "shared"  # "shared": taxonomies draw from one seeded ranking (one small extraction); "paper"
     n_boot: int = 1000
     seed: int = 0
     sweep: tuple[Row, ...] = ()  # ROUGE-threshold sweep rows, trained on the same features
@@ -108,14 +109,15 @@ class Plan:
         return np.unique(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
 
 
-def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_per_class: int, seed: int) -> Plan:
+def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_per_class: int, seed: int,
+              scheme: str = "shared") -> Plan:
     """Label and split every row; rows with a class too small are skipped with the reason."""
     plan = Plan()
     for row in rows:
         labels = row.labels(df)
         try:
             tr, ev = tx.balanced_split(labels, len(row.class_names()), train_per_class, eval_per_class, seed,
-                                       class_names=row.class_names())
+                                       class_names=row.class_names(), scheme=scheme)
         except tx.NotEnoughSamples as err:
             plan.skipped[row] = str(err)
             continue
@@ -125,10 +127,18 @@ def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_
 
 def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """The 64 tokens the model is shown: memorized samples as they are, others with the model's own
-    greedy continuation as suffix (METHOD.md section 3), so every sample is the model generating."""
+    greedy continuation as suffix (METHOD.md section 3), so every sample is the model generating.
+
+    A table whose `greedy_suffix` column was decoded by this very model (`df.attrs["greedy_model"]`
+    names it, as the testbed's does) spares the decoding; any other model decodes afresh.
+    """
     tokens = tokens_array(df.iloc[positions])
     scores = df["memorization_score"].to_numpy()[positions]
-    return np.asarray(free_generation(model, torch.from_numpy(tokens), scores, batch_size=batch_size))
+    continuation = None
+    if "greedy_suffix" in df and df.attrs.get("greedy_model") == getattr(model, "mechmem_name", None):
+        continuation = torch.from_numpy(np.stack(df["greedy_suffix"].to_numpy()[positions]).astype(np.int64))
+    view = free_generation(model, torch.from_numpy(tokens), scores, continuation=continuation, batch_size=batch_size)
+    return np.asarray(view)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -143,7 +153,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     out = Path(out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
-    plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed)
+    plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     for row, reason in plan.skipped.items():
         log(f"skipped {row.name}: {reason}")
     _atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})

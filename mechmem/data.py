@@ -259,6 +259,7 @@ def load_memorization_data(source: str | os.PathLike, *, local_dir: str | os.Pat
         raise ValueError(f"local_dir only applies to published sources like 'semantic-filters:12b', not {text!r}")
     if text == "testbed":
         df = _testbed_table()
+        df.attrs["greedy_model"] = "testbed"  # its greedy_suffix column was decoded by load_model("testbed")
     elif published is not None:
         splits = published_splits(*published)
         if local_dir is not None:

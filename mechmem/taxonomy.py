@@ -310,10 +310,14 @@ def class_counts(labels: Sequence[int], n_classes: int) -> np.ndarray:
 
 
 def balanced_split(labels: Sequence[int], n_classes: int, train_per_class: int, eval_per_class: int, seed: int = 0,
-                   *, class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   *, class_names: Sequence[str] | None = None, scheme: str = "paper") -> tuple[np.ndarray, np.ndarray]:
     """Seeded, class-balanced draw without replacement: per class, `train_per_class` +
     `eval_per_class` positions, the first ones for training. Same scheme as the paper (one
     `RandomState(seed)`, classes in order), so the same frame gives the same samples.
+
+    `scheme="shared"` instead ranks all samples once by a seeded random priority and gives each
+    class its highest-ranked members: taxonomies over the same table then draw largely the same
+    samples, so one feature extraction serves them all (what the alignment runner uses).
 
     Returns (train_idx, eval_idx), positions into `labels`, grouped by class. Raises
     NotEnoughSamples naming every class that is too small.
@@ -330,10 +334,17 @@ def balanced_split(labels: Sequence[int], n_classes: int, train_per_class: int, 
         detail = "; ".join(f"{n} has {counts[c]}" for n, c in zip(names, short))
         raise NotEnoughSamples(f"not enough samples for {train_per_class} train + {eval_per_class} eval per class: "
                                f"{detail} (counts per class: {counts.tolist()})")
+    if scheme not in ("paper", "shared"):
+        raise ValueError(f"unknown split scheme {scheme!r}; use 'paper' or 'shared'")
     rng = np.random.RandomState(seed)
+    priority = rng.permutation(len(labels)) if scheme == "shared" else None
     train, evals = [], []
     for c in range(n_classes):
-        chosen = rng.choice(np.flatnonzero(labels == c), size=need, replace=False)
+        members = np.flatnonzero(labels == c)
+        if priority is None:
+            chosen = rng.choice(members, size=need, replace=False)
+        else:  # the class's highest-priority members: every taxonomy draws from one ranking
+            chosen = members[np.argsort(priority[members], kind="stable")[:need]]
         train.append(chosen[:train_per_class])
         evals.append(chosen[train_per_class:])
     return np.concatenate(train), np.concatenate(evals)

@@ -237,3 +237,25 @@ def test_balanced_split_not_enough_samples():
 def test_class_counts():
     assert tx.class_counts([0, 2, 2, -1, 2], 4).tolist() == [1, 0, 3, 0]
     assert tx.class_counts([], 2).tolist() == [0, 0]
+
+
+def test_shared_split_draws_one_ranking_across_taxonomies():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 3, size=3000)
+    b = np.where(a == 0, 0, rng.integers(1, 3, size=3000))  # same class 0, memorized samples relabelled
+    balanced_split = tx.balanced_split
+    tr_a, ev_a = balanced_split(a, 3, 40, 20, seed=0, scheme="shared")
+    tr_b, ev_b = balanced_split(b, 3, 40, 20, seed=0, scheme="shared")
+    for labels, tr, ev in ((a, tr_a, ev_a), (b, tr_b, ev_b)):
+        assert np.bincount(labels[tr], minlength=3).tolist() == [40, 40, 40]
+        assert np.bincount(labels[ev], minlength=3).tolist() == [20, 20, 20]
+        assert not set(tr) & set(ev)
+    used_a, used_b = set(tr_a) | set(ev_a), set(tr_b) | set(ev_b)
+    # Class 0 is identical in both, and the memorized draws overlap far beyond chance (~6%).
+    assert {i for i in used_a if a[i] == 0} == {i for i in used_b if b[i] == 0}
+    memo_a, memo_b = {i for i in used_a if a[i]}, {i for i in used_b if b[i]}
+    assert len(memo_a & memo_b) / len(memo_a) > 0.3
+    paper_a = balanced_split(a, 3, 40, 20, seed=0)
+    assert not np.array_equal(np.sort(paper_a[0]), np.sort(tr_a))
+    with pytest.raises(ValueError, match="scheme"):
+        balanced_split(a, 3, 40, 20, seed=0, scheme="nested")
