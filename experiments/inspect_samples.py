@@ -6,9 +6,9 @@
 
 Samples default to --per-class of each class of --taxonomy (the paper's proposed "Non-Memo, Guess,
 Others"), drawn from the CNNs' held-out split when there is a run. The CNNs (and the tokens the model
-was shown) come from a run_alignment folder (--run, default runs/alignment-quick), the class maps and
-the head ranking from an experiments/localize.py folder (--localization, default runs/localize); a
-page says what it lacks when they are not there.
+was shown) come from a run_alignment folder (--run, default runs/alignment-quick, else the run the
+localization was computed from), the class maps and the head ranking from an experiments/localize.py
+folder (--localization, default runs/localize); a page says what it lacks when they are not there.
 
 Writes into --out (default runs/inspect): index.html (samples by class), sample_{id}.html (one page
 each: self-contained, opens from disk with no network), sample_{id}.png (the attention grid for
@@ -71,6 +71,16 @@ def _folder(value: str | None, default: Path) -> tuple[Path | None, bool]:
     return (None, True) if value.lower() == "none" else (Path(value), True)
 
 
+def _localizations_run(loc_dir: Path) -> Path | None:
+    """The run_alignment folder a localization was computed from (experiments/localize.py records it)."""
+    info = loc_dir / "localization.json"
+    if not info.is_file():
+        return None
+    run = json.loads(info.read_text()).get("meta", {}).get("run")
+    found = [p for p in (Path(run), ROOT / run) if (p / "rows").is_dir()] if run else []
+    return found[0] if found else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -94,6 +104,9 @@ def run(args) -> int:
     for folder, asked, what in ((run_dir, run_asked, "--run"), (loc_dir, loc_asked, "--localization")):
         if asked and folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {folder} does not exist")
+
+    if not run_asked and not run_dir.is_dir() and loc_dir is not None:
+        run_dir = _localizations_run(loc_dir) or run_dir  # the run whose CNNs localization used
 
     df = load_memorization_data(args.data, progress=not args.quiet)
     model = load_model(args.model, device=args.device, revision=args.revision)
@@ -124,7 +137,8 @@ def run(args) -> int:
         print(f"{name:>12}: {', '.join(map(str, ids))}")
     for note in dict.fromkeys(m for v in views for m in v.missing):
         print(f"missing: {note}")
-    print(f"wrote {len(views)} pages to {args.out} ({time.time() - t0:.0f} s); open {index.resolve().as_uri()}")
+    pages = f"{len(views)} page{'s' * (len(views) != 1)}"
+    print(f"wrote {pages} to {args.out} ({time.time() - t0:.0f} s); open {index.resolve().as_uri()}")
 
     if args.screenshot is not None:
         args.screenshot.parent.mkdir(parents=True, exist_ok=True)

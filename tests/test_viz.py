@@ -350,17 +350,32 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert lines == [f"inspect_samples: error: --run folder {tmp_path}/nowhere does not exist"]
 
 
-def _main(argv, monkeypatch, model):
-    """The script in this process, with the session's tiny model (loading is tested in test_models)."""
+def _script():
     import importlib.util
-
-    import mechmem.models
 
     spec = importlib.util.spec_from_file_location("inspect_samples", ROOT / "experiments" / "inspect_samples.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def _main(argv, monkeypatch, model):
+    """The script in this process, with the session's tiny model (loading is tested in test_models)."""
+    import mechmem.models
+
     monkeypatch.setattr(mechmem.models, "load_model", lambda name, **kw: model)
-    return script.main([str(a) for a in argv])
+    return _script().main([str(a) for a in argv])
+
+
+def test_cli_defaults_to_the_run_localization_used(tmp_path):
+    script = _script()
+    (tmp_path / "run" / "rows").mkdir(parents=True)
+    (tmp_path / "loc").mkdir()
+    assert script._localizations_run(tmp_path / "loc") is None
+    (tmp_path / "loc" / "localization.json").write_text(json.dumps({"meta": {"run": str(tmp_path / "run")}}))
+    assert script._localizations_run(tmp_path / "loc") == tmp_path / "run"
+    (tmp_path / "loc" / "localization.json").write_text(json.dumps({"meta": {"run": str(tmp_path / "gone")}}))
+    assert script._localizations_run(tmp_path / "loc") is None
 
 
 def test_cli_writes_pages_for_chosen_ids(run_folder, tiny_model, tmp_path, monkeypatch, capsys):
