@@ -833,6 +833,10 @@ class Chromium:
         cmd = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-default-apps", "--hide-scrollbars", "--remote-debugging-pipe",
+               # a headless tab counts as hidden: without these it may stop producing frames, and
+               # views (drawn when an IntersectionObserver sees them) would never draw
+               "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
+               "--disable-background-timer-throttling",
                f"--user-data-dir={self._profile.name}", "--proxy-server=127.0.0.1:9",
                "--proxy-bypass-list=<-loopback>", f"--window-size={window[0]},{window[1]}"]
         if net_log is not None:
@@ -1007,14 +1011,20 @@ def check_page(page: str | os.PathLike, *, screenshot: str | os.PathLike | None 
             const t0 = performance.now();
             const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
             for (const el of document.querySelectorAll(".cv-view")) {{
-              el.scrollIntoView();
-              while (!el.dataset.rendered && performance.now() - t0 < {wait_ms}) await sleep(50);
+              // again and again: views above it that draw meanwhile grow and push it out of sight
+              while (!el.dataset.rendered && performance.now() - t0 < {wait_ms}) {{
+                el.scrollIntoView();
+                await sleep(100);
+              }}
             }}
-            for (;;) {{
+            let before = "";
+            for (;;) {{  // until every view has painted and two looks 300 ms apart agree
               const views = {_VIEWS_REPORT_JS};
-              const settled = views.every((v) => v.rendered === "error" || v.coloured > 0);
-              if (settled || performance.now() - t0 > {wait_ms}) return views;
-              await sleep(100);
+              const now = JSON.stringify(views);
+              const painted = views.every((v) => v.rendered === "error" || (v.canvases > 0 && v.coloured > 0));
+              if ((painted && now === before) || performance.now() - t0 > {wait_ms}) return views;
+              before = now;
+              await sleep(300);
             }}
           }})()""", timeout=wait_s + 30)
         if screenshot is not None:

@@ -405,7 +405,7 @@ def test_cli_writes_pages_for_chosen_ids(run_folder, tiny_model, tmp_path, monke
 def offline_check(pages, tmp_path_factory):
     viz.find_chromium()  # fails (not skips) without a browser: CI installs chromium
     net_log = tmp_path_factory.mktemp("netlog") / "sample.json"
-    return viz.check_page(pages / "sample_101.html", net_log=net_log, wait_s=25), net_log
+    return viz.check_page(pages / "sample_101.html", net_log=net_log, wait_s=90), net_log  # ~10 s unloaded
 
 
 @pytest.mark.browser
