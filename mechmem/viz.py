@@ -140,7 +140,7 @@ def check_ranking(ranking: pd.DataFrame) -> pd.DataFrame:
 def heads_for_class(ranking: pd.DataFrame | None, class_names: Sequence[str], label: int, top: int
                     ) -> pd.DataFrame | None:
     """The `top` best-ranked heads of one class; the ranking's `class` may be a name or an index."""
-    if ranking is None:
+    if ranking is None or top < 1:
         return None
     check_ranking(ranking)
     cls = ranking["class"]
@@ -234,7 +234,7 @@ def sample_views(
             view.top_heads = heads_for_class(ranking, class_names, label, top_heads)
             if region_maps and view.region_map is None:
                 notes.append(f"decisive-region map: localization has no map for class {class_names[label]!r}")
-            if ranking is not None and view.top_heads is None:
+            if ranking is not None and top_heads > 0 and view.top_heads is None:
                 notes.append(f"head ranking: localization ranked no heads for class {class_names[label]!r}")
         if sample_region_maps is not None:
             view.sample_region_map = np.asarray(sample_region_maps[i], dtype=np.float32)

@@ -312,7 +312,6 @@ def test_model_view_tokens_from_the_store_else_greedy(run_folder, tiny_model, mo
 
 
 def test_inspect_run_end_to_end(run_folder, tiny_model, tmp_path):
-    pytest.importorskip("mechmem.taxonomy", reason="mechmem.taxonomy is being written")
     from mechmem.localize import LocalizeConfig, localize
 
     folder, df, shown = run_folder
