@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="output folder of experiments/localize.py (made with its defaults if absent)")
     p.add_argument("--model", default=None, help="model (default: the one the localization used)")
     p.add_argument("--data", default=None, help="memorization data (default: the localized run's)")
-    p.add_argument("--per-class", type=int, default=120, help="held-out samples per class")
+    p.add_argument("--per-class", type=int, default=80, help="held-out samples per class")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of heads ablated")
     p.add_argument("--n-random", type=int, default=10, help="random control draws per k")
     p.add_argument("--method", choices=["zero", "mean"], default="zero")

@@ -19,7 +19,6 @@ non-memorized text (is the effect specific to memorization, or is the model just
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -130,10 +129,11 @@ def teacher_forced(
     leading, loss = [], []
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
-        logp = torch.log_softmax(model(batch)[:, :-1].float(), dim=-1)
+        logits = model(batch)[:, :-1].float()  # no log_softmax copy: the vocabulary axis is the big one
         target = batch[:, 1:]
-        loss.append((-logp.gather(-1, target[..., None])[..., 0]).mean(-1).double().cpu())
-        hit = (logp[:, prefix_len - 1:].argmax(-1) == target[:, prefix_len - 1:]).long()
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, target[..., None])[..., 0]
+        loss.append(nll.mean(-1).double().cpu())
+        hit = (logits[:, prefix_len - 1:].argmax(-1) == target[:, prefix_len - 1:]).long()
         leading.append(hit.cumprod(-1).sum(-1).cpu())
     if not leading:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
