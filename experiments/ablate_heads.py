@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -107,6 +108,22 @@ def headline(summary, loss_sets=("Non-Memo",)) -> str:
     return "\n".join(lines)
 
 
+def check_inputs(loc, run_dir: Path, model, df, labels) -> None:
+    """Refuse a model or a data table that is not the one the localization was made from."""
+    from mechmem.models import model_identity
+
+    manifest = run_dir / "features" / "manifest.json"
+    if manifest.is_file():
+        made_with = json.loads(manifest.read_text())["model"]["weights"]
+        if made_with != model_identity(model)["weights"]:
+            raise ValueError(f"the model is not the one whose attention trained the CNNs of {run_dir}")
+    now = pd.Series(labels, index=df["sequence_id"].to_numpy()).reindex(loc.sequence_ids)
+    changed = int((now.to_numpy() != loc.labels).sum())
+    if changed:
+        raise ValueError(f"the data changed since localization: {changed} of {len(loc.labels)} localized samples "
+                         "now have another class (or are gone); rerun experiments/localize.py")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -146,6 +163,7 @@ def run(args) -> int:
     df = load_memorization_data(data)
     labels = np.asarray(row.labels(df))
     model = load_model(args.model or name, device=args.device, revision=revision)
+    check_inputs(loc, run_dir, model, df, labels)
     trained_on = run_rows(run_dir)[loc.meta["row"]].get("train_sequence_ids", [])
     exclude = np.concatenate([np.asarray(trained_on, dtype=np.int64), loc.sequence_ids.astype(np.int64)])
     summary, held = ablate(model, df, labels, loc, cfg, args.out, per_class=args.per_class, exclude_ids=exclude,

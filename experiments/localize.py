@@ -6,8 +6,9 @@
 
 Reads the trained CNNs, the feature store's tokens and the eval split of one taxonomy from a
 run_alignment output folder (--run). Without --run it uses runs/alignment-quick when that run
-trained the taxonomy, and otherwise trains what it needs (one taxonomy, the quick CNN grid) into
-OUT/alignment first.
+trained the taxonomy (or OUT/alignment from an earlier call), and otherwise trains what it needs
+(one taxonomy, the quick CNN grid, 300 + 150 samples a class) into OUT/alignment first; --train
+forces that.
 
 Writes into --out: heads.csv (every head of every class, ranked, with its hook name and a 95%
 interval), layers.csv, localization.npz/.json (the maps, for mechmem.localize.Localization.load),
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="a run_alignment output folder (default: runs/alignment-quick if usable)")
     p.add_argument("--taxonomy", default=None, help=f"display name or row slug (default {DEFAULT_TAXONOMY!r})")
+    p.add_argument("--train", action="store_true",
+                   help="train the CNNs into OUT/alignment even if a usable run exists")
     p.add_argument("--model", default=None, help="model (default: the run's; 'testbed' when training)")
     p.add_argument("--data", default="testbed", help="memorization data, used only when training the CNNs")
     p.add_argument("--samples-per-class", type=int, default=96, help="eval samples localized per class")
@@ -135,7 +138,11 @@ def run(args) -> int:
     if args.samples_per_class < 1 or args.batch_size < 1:
         raise ValueError("--samples-per-class and --batch-size must be >= 1")
     t0 = time.time()
-    if args.run is not None:
+    if args.train:
+        if args.run is not None:
+            raise ValueError("--train and --run exclude each other")
+        run_dir = train_row(args, args.out / "alignment")
+    elif args.run is not None:
         if not _has_row(args.run, args.taxonomy):
             raise ValueError(f"{args.run} has no trained CNNs and features for {args.taxonomy or 'the default taxonomy'}")
         run_dir = args.run

@@ -276,3 +276,7 @@ def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys
     train_ids = set(json.loads(next((run / "rows").glob("*.json")).read_text())["train_sequence_ids"])
     assert used and not used & (loc_ids | train_ids)  # held out from the CNNs and from the ranking
     assert "random" in capsys.readouterr().out
+    # the data changes under the localization: refused with one line
+    table.assign(is_repeating=labels == 2).to_parquet(tmp_path / "data.parquet")
+    rc = _cli("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl2"), "--quiet"])
+    assert rc == 2 and "data changed since localization" in capsys.readouterr().err
