@@ -4,6 +4,7 @@
     python experiments/run_alignment.py --grid paper         # all 54 rows of the paper, 8 CNNs each
     python experiments/run_alignment.py --model EleutherAI/pythia-12b-deduped --data semantic-filters:12b-deduped \
         --grid paper --device cuda                           # the paper's experiment (needs the hub)
+    torchrun --nproc-per-node 2 experiments/run_alignment.py --grid paper   # the same on two GPUs
 
 Writes into --out: alignment.csv / alignment.md (the paper's columns plus 95% bootstrap
 intervals), min_f1.png, confusion_best.png, confusion_worst.png, the trained CNNs (cnns/), the
@@ -60,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
-    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="feature-extraction batch size (default: the largest that fits in free GPU memory; 64 on cpu)")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="samples per feature-store chunk: the unit of resume, and of work between torchrun ranks")
     p.add_argument("--split", choices=["shared", "paper"], default="shared",
                    help="shared: every taxonomy draws from one seeded ranking, so one small feature "
                         "extraction serves all (default); paper: the paper's per-class draws")
@@ -134,6 +138,7 @@ def run(args) -> int:
     from mechmem import alignment as al
     from mechmem.cnn import TrainConfig
     from mechmem.data import load_memorization_data
+    from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
 
     grid_rows, grid_configs, train_pc, eval_pc = PRESETS[args.grid]
@@ -143,28 +148,36 @@ def run(args) -> int:
     eval_pc = args.eval_per_class or eval_pc
     if train_pc < 1 or eval_pc < 1:
         raise CliError("--train-per-class and --eval-per-class must be >= 1")
-    if args.epochs < 1 or args.batch_size < 1 or args.n_boot < 1:
-        raise CliError("--epochs, --batch-size and --n-boot must be >= 1")
+    if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 1) or args.n_boot < 1 \
+            or args.chunk_size < 1:
+        raise CliError("--epochs, --batch-size, --chunk-size and --n-boot must be >= 1")
     out = args.out or ROOT / "runs" / f"alignment-{args.grid}"
 
+    dist = init_from_env()  # one process per GPU under torchrun; Dist() otherwise
+    if dist.world_size > 1 and args.device not in (None, "cpu", "cuda"):
+        raise CliError(f"under torchrun each rank takes GPU LOCAL_RANK: use --device cuda, not {args.device}")
+    say = print if dist.is_main else (lambda *a, **k: None)
     df = load_memorization_data(args.data)
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
         train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device),
-        extraction_batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, split=args.split,
+        extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
+        split=args.split,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
-              "config": asdict(cfg)}
-    (out / "config.json").write_text(json.dumps(record, indent=1, default=str))
-    print(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
-          f"{train_pc}+{eval_pc} samples a class; writing to {out}")
-    table = al.run_alignment(model, df, cfg, out, progress=not args.quiet)
-    print("\nAlignment ranking (min F1 %, 95% bootstrap interval):")
-    print(al.ranking_text(table))
-    print(f"\nwrote {out / 'alignment.csv'}, alignment.md, min_f1.png, confusion_best.png, confusion_worst.png")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
+                  "world_size": dist.world_size, "config": asdict(cfg)}
+        (out / "config.json").write_text(json.dumps(record, indent=1, default=str))
+    say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
+        f"{train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); writing to {out}")
+    table = al.run_alignment(model, df, cfg, out, progress=not args.quiet, dist=dist)
+    say("\nAlignment ranking (min F1 %, 95% bootstrap interval):")
+    say(al.ranking_text(table))
+    say(f"\nwrote {out / 'alignment.csv'}, alignment.md, min_f1.png, confusion_best.png, confusion_worst.png")
+    shutdown()
     return 0
 
 

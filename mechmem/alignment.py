@@ -5,7 +5,9 @@ one feature store for every sample any row needs (features do not depend on the 
 CNNs trained per row -> a table of min F1 (the alignment score) with bootstrap intervals.
 
 Every row's result is written as soon as it is computed (`rows/*.json`, atomically), and the
-feature store resumes, so an interrupted run picks up where it stopped.
+feature store resumes, so an interrupted run picks up where it stopped. Under torchrun the ranks
+share the free generation, the extraction and each row's CNN configurations (`mechmem.distributed`);
+rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
-from mechmem.cnn import PAPER_GRID, QUICK_GRID, CNNConfig, TrainConfig, alignment_summary, save_cnns, train_cnns
+from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, TrainConfig, TrainedCNN, alignment_summary, load_cnns,
+                         save_cnns, train_cnns, write_cnn_index)
 from mechmem.data import tokens_array
+from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
 
@@ -80,7 +84,8 @@ class AlignmentConfig:
     configs: tuple[CNNConfig, ...] = PAPER_GRID
     train: TrainConfig = TrainConfig()
     pooling: tuple[str, ...] = ("mean", "max")
-    extraction_batch_size: int = 256
+    extraction_batch_size: int | None = None  # None: the largest that fits in free GPU memory (64 on cpu)
+    chunk_size: int = 1024  # samples per feature-store chunk: the unit of resume, and of work between ranks
     split: str = "shared"  # "shared": taxonomies draw from one seeded ranking (one small extraction); "paper"
     n_boot: int = 1000
     seed: int = 0
@@ -148,34 +153,44 @@ def _atomic_json(path: Path, obj) -> None:
 
 
 def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.PathLike, *,
-                  progress: bool = True, log=print) -> pd.DataFrame:
-    """Run every row of `cfg` on `df` with `model`; write into `out` and return the table."""
+                  progress: bool = True, log=print, dist: Dist = Dist()) -> pd.DataFrame:
+    """Run every row of `cfg` on `df` with `model`; write into `out` and return the table.
+
+    Under torchrun pass `dist` (`mechmem.distributed.init_from_env()`): every rank returns the table.
+    """
     out = Path(out)
-    (out / "rows").mkdir(parents=True, exist_ok=True)
+    main = dist.is_main
+    progress, log = progress and main, log if main else (lambda message: None)
     all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
     plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     for row, reason in plan.skipped.items():
         log(f"skipped {row.name}: {reason}")
-    _atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
     if not plan.splits:
         raise ValueError("no taxonomy row has enough samples in every class; lower --train-per-class/--eval-per-class")
+    todo = [row for row in plan.splits if not (out / "rows" / f"{row.slug}.json").exists()]
+    dist.barrier()  # every rank has its to-do list before rank 0 writes anything
+    if main:
+        (out / "rows").mkdir(parents=True, exist_ok=True)
+        _atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
 
-    store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress)
+    store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress, dist=dist)
     positions = plan.samples
     features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
-    for row, (labels, train_pos, eval_pos) in tqdm(plan.splits.items(), desc="taxonomies", disable=not progress):
-        result_file = out / "rows" / f"{row.slug}.json"
-        if result_file.exists():
-            continue
+    my_configs = shard_configs(cfg.configs, dist)
+    for row in tqdm(todo, desc="taxonomies", disable=not progress):
+        labels, train_pos, eval_pos = plan.splits[row]
         n_classes = len(row.class_names())
         # Store rows are the sorted data-frame positions: map this row's split into them.
         tr, ev = np.searchsorted(positions, train_pos), np.searchsorted(positions, eval_pos)
         store_labels = np.zeros(len(positions), dtype=np.int64)
         store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
-        trained = train_cnns(features, store.pooling, store_labels, tr, ev, n_classes, cfg.configs,
-                             cfg.train, progress=progress)
+        mine = train_cnns(features, store.pooling, store_labels, tr, ev, n_classes, my_configs,
+                          cfg.train, progress=progress) if my_configs else []
+        trained = _gather_cnns(mine, cfg.configs, out / "cnns" / row.slug, dist)
+        if not main:
+            continue
         summary = alignment_summary(trained, store_labels[ev], n_boot=cfg.n_boot, seed=cfg.seed)
-        save_cnns(trained, out / "cnns" / row.slug)
+        result_file = out / "rows" / f"{row.slug}.json"
         confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
         per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
         _atomic_json(result_file, {
@@ -185,9 +200,11 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
             "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
             "eval_sequence_ids": df["sequence_id"].to_numpy()[eval_pos].tolist(),
         })
+    dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
-    write_outputs(table, out)
-    if cfg.sweep:
+    if main:
+        write_outputs(table, out)
+    if main and cfg.sweep:
         sweep = rouge_table(collect_table(out, [r for r in cfg.sweep if r in plan.splits]))
         tmp = out / ".rouge_sweep.csv.tmp"
         sweep.round(4).to_csv(tmp, index=False)
@@ -195,24 +212,40 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     return table
 
 
+def _gather_cnns(mine: list[TrainedCNN], configs: Sequence[CNNConfig], folder: Path, dist: Dist) -> list[TrainedCNN]:
+    """Save this rank's CNNs of a row; on rank 0, return all the row's CNNs in the grid's order."""
+    save_cnns(mine, folder, index=dist.world_size == 1)
+    if dist.world_size == 1:
+        return mine
+    dist.barrier()  # every rank's CNNs are on disk
+    if not dist.is_main:
+        return []
+    write_cnn_index(folder, [c.name for c in configs])
+    return load_cnns(folder)
+
+
 def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Path, cfg: AlignmentConfig,
-                      *, progress: bool = True) -> FeatureStore:
+                      *, progress: bool = True, dist: Dist = Dist()) -> FeatureStore:
     """The store of these samples' features, built (or resumed) once for every row."""
     ids = df["sequence_id"].to_numpy()[positions]
     view_file = folder.parent / "model_view_tokens.npz"
-    if view_file.exists():  # free generation is cached: it is the slow half of a resumed run
-        cached = np.load(view_file)
-        if np.array_equal(cached["sequence_ids"], ids):
-            tokens = cached["tokens"]
-        else:
+    cached = view_file.exists()
+    dist.barrier()  # every rank has looked before rank 0 writes the cache
+    if cached:  # free generation is cached: it is the slow half of a resumed run
+        cache = np.load(view_file)
+        if not np.array_equal(cache["sequence_ids"], ids):
             raise ValueError(f"{view_file} holds other samples: use a new --out folder or delete it")
-    else:
-        tokens = model_view_tokens(model, df, positions)
-        tmp = view_file.with_name(".model_view_tokens.tmp.npz")
-        np.savez(tmp, sequence_ids=ids, tokens=tokens)
-        os.replace(tmp, view_file)
+        tokens = cache["tokens"]
+    else:  # each rank decodes a contiguous slice; the slices are joined in order
+        part = np.array_split(positions, dist.world_size)[dist.rank]
+        tokens = np.concatenate(dist.all_gather(model_view_tokens(model, df, part)))
+        if dist.is_main:
+            tmp = view_file.with_name(".model_view_tokens.tmp.npz")
+            np.savez(tmp, sequence_ids=ids, tokens=tokens)
+            os.replace(tmp, view_file)
     return build_feature_store(folder, model, ids, tokens, pooling=cfg.pooling,
-                               batch_size=cfg.extraction_batch_size, progress=progress)
+                               batch_size=cfg.extraction_batch_size, chunk_size=cfg.chunk_size, progress=progress,
+                               dist=dist)
 
 
 def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:

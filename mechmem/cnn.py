@@ -548,8 +548,9 @@ def _atomic_write(path: Path, write) -> None:
 INDEX_FILE = "cnns.json"
 
 
-def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike) -> Path:
-    """Write {name}.safetensors (weights, eval logits) and {name}.json (config, metrics) per CNN, then cnns.json."""
+def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: bool = True) -> Path:
+    """Write {name}.safetensors (weights, eval logits) and {name}.json (config, metrics) per CNN, then
+    the index cnns.json (`index=False`: not, when several ranks each save part of one row's CNNs)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -565,8 +566,14 @@ def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike) -> Path:
                 "eval_metrics": t.eval_metrics.to_dict()}
         _atomic_write(folder / f"{t.config.name}.safetensors", lambda p: save_file(tensors, str(p)))
         _atomic_write(folder / f"{t.config.name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-    _atomic_write(folder / INDEX_FILE, lambda p: p.write_text(json.dumps({"models": names}, indent=1)))
+    if index:
+        write_cnn_index(folder, names)
     return folder
+
+
+def write_cnn_index(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """cnns.json: which saved CNNs make up the folder, in order (what load_cnns reads)."""
+    _atomic_write(Path(folder) / INDEX_FILE, lambda p: p.write_text(json.dumps({"models": list(names)}, indent=1)))
 
 
 def load_cnns(folder: str | os.PathLike, device: str | torch.device | None = None) -> list[TrainedCNN]:

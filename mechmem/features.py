@@ -26,6 +26,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechmem.batching import CPU_BATCH_SIZE, probe_batch_size, run_batches
+from mechmem.distributed import Dist
 from mechmem.hooks import pattern_hook
 from mechmem.models import default_device, model_identity
 
@@ -66,13 +68,12 @@ def _run_until_last_pattern(model, batch: Tensor, hooks) -> None:
     raise RuntimeError("the last layer's hook_pattern never fired; is this a hooked transformer?")
 
 
-@torch.no_grad()
 def extract_attention(
     model,
     tokens: Int[Tensor, "sample pos"],
     *,
     pooling: Sequence[str] = ("mean", "max"),
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     per_head: bool = False,
     out_dtype: torch.dtype = torch.float32,
@@ -81,23 +82,32 @@ def extract_attention(
     """Head-pooled attention patterns of every layer, on the CPU.
 
     With `per_head=True` it returns the unpooled patterns `[sample, layer, head, query, key]`
-    instead: meant for the few samples localization and visualisation look at.
+    instead: meant for the few samples localization and visualisation look at. `batch_size=None`
+    takes the largest batch that fits in free GPU memory (64 on a CPU); a batch that runs out of
+    memory is retried smaller (`mechmem.batching`).
     """
+    return _extract(model, tokens, pooling=pooling, batch_size=batch_size, device=device, per_head=per_head,
+                    out_dtype=out_dtype, progress=progress)[0]
+
+
+@torch.no_grad()
+def _extract(model, tokens, *, pooling, batch_size, device, per_head=False, out_dtype=torch.float32,
+             progress=False) -> tuple[Tensor, int]:
+    """extract_attention, also returning the batch size it ended with (a store keeps it for its next chunk)."""
     pooling = _check_pooling(pooling)
     tokens = _check_tokens(tokens)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = default_device(device) if device is not None else _model_device(model)
     n, seq = tokens.shape
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     shape = (n, n_layers, n_heads, seq, seq) if per_head else (n, len(pooling), n_layers, seq, seq)
     out = torch.empty(shape, dtype=out_dtype, pin_memory=device.type == "cuda")
-    batch_size = min(batch_size, n)
-    buf = torch.empty((batch_size, *shape[1:]), dtype=out_dtype, device=device)
+    state: dict[str, Tensor] = {}  # the device buffer the hooks write into
 
     def capture(layer: int):
         def hook(pattern: Float[Tensor, "batch head query key"], hook):
-            b = pattern.shape[0]
+            b, buf = pattern.shape[0], state["buf"]
             if per_head:
                 buf[:b, layer] = pattern
             else:
@@ -110,13 +120,34 @@ def extract_attention(
 
     hooks = [(pattern_hook(layer), capture(layer)) for layer in range(n_layers)]
 
-    for start in tqdm(range(0, n, batch_size), desc="attention", disable=not progress):
-        batch = tokens[start : start + batch_size].to(device, non_blocking=True)
-        _run_until_last_pattern(model, batch, hooks)
-        out[start : start + len(batch)].copy_(buf[: len(batch)], non_blocking=True)
+    def forward(batch: Tensor) -> None:
+        if "buf" not in state or len(state["buf"]) < len(batch):
+            state.pop("buf", None)
+            state["buf"] = torch.empty((len(batch), *shape[1:]), dtype=out_dtype, device=device)
+        _run_until_last_pattern(model, batch.to(device, non_blocking=True), hooks)
+
+    if batch_size is None and device.type != "cuda":
+        batch_size = CPU_BATCH_SIZE
+    elif batch_size is None and n <= 8:
+        batch_size = n
+    elif batch_size is None:
+        def probe(b: int) -> None:
+            state.pop("buf", None)
+            forward(tokens[torch.arange(b) % n])
+            state.pop("buf", None)
+
+        batch_size = probe_batch_size(probe, device)
+    batch_size = min(batch_size, n)
+
+    def step(start: int, stop: int) -> None:
+        forward(tokens[start:stop])
+        out[start:stop].copy_(state["buf"][: stop - start], non_blocking=True)
+
+    with tqdm(total=n, desc="attention", disable=not progress) as bar:
+        batch_size = run_batches(n, batch_size, step, progress=bar)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out
+    return out, batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,19 +284,21 @@ def build_feature_store(
     tokens: Int[Tensor, "sample pos"] | np.ndarray,
     *,
     pooling: Sequence[str] = ("mean", "max"),
-    batch_size: int = 64,
+    batch_size: int | None = None,
     chunk_size: int = 1024,
     store_dtype=np.float16,
     revision: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    dist: Dist = Dist(),
     _stop_after_chunks: int | None = None,
 ) -> FeatureStore:
     """Extract (or finish extracting) the pooled attention of these samples into `folder`.
 
     An existing store for the same model, samples, tokens and pooling is resumed; one made from
-    anything else is refused with `StoreMismatch`. `_stop_after_chunks` simulates an interruption
-    (tests).
+    anything else is refused with `StoreMismatch`. Under torchrun (`dist`) the ranks take the
+    chunks round-robin into the same file. `batch_size=None` sizes batches from free GPU memory.
+    `_stop_after_chunks` simulates an interruption after that many rounds of chunks (tests).
     """
     folder = Path(folder)
     pooling = _check_pooling(pooling)
@@ -277,13 +310,11 @@ def build_feature_store(
         raise ValueError("sequence ids must be unique")
     wanted = _expected_manifest(model, sequence_ids, tokens, pooling, store_dtype, revision)
     n, seq = tokens.shape
-    n_chunks = max(1, -(-n // chunk_size))
-    if (folder / "manifest.json").exists():
-        store = FeatureStore.load(folder)
-        _compare(store.manifest, wanted, folder)
-        chunk_size = store.manifest["chunk_size"]
-        n_chunks = len(store.done)
-    else:
+    existed = (folder / "manifest.json").exists()
+    dist.barrier()  # every rank has looked before rank 0 creates anything
+    if existed:  # every rank checks, so a mismatch stops them all alike
+        _compare(FeatureStore.load(folder).manifest, wanted, folder)
+    elif dist.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_save_npy(folder / "sequence_ids.npy", sequence_ids)
         _atomic_save_npy(folder / "tokens.npy", tokens)
@@ -291,25 +322,31 @@ def build_feature_store(
         tmp = folder / "features.tmp.npy"
         np.lib.format.open_memmap(tmp, mode="w+", dtype=store_dtype, shape=shape).flush()
         os.replace(tmp, folder / FeatureStore.FEATURES)
-        _atomic_save_npy(folder / FeatureStore.DONE, np.zeros(n_chunks, dtype=bool))
+        _atomic_save_npy(folder / FeatureStore.DONE, np.zeros(max(1, -(-n // chunk_size)), dtype=bool))
         _atomic_write_json(folder / "manifest.json", {**wanted, "chunk_size": chunk_size})
-        store = FeatureStore.load(folder)
-
-    done = store.done
-    todo = [c for c in range(n_chunks) if not done[c]]
+    dist.barrier()
+    store = FeatureStore.load(folder)
+    chunk_size, done = store.manifest["chunk_size"], store.done
+    todo = [c for c in range(len(done)) if not done[c]]
+    n_rounds = -(-len(todo) // dist.world_size)
     features = np.load(folder / FeatureStore.FEATURES, mmap_mode="r+")
-    for count, c in enumerate(tqdm(todo, desc="feature store", disable=not progress)):
-        if _stop_after_chunks is not None and count >= _stop_after_chunks:
+    for r in tqdm(range(n_rounds), desc="feature store", disable=not (progress and dist.is_main)):
+        if _stop_after_chunks is not None and r >= _stop_after_chunks:
             break
-        rows = slice(c * chunk_size, min(n, (c + 1) * chunk_size))
-        pooled = extract_attention(model, torch.from_numpy(tokens[rows]), pooling=pooling,
-                                   batch_size=batch_size, device=device)
-        features[rows] = pooled.numpy().astype(store_dtype)
-        features.flush()
-        done[c] = True
-        _atomic_save_npy(folder / FeatureStore.DONE, done)
+        mine = dist.share(todo[r * dist.world_size : (r + 1) * dist.world_size])
+        for c in mine:
+            rows = slice(c * chunk_size, min(n, (c + 1) * chunk_size))
+            pooled, batch_size = _extract(model, torch.from_numpy(tokens[rows]), pooling=pooling,
+                                          batch_size=batch_size, device=device)
+            features[rows] = pooled.numpy().astype(store_dtype)
+            features.flush()
+        finished = [c for cs in dist.all_gather(list(mine)) for c in cs]  # all ranks have flushed these
+        if dist.is_main:
+            done[finished] = True
+            _atomic_save_npy(folder / FeatureStore.DONE, done)
     del features
-    if done.all() and "content_sha256" not in store.manifest:
+    if dist.is_main and done.all() and "content_sha256" not in store.manifest:
         _atomic_write_json(folder / "manifest.json",
                            {**store.manifest, "content_sha256": _file_sha256(folder / FeatureStore.FEATURES)})
+    dist.barrier()
     return FeatureStore.load(folder)

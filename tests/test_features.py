@@ -79,8 +79,8 @@ def test_interrupted_extraction_resumes_without_recomputing(tmp_path, tiny_model
 
     calls = []
     import mechmem.features as F
-    real = F.extract_attention
-    monkeypatch.setattr(F, "extract_attention", lambda m, t, **kw: calls.append(len(t)) or real(m, t, **kw))
+    real = F._extract
+    monkeypatch.setattr(F, "_extract", lambda m, t, **kw: calls.append(len(t)) or real(m, t, **kw))
     store = build_feature_store(tmp_path / "s", tiny_model, ids, tiny_tokens, chunk_size=3, progress=False)
     assert calls == [3, 1]  # only the two missing chunks
     assert store.complete
