@@ -3,17 +3,21 @@
 All paths run on the same model, in the same process, so their ratio is what matters:
 - `plain`: the model's forward pass with no hooks (the floor for any hook-based method);
 - `hf_sdpa`: Hugging Face's GPT-NeoX with SDPA attention and the same weights (GPU floor);
-- `fused`: `mechmem.features.extract_attention` (pooling inside the hooks, mean and max);
+- `fused`: `mechmem.features.extract_attention` (pooling inside the hooks, mean and max), which
+  runs `mechmem.fastpath`'s lean forward on a Pythia bridge;
+- `fused_bridge`: the same extraction through the bridge's own forward (`fastpath=False`);
 - `paper`: the original pipeline: `run_with_cache` of every hook, the cache copied to the CPU,
   one HDF5 dataset per sample of all heads' patterns in float16.
 
     python benchmarks/extraction.py --sizes 31m --n 64 --batch 16                 # CPU
-    python benchmarks/extraction.py --device cuda --dtype bf16 --sizes 410m 1b 2.8b --n 1024 --batch 64
+    python benchmarks/extraction.py --device cuda --dtype bf16 --sizes 410m 1b 2.8b 6.9b 12b --n 2048 \
+        --batch 64 auto --hf-sdpa --cnn --paper-n 64                                 # H200
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -23,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechmem.features import extract_attention
+from mechmem.features import _extract, extract_attention
 from mechmem.hooks import pattern_hook
-from mechmem.models import _resolve_dtype, build_hf_pythia, random_pythia
+from mechmem.models import _resolve_dtype, build_hf_pythia, pythia_spec, random_pythia
 
 
 def _sync(device: torch.device) -> None:
@@ -43,6 +47,11 @@ def plain_forward(model, tokens: torch.Tensor, batch_size: int) -> None:
 
 def fused(model, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size)
+
+
+def fused_bridge(model, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The same extraction through the bridge's own forward instead of mechmem.fastpath."""
+    return extract_attention(model, tokens, pooling=("mean", "max"), batch_size=batch_size, fastpath=False)
 
 
 @torch.no_grad()
@@ -65,78 +74,104 @@ def hf_sdpa_twin(size: str, device, dtype):
     return build_hf_pythia(size, device=device, dtype=dtype, seed=0, attn_implementation="sdpa")
 
 
-def timed(fn, *args, repeats: int = 2) -> float:
-    """Best of `repeats` wall-clock runs after one warm-up."""
+def timed(fn, *args, repeats: int = 2) -> tuple[float, float | None]:
+    """Best of `repeats` wall-clock runs after one warm-up, and the peak GPU memory (GiB) they reached."""
     fn(*args)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn(*args)
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
-def run_size(size: str, *, n: int, batch: int, device: str, dtype: str, repeats: int, paper: bool,
-             paper_n: int | None = None, hf_sdpa: bool = False) -> dict:
+def run_size(size: str, *, n: int, batches: list, device: str, dtype: str, repeats: int, paper: bool,
+             paper_n: int | None = None, hf_sdpa: bool = False, hf_eager: bool = False, cnn: bool = False):
+    """Yield one row of timings per batch size ("auto": what extraction picks from free GPU memory)."""
     dev = torch.device(device)
     model = random_pythia(size, device=dev, dtype=_resolve_dtype(dtype))
+    twin = hf_sdpa_twin(size, dev, _resolve_dtype(dtype)) if hf_sdpa else None
     tokens = torch.randint(0, model.cfg.d_vocab, (n, 64), generator=torch.Generator().manual_seed(0))
-    row = {"size": size, "device": device, "dtype": dtype, "n": n, "batch": batch,
-           "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    row["plain_s"] = timed(plain_forward, model, tokens, batch, repeats=repeats)
-    row["fused_s"] = timed(fused, model, tokens, batch, repeats=repeats)
-    if dev.type == "cuda":
-        row["peak_gib_fused_or_plain"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    if hf_sdpa:
-        twin = hf_sdpa_twin(size, dev, _resolve_dtype(dtype))
-        row["hf_sdpa_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
-        twin.config._attn_implementation = "eager"  # the same model with eager attention
-        row["hf_eager_s"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
-        del twin
-    row["fused_bytes_per_sample"] = 2 * model.cfg.n_layers * 64 * 64 * 2  # mean+max, float16
-    if paper:
-        with tempfile.TemporaryDirectory() as tmp:
-            h5 = Path(tmp) / "paper.h5"
-            m = min(n, paper_n or n)  # the paper's path is slow: time it on fewer samples
-            row["paper_n"] = m
-            row["paper_s"] = timed(paper_path, model, tokens[:m], batch, h5, repeats=1) * n / m
-            row["paper_bytes_per_sample"] = os.path.getsize(h5) / m
-    for key in ("plain_s", "fused_s", "hf_sdpa_s", "hf_eager_s", "paper_s"):
-        if key in row:
-            row[key[:-2] + "_samples_per_s"] = n / row[key]
-    row["fused_vs_plain"] = row["plain_s"] / row["fused_s"]
-    if "hf_sdpa_s" in row:
-        row["fused_vs_hf_sdpa"] = row["hf_sdpa_s"] / row["fused_s"]
-    if "paper_s" in row:
-        row["fused_vs_paper"] = row["paper_s"] / row["fused_s"]
-        row["storage_ratio_per_pool"] = (row["fused_bytes_per_sample"] / 2) / row["paper_bytes_per_sample"]
-    return row
+    for asked in batches:
+        batch = asked
+        row = {"size": size, "device": device, "dtype": dtype, "n": n, "batch_asked": asked,
+               "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}
+        if asked == "auto":
+            batch = _extract(model, tokens, pooling=("mean", "max"), batch_size=None, device=dev)[1]
+        row["batch"] = batch
+        row["plain_s"], row["plain_peak_gib"] = timed(plain_forward, model, tokens, batch, repeats=repeats)
+        row["fused_s"], row["fused_peak_gib"] = timed(fused, model, tokens, batch, repeats=repeats)
+        row["fused_bridge_s"], _ = timed(fused_bridge, model, tokens, batch, repeats=repeats)
+        if twin is not None:
+            twin.config._attn_implementation = "sdpa"
+            row["hf_sdpa_s"], row["hf_sdpa_peak_gib"] = timed(plain_forward, twin, tokens, batch, repeats=repeats)
+            if hf_eager:  # the same model with eager attention
+                twin.config._attn_implementation = "eager"
+                row["hf_eager_s"], _ = timed(plain_forward, twin, tokens, batch, repeats=repeats)
+        row["fused_bytes_per_sample"] = 2 * model.cfg.n_layers * 64 * 64 * 2  # mean+max, float16
+        if paper and asked == batches[0]:  # slow: once a size
+            with tempfile.TemporaryDirectory() as tmp:
+                h5 = Path(tmp) / "paper.h5"
+                m = min(n, paper_n or n)  # the paper's path is slow: time it on fewer samples
+                row["paper_n"] = m
+                t, row["paper_peak_gib"] = timed(paper_path, model, tokens[:m], batch, h5, repeats=1)
+                row["paper_s"] = t * n / m
+                row["paper_bytes_per_sample"] = os.path.getsize(h5) / m
+        for key in ("plain_s", "fused_s", "fused_bridge_s", "hf_sdpa_s", "hf_eager_s", "paper_s"):
+            if key in row:
+                row[key[:-2] + "_samples_per_s"] = n / row[key]
+        row["fused_vs_plain"] = row["plain_s"] / row["fused_s"]
+        if "hf_sdpa_s" in row:
+            row["fused_vs_hf_sdpa"] = row["hf_sdpa_s"] / row["fused_s"]
+        if "paper_s" in row:
+            row["fused_vs_paper"] = row["paper_s"] / row["fused_s"]
+            row["storage_ratio_per_pool"] = (row["fused_bytes_per_sample"] / 2) / row["paper_bytes_per_sample"]
+        yield row
+    del model, twin
+    if cnn:  # the 8 paper CNNs on this size's number of layers, 2048 samples, 1 epoch
+        from cnn_timing import time_modes
+
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        n_layers = pythia_spec(size).n_layers
+        times = time_modes(n_layers, 2048, device, repeats=1, modes=("sequential", "together_fused"))
+        yield {"size": size, "device": device, "cnn_n_layers": n_layers, "cnn_train_samples": 2048,
+               **{f"cnn_{k}_s": v for k, v in times.items()},
+               **{f"cnn_{k}_samples_per_s": 2048 / v for k, v in times.items()},
+               "cnn_together_fused_vs_sequential": times["sequential"] / times["together_fused"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["31m"])
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--batch", type=int, nargs="+", default=[16], help="one or more batch sizes")
+    p.add_argument("--batch", nargs="+", default=["16"],
+                   help="one or more batch sizes; 'auto' is the one extraction picks from free GPU memory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-paper", action="store_true")
     p.add_argument("--hf-sdpa", action="store_true", help="also time Hugging Face's SDPA forward (GPU floor)")
+    p.add_argument("--hf-eager", action="store_true", help="with --hf-sdpa: also its eager attention")
+    p.add_argument("--cnn", action="store_true", help="also time training the 8 paper CNNs at each size's depth")
     p.add_argument("--paper-n", type=int, help="time the paper's path on this many samples only")
     p.add_argument("--json", type=Path, help="append rows as JSON lines here")
     args = p.parse_args()
-    for size, batch in [(s, b) for s in args.sizes for b in args.batch]:
-        row = run_size(size, n=args.n, batch=batch, device=args.device, dtype=args.dtype,
-                       repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n,
-                       hf_sdpa=args.hf_sdpa)
-        print(json.dumps(row), flush=True)  # one line a size, so a later crash loses nothing
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    batches = [b if b == "auto" else int(b) for b in args.batch]
+    for size in args.sizes:
+        for row in run_size(size, n=args.n, batches=batches, device=args.device, dtype=args.dtype,
+                            repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n,
+                            hf_sdpa=args.hf_sdpa, hf_eager=args.hf_eager, cnn=args.cnn):
+            print(json.dumps(row), flush=True)  # one line at a time, so a later crash loses nothing
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        gc.collect()  # the next size needs this one's memory back
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

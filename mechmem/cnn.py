@@ -319,15 +319,24 @@ def _as_indices(idx, n_samples: int, what: str) -> np.ndarray:
     return idx.astype(np.int64)
 
 
-def _read_batch(features, idx: np.ndarray, pool_ids: np.ndarray, device: torch.device
-                ) -> Float[Tensor, "batch pool layer query key"]:
-    """Gather samples `idx` and pools `pool_ids` (a torch tensor or a numpy array / memmap) as float32 on device."""
+def _batch_reader(features, pool_ids: np.ndarray, device: torch.device):
+    """read(idx, idx_dev) -> the samples `idx`, pools `pool_ids`, as float32 on `device`.
+
+    `idx_dev` is the same indices already on `device`: features held on the device are gathered
+    there, so a training step never waits for a host-to-device copy of its indices (which would
+    serialise the CPU and the GPU). A numpy memmap is read row by row from disk instead.
+    """
     if isinstance(features, Tensor):
-        i, p = torch.from_numpy(idx).to(features.device), torch.from_numpy(pool_ids).to(features.device)
-        x = features[i[:, None], p[None, :]]
-    else:  # numpy memmap: fancy indexing reads only these rows and pools from disk
-        x = torch.from_numpy(np.ascontiguousarray(features[idx[:, None], pool_ids[None, :]]))
-    return x.to(device, non_blocking=True).float()
+        pools = torch.from_numpy(pool_ids).to(features.device)
+
+        def read(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "batch pool layer query key"]:
+            i = idx_dev if idx_dev.device == features.device else torch.from_numpy(idx).to(features.device)
+            return features[i[:, None], pools[None, :]].to(device, non_blocking=True).float()
+    else:
+        def read(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "batch pool layer query key"]:
+            x = torch.from_numpy(np.ascontiguousarray(features[idx[:, None], pool_ids[None, :]]))
+            return x.to(device, non_blocking=True).float()
+    return read
 
 
 def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int, seed: int) -> AttentionCNN:
@@ -428,6 +437,7 @@ def train_cnns(
     def run(stack: _CNNStack, slots: Tensor, x: Tensor) -> Float[Tensor, "batch member class"]:
         return stack(rearrange(x[:, slots], "b g l q k -> b (g l) q k"))
 
+    read = _batch_reader(features, used_pools, device)
     order = torch.Generator().manual_seed(train.seed)
     n_batches = math.ceil(len(train_idx) / train.batch_size)
     bar = tqdm(total=train.epochs * n_batches, desc=f"training {len(configs)} CNNs", disable=not progress)
@@ -436,11 +446,12 @@ def train_cnns(
         s.train()
     for _ in range(train.epochs):
         perm = train_idx[torch.randperm(len(train_idx), generator=order).numpy()]
+        perm_dev = torch.from_numpy(perm).to(device)  # one copy an epoch, none a step
         totals = [torch.zeros(len(m), device=device) for m in groups]
         for start in range(0, len(perm), train.batch_size):
-            idx = perm[start:start + train.batch_size]
-            x = _read_batch(features, idx, used_pools, device)
-            y = labels_dev[torch.from_numpy(idx).to(device)]
+            idx, idx_dev = perm[start:start + train.batch_size], perm_dev[start:start + train.batch_size]
+            x = read(idx, idx_dev)
+            y = labels_dev[idx_dev]
             loss = 0.0
             for stack, slots, total in zip(stacks, pool_slots, totals):
                 logits = run(stack, slots, x)  # (b, g, class)
@@ -462,8 +473,10 @@ def train_cnns(
     with torch.no_grad():
         for s in stacks:
             s.eval()
+        eval_dev = torch.from_numpy(eval_idx).to(device)
         for start in range(0, len(eval_idx), train.eval_batch_size):
-            x = _read_batch(features, eval_idx[start:start + train.eval_batch_size], used_pools, device)
+            stop = start + train.eval_batch_size
+            x = read(eval_idx[start:stop], eval_dev[start:stop])
             for out, stack, slots in zip(eval_logits, stacks, pool_slots):
                 out.append(run(stack, slots, x).float().cpu())
     y_eval = labels[eval_idx]

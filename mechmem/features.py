@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mechmem.batching import CPU_BATCH_SIZE, probe_batch_size, run_batches
 from mechmem.distributed import Dist
+from mechmem.fastpath import pattern_forward, supports
 from mechmem.hooks import pattern_hook
 from mechmem.models import default_device, model_identity
 
@@ -60,9 +61,13 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run_until_last_pattern(model, batch: Tensor, hooks) -> None:
+def _forward_to_last_pattern(model, batch: Tensor, fast: bool) -> None:
+    """One forward pass up to the last layer's pattern: the lean forward stops there, the model's
+    own forward is cut short by the last pattern hook raising _StopForward."""
+    if fast:
+        return pattern_forward(model, batch)
     try:
-        model.run_with_hooks(batch, fwd_hooks=hooks)
+        model(batch)
     except _StopForward:
         return
     raise RuntimeError("the last layer's hook_pattern never fired; is this a hooked transformer?")
@@ -78,21 +83,23 @@ def extract_attention(
     per_head: bool = False,
     out_dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    fastpath: bool = True,
 ) -> Float[Tensor, "sample pool layer query key"] | Float[Tensor, "sample layer head query key"]:
     """Head-pooled attention patterns of every layer, on the CPU.
 
     With `per_head=True` it returns the unpooled patterns `[sample, layer, head, query, key]`
     instead: meant for the few samples localization and visualisation look at. `batch_size=None`
     takes the largest batch that fits in free GPU memory (64 on a CPU); a batch that runs out of
-    memory is retried smaller (`mechmem.batching`).
+    memory is retried smaller (`mechmem.batching`). A Pythia bridge runs `mechmem.fastpath`'s lean
+    forward, which fires the same hook points; `fastpath=False` forces the model's own forward.
     """
     return _extract(model, tokens, pooling=pooling, batch_size=batch_size, device=device, per_head=per_head,
-                    out_dtype=out_dtype, progress=progress)[0]
+                    out_dtype=out_dtype, progress=progress, fastpath=fastpath)[0]
 
 
 @torch.no_grad()
 def _extract(model, tokens, *, pooling, batch_size, device, per_head=False, out_dtype=torch.float32,
-             progress=False) -> tuple[Tensor, int]:
+             progress=False, fastpath=True) -> tuple[Tensor, int]:
     """extract_attention, also returning the batch size it ended with (a store keeps it for its next chunk)."""
     pooling = _check_pooling(pooling)
     tokens = _check_tokens(tokens)
@@ -113,38 +120,34 @@ def _extract(model, tokens, *, pooling, batch_size, device, per_head=False, out_
             else:
                 for i, name in enumerate(pooling):
                     buf[:b, i, layer] = POOLINGS[name](pattern)
-            if layer == n_layers - 1:
+            if layer == n_layers - 1 and not fast:  # (the lean forward stops there by itself)
                 raise _StopForward
 
         return hook
 
     hooks = [(pattern_hook(layer), capture(layer)) for layer in range(n_layers)]
+    fast = False  # set once the hooks are on: whether the lean forward applies
 
     def forward(batch: Tensor) -> None:
         if "buf" not in state or len(state["buf"]) < len(batch):
             state.pop("buf", None)
             state["buf"] = torch.empty((len(batch), *shape[1:]), dtype=out_dtype, device=device)
-        _run_until_last_pattern(model, batch.to(device, non_blocking=True), hooks)
+        _forward_to_last_pattern(model, batch.to(device, non_blocking=True), fast)
 
-    if batch_size is None and device.type != "cuda":
-        batch_size = CPU_BATCH_SIZE
-    elif batch_size is None and n <= 8:
-        batch_size = n
-    elif batch_size is None:
-        def probe(b: int) -> None:
-            state.pop("buf", None)
-            forward(tokens[torch.arange(b) % n])
-            state.pop("buf", None)
-
-        batch_size = probe_batch_size(probe, device)
-    batch_size = min(batch_size, n)
+    def probe(b: int) -> None:  # a pass over b samples, its buffer included, for the memory probe
+        state.pop("buf", None)
+        forward(tokens[torch.arange(b) % n])
+        state.pop("buf", None)
 
     def step(start: int, stop: int) -> None:
         forward(tokens[start:stop])
         out[start:stop].copy_(state["buf"][: stop - start], non_blocking=True)
 
-    with tqdm(total=n, desc="attention", disable=not progress) as bar:
-        batch_size = run_batches(n, batch_size, step, progress=bar)
+    with model.hooks(fwd_hooks=hooks), tqdm(total=n, desc="attention", disable=not progress) as bar:
+        fast = fastpath and supports(model)  # hooks registered once, not once a batch
+        if batch_size is None:
+            batch_size = CPU_BATCH_SIZE if device.type != "cuda" else n if n <= 8 else probe_batch_size(probe, device)
+        batch_size = run_batches(n, min(batch_size, n), step, progress=bar)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, batch_size

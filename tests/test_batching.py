@@ -55,14 +55,16 @@ def test_out_of_memory_at_one_sample_is_raised():
 
 def test_extraction_survives_out_of_memory_with_the_same_features(tiny_model, tiny_tokens, monkeypatch):
     expected = extract_attention(tiny_model, tiny_tokens, batch_size=2)
-    real = tiny_model.run_with_hooks
+    import mechmem.features as F
 
-    def tight(tokens, **kw):
+    real = F._forward_to_last_pattern
+
+    def tight(model, tokens, fast):
         if len(tokens) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(tokens, **kw)
+        return real(model, tokens, fast)
 
-    monkeypatch.setattr(tiny_model, "run_with_hooks", tight)
+    monkeypatch.setattr(F, "_forward_to_last_pattern", tight)
     with pytest.warns(UserWarning, match="out of memory"):
         got = extract_attention(tiny_model, tiny_tokens, batch_size=10)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
