@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
-from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, TrainConfig, TrainedCNN, alignment_summary, load_cnns,
-                         save_cnns, train_cnns, write_cnn_index)
+from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
+                         load_cnns, save_cnns, train_cnn_tasks, write_cnn_index)
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
@@ -177,29 +177,25 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     positions = plan.samples
     features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
     my_configs = shard_configs(cfg.configs, dist)
-    for row in tqdm(todo, desc="taxonomies", disable=not progress):
-        labels, train_pos, eval_pos = plan.splits[row]
-        n_classes = len(row.class_names())
-        # Store rows are the sorted data-frame positions: map this row's split into them.
-        tr, ev = np.searchsorted(positions, train_pos), np.searchsorted(positions, eval_pos)
-        store_labels = np.zeros(len(positions), dtype=np.int64)
-        store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
-        mine = train_cnns(features, store.pooling, store_labels, tr, ev, n_classes, my_configs,
-                          cfg.train, progress=progress) if my_configs else []
-        trained = _gather_cnns(mine, cfg.configs, out / "cnns" / row.slug, dist)
-        if not main:
-            continue
-        summary = alignment_summary(trained, store_labels[ev], n_boot=cfg.n_boot, seed=cfg.seed)
-        result_file = out / "rows" / f"{row.slug}.json"
-        confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
-        per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
-        _atomic_json(result_file, {
-            "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
-            "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
-            "confusion": confusion.tolist(),
-            "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
-            "eval_sequence_ids": df["sequence_id"].to_numpy()[eval_pos].tolist(),
-        })
+    # Rows with as many classes and training samples train together, in lockstep (`train_cnn_tasks`).
+    groups: dict[tuple[int, int], list[Row]] = {}
+    for row in todo:
+        groups.setdefault((len(row.class_names()), len(plan.splits[row][1])), []).append(row)
+    for (n_classes, _), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
+        tasks = []
+        for row in rows:
+            labels, train_pos, eval_pos = plan.splits[row]
+            # Store rows are the sorted data-frame positions: map this row's split into them.
+            tr, ev = np.searchsorted(positions, train_pos), np.searchsorted(positions, eval_pos)
+            store_labels = np.zeros(len(positions), dtype=np.int64)
+            store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
+            tasks.append(Task(store_labels, tr, ev))
+        mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, cfg.train,
+                               progress=progress) if my_configs else [[] for _ in rows]
+        for row, task, row_cnns in zip(rows, tasks, mine):
+            trained = _gather_cnns(row_cnns, cfg.configs, out / "cnns" / row.slug, dist)
+            if main:
+                _write_row(out, df, row, trained, task, plan.splits[row], cfg)
     dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
     if main:
@@ -210,6 +206,21 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         sweep.round(4).to_csv(tmp, index=False)
         os.replace(tmp, out / "rouge_sweep.csv")
     return table
+
+
+def _write_row(out: Path, df: pd.DataFrame, row: Row, trained: list[TrainedCNN], task: Task, split, cfg) -> None:
+    """rows/{slug}.json: the row's alignment score, intervals, per-class F1, confusion and samples."""
+    _, train_pos, eval_pos = split
+    summary = alignment_summary(trained, task.labels[task.eval_idx], n_boot=cfg.n_boot, seed=cfg.seed)
+    confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
+    per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
+    _atomic_json(out / "rows" / f"{row.slug}.json", {
+        "tax_name": row.name, "num_classes": len(row.class_names()), **summary, "row": asdict(row),
+        "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
+        "confusion": confusion.tolist(),
+        "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
+        "eval_sequence_ids": df["sequence_id"].to_numpy()[eval_pos].tolist(),
+    })
 
 
 def _gather_cnns(mine: list[TrainedCNN], configs: Sequence[CNNConfig], folder: Path, dist: Dist) -> list[TrainedCNN]:
@@ -240,6 +251,7 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
         part = np.array_split(positions, dist.world_size)[dist.rank]
         tokens = np.concatenate(dist.all_gather(model_view_tokens(model, df, part)))
         if dist.is_main:
+            view_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = view_file.with_name(".model_view_tokens.tmp.npz")
             np.savez(tmp, sequence_ids=ids, tokens=tokens)
             os.replace(tmp, view_file)

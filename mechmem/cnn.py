@@ -398,8 +398,47 @@ def train_cnns(
     float16 to halve the memory; it stays on cpu if the device is out of memory); a numpy array or
     memmap is read batch by batch. Either way each batch is converted to float32 on the device.
     """
-    configs, pools, labels, train_idx, eval_idx = _check_inputs(
-        features, pools, labels, train_idx, eval_idx, n_classes, configs, train)
+    return train_cnn_tasks(features, pools, [Task(labels, train_idx, eval_idx)], n_classes, configs, train,
+                           progress)[0]
+
+
+@dataclass
+class Task:
+    """One classification problem on a feature array: a taxonomy's labels and its split."""
+
+    labels: Int[Tensor, " sample"] | Int[np.ndarray, " sample"]
+    train_idx: Sequence[int] | np.ndarray | Tensor
+    eval_idx: Sequence[int] | np.ndarray | Tensor
+
+
+def train_cnn_tasks(
+    features: Float[Tensor, "sample pool layer query key"] | np.ndarray,
+    pools: Sequence[str],
+    tasks: Sequence[Task],
+    n_classes: int,
+    configs: Sequence[CNNConfig] = QUICK_GRID,
+    train: TrainConfig = TrainConfig(),
+    progress: bool = True,
+) -> list[list[TrainedCNN]]:
+    """`train_cnns` for several tasks at once (taxonomies of one benchmark): `out[task][config]`.
+
+    The tasks must have as many training samples each; they step in lockstep, each on its own batches.
+    A task's CNNs train exactly as they would alone: its batch order is the permutation a lone task
+    draws, and initialisation and dropout come from per-config seeds. On a GPU the CNNs of every task
+    and same-shaped config run as one grouped network, so a step costs about as many kernel launches
+    for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN).
+    """
+    checked = [_check_inputs(features, pools, t.labels, t.train_idx, t.eval_idx, n_classes, configs, train)
+               for t in tasks]
+    if not checked:
+        raise ValueError("tasks must not be empty")
+    configs, pools = checked[0][0], checked[0][1]
+    labels = np.stack([c[2] for c in checked])
+    train_idx = np.stack([c[3] for c in checked]) if len({len(c[3]) for c in checked}) == 1 else None
+    if train_idx is None:
+        raise ValueError(f"tasks trained together need as many training samples each, got {[len(c[3]) for c in checked]}")
+    eval_idx = [c[4] for c in checked]
+    n_tasks, n_train = train_idx.shape
     _, _, n_layers, seq_len, _ = features.shape
     device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(features, Tensor) and features.device != device:
@@ -408,85 +447,94 @@ def train_cnns(
         except torch.OutOfMemoryError:
             warnings.warn(f"features do not fit on {device}; reading them from {features.device}", stacklevel=2)
 
-    # Group same-shaped configs (or not, when fuse=False), in order of first appearance.
-    # (Fusing pays on a GPU, where small kernels are launch-bound; on CPU grouped convs run slower than
-    # separate ones, see benchmarks/bench_cnn.py.)
+    # Stacks of (task, config) members: on a GPU, every task's same-shaped configs in one grouped network;
+    # else one network each. (Fusing pays on a GPU, where small kernels are launch-bound; on CPU grouped
+    # convs run slower than separate ones, see benchmarks/bench_cnn.py.)
     fuse = device.type == "cuda" if train.fuse is None else train.fuse
-    groups: dict = {}
+    by_shape: dict = {}
     for i, c in enumerate(configs):
-        groups.setdefault(c.shape_key if fuse else i, []).append(i)
-    groups = list(groups.values())
+        by_shape.setdefault(c.shape_key, []).append(i)
+    if fuse:
+        stack_members = [[(t, i) for t in range(n_tasks) for i in group] for group in by_shape.values()]
+    else:
+        stack_members = [[(t, i)] for t in range(n_tasks) for i in range(len(configs))]
     used_pools = sorted({pools.index(c.pooling) for c in configs})
-    stacks, pool_slots = [], []
-    for members in groups:
+    stacks, member_task, member_pool = [], [], []
+    for members in stack_members:
         stack = _CNNStack([_init_member(configs[i], n_layers, n_classes, seq_len, train.seed)
-                           for i in members]).to(device)
+                           for _, i in members]).to(device)
         stack.generators = [torch.Generator(device=device).manual_seed(_config_seed(train.seed, configs[i], "dropout"))
-                            for i in members]
+                            for _, i in members]
         stacks.append(stack)
-        # position of each member's pool in the batch's pool axis
-        pool_slots.append(torch.tensor([used_pools.index(pools.index(configs[i].pooling)) for i in members],
-                                       device=device))
-    used_pools = np.array(used_pools)
-    # One AdamW over every config's parameters: it is elementwise, so this equals one optimizer per config,
+        member_task.append(torch.tensor([t for t, _ in members], device=device))
+        member_pool.append(torch.tensor([used_pools.index(pools.index(configs[i].pooling)) for _, i in members],
+                                        device=device))
+    # One AdamW over every CNN's parameters: it is elementwise, so this equals one optimizer per CNN,
     # with fewer kernel launches (a single fused kernel on cuda).
     optimizer = torch.optim.AdamW([p for s in stacks for p in s.parameters()], lr=train.lr,
                                   weight_decay=train.weight_decay, fused=device.type == "cuda")
-    labels_dev = torch.from_numpy(labels).to(device)
+    labels_dev = torch.from_numpy(labels).to(device)  # (task, sample)
+    read = _batch_reader(features, np.array(used_pools), device)
 
-    def run(stack: _CNNStack, slots: Tensor, x: Tensor) -> Float[Tensor, "batch member class"]:
-        return stack(rearrange(x[:, slots], "b g l q k -> b (g l) q k"))
+    def run(stack: _CNNStack, tasks_of: Tensor, pools_of: Tensor, x: Tensor) -> Float[Tensor, "batch member class"]:
+        """x: (task, batch, pool, layer, q, k) -> each member reads its task's batch and its pool."""
+        return stack(rearrange(x[tasks_of, :, pools_of], "g b l q k -> b (g l) q k"))
 
-    read = _batch_reader(features, used_pools, device)
+    def read_tasks(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
+        return read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
+
     order = torch.Generator().manual_seed(train.seed)
-    n_batches = math.ceil(len(train_idx) / train.batch_size)
-    bar = tqdm(total=train.epochs * n_batches, desc=f"training {len(configs)} CNNs", disable=not progress)
-    epoch_losses = [[] for _ in configs]
+    n_batches = math.ceil(n_train / train.batch_size)
+    bar = tqdm(total=train.epochs * n_batches, desc=f"training {n_tasks}x{len(configs)} CNNs", disable=not progress)
+    epoch_losses = {(t, i): [] for t in range(n_tasks) for i in range(len(configs))}
     for s in stacks:
         s.train()
     for _ in range(train.epochs):
-        perm = train_idx[torch.randperm(len(train_idx), generator=order).numpy()]
+        perm = train_idx[:, torch.randperm(n_train, generator=order).numpy()]  # the permutation a lone task draws
         perm_dev = torch.from_numpy(perm).to(device)  # one copy an epoch, none a step
-        totals = [torch.zeros(len(m), device=device) for m in groups]
-        for start in range(0, len(perm), train.batch_size):
-            idx, idx_dev = perm[start:start + train.batch_size], perm_dev[start:start + train.batch_size]
-            x = read(idx, idx_dev)
-            y = labels_dev[idx_dev]
+        totals = [torch.zeros(len(m), device=device) for m in stack_members]
+        for start in range(0, n_train, train.batch_size):
+            idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
+            x = read_tasks(idx, idx_dev)
+            y = labels_dev.gather(1, idx_dev)  # (task, batch)
             loss = 0.0
-            for stack, slots, total in zip(stacks, pool_slots, totals):
-                logits = run(stack, slots, x)  # (b, g, class)
-                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"),
-                                              y[:, None].expand(-1, stack.n_members), reduction="none").mean(0)
-                loss = loss + member_loss.sum()  # each config's parameters only see its own loss
-                total += member_loss.detach() * len(idx)
+            for stack, tasks_of, pools_of, total in zip(stacks, member_task, member_pool, totals):
+                logits = run(stack, tasks_of, pools_of, x)  # (b, g, class)
+                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[tasks_of].T,
+                                              reduction="none").mean(0)
+                loss = loss + member_loss.sum()  # each CNN's parameters only see its own loss
+                total += member_loss.detach() * idx.shape[1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             bar.update()
-        for members, total in zip(groups, totals):
-            for i, t in zip(members, (total / len(perm)).tolist()):
-                epoch_losses[i].append(t)
+        for members, total in zip(stack_members, totals):
+            for member, t in zip(members, (total / n_train).tolist()):
+                epoch_losses[member].append(t)
     bar.close()
 
-    # Evaluate every config on the eval split, one read per eval batch.
+    # Evaluate in lockstep too; a task with fewer eval samples repeats its last one, and drops those outputs.
+    n_eval = max(len(e) for e in eval_idx)
+    eval_mat = np.stack([e[np.minimum(np.arange(n_eval), len(e) - 1)] for e in eval_idx])
+    eval_dev = torch.from_numpy(eval_mat).to(device)
     eval_logits = [[] for _ in stacks]
     with torch.no_grad():
         for s in stacks:
             s.eval()
-        eval_dev = torch.from_numpy(eval_idx).to(device)
-        for start in range(0, len(eval_idx), train.eval_batch_size):
-            stop = start + train.eval_batch_size
-            x = read(eval_idx[start:stop], eval_dev[start:stop])
-            for out, stack, slots in zip(eval_logits, stacks, pool_slots):
-                out.append(run(stack, slots, x).float().cpu())
-    y_eval = labels[eval_idx]
-    trained: list[TrainedCNN | None] = [None] * len(configs)
-    for members, stack, out in zip(groups, stacks, eval_logits):
+        step = max(1, train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
+        for start in range(0, n_eval, step):
+            stop = start + step
+            x = read_tasks(eval_mat[:, start:stop], eval_dev[:, start:stop])
+            for out, stack, tasks_of, pools_of in zip(eval_logits, stacks, member_task, member_pool):
+                out.append(run(stack, tasks_of, pools_of, x).float().cpu())
+    trained: list[list[TrainedCNN | None]] = [[None] * len(configs) for _ in range(n_tasks)]
+    for members, stack, out in zip(stack_members, stacks, eval_logits):
         logits = torch.cat(out)  # (eval, g, class)
-        for g, (i, model) in enumerate(zip(members, stack.unstack())):
-            lg = logits[:, g].contiguous()
+        for g, ((t, i), model) in enumerate(zip(members, stack.unstack())):
+            lg = logits[: len(eval_idx[t]), g].contiguous()
+            y_eval = labels[t][eval_idx[t]]
             metrics = classification_metrics(y_eval, lg.argmax(-1), n_classes, lg)
-            trained[i] = TrainedCNN(configs[i], model, lg, metrics, epoch_losses[i])
+            trained[t][i] = TrainedCNN(configs[i], model, lg, metrics, epoch_losses[(t, i)])
     return trained
 
 

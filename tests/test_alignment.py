@@ -64,7 +64,7 @@ def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatc
     assert len(guess["eval_sequence_ids"]) == 3 * 8
 
     # A second run resumes: no extraction, no training.
-    monkeypatch.setattr(al, "train_cnns", lambda *a, **k: pytest.fail("retrained a finished row"))
+    monkeypatch.setattr(al, "train_cnn_tasks", lambda *a, **k: pytest.fail("retrained a finished row"))
     monkeypatch.setattr(F, "_extract", lambda *a, **k: pytest.fail("re-extracted features"))
     again = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
     pd.testing.assert_frame_equal(again[al.TABLE_COLUMNS], table[al.TABLE_COLUMNS])

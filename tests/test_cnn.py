@@ -10,6 +10,7 @@ from mechmem.cnn import (
     AttentionCNN,
     ClassMetrics,
     CNNConfig,
+    Task,
     TrainConfig,
     TrainedCNN,
     _CNNStack,
@@ -17,6 +18,7 @@ from mechmem.cnn import (
     classification_metrics,
     load_cnns,
     save_cnns,
+    train_cnn_tasks,
     train_cnns,
 )
 
@@ -253,6 +255,44 @@ def test_config_independent_of_its_neighbours():
     # ...and training actually moved the weights away from the shared init
     moved = small_run([a], seed=1)[0]
     assert not torch.allclose(moved.model.layers.fc2.weight, alone.model.layers.fc2.weight)
+
+
+def three_tasks(n=48):
+    """Three taxonomies over one feature array: other labels, other (equal-sized) training sets, other eval sets."""
+    feats, diag = diagonal_toy(n, seq_len=32)
+    rng = np.random.default_rng(0)
+    tasks = []
+    for t, n_eval in zip(range(3), (8, 5, 8)):
+        order = rng.permutation(n)
+        labels = diag.numpy() if t == 0 else (diag.numpy() + t) % 3
+        tasks.append(Task(labels, order[:30], order[30:30 + n_eval]))
+    return feats, tasks
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_tasks_trained_together_equal_tasks_trained_alone(fuse):
+    feats, tasks = three_tasks()
+    configs = (CNNConfig(6, 4, "mean"), CNNConfig(6, 4, "max"), CNNConfig(8, 4, "mean"))
+    train = TrainConfig(epochs=2, fuse=fuse, device="cpu")
+    together = train_cnn_tasks(feats, POOLS, tasks, 3, configs, train, progress=False)
+    for task, mine in zip(tasks, together):
+        alone = train_cnns(feats, POOLS, task.labels, task.train_idx, task.eval_idx, 3, configs,
+                           TrainConfig(epochs=2, fuse=False, device="cpu"), progress=False)
+        for a, b in zip(alone, mine):
+            assert a.config == b.config and b.eval_logits.shape == (len(task.eval_idx), 3)
+            assert_same_weights(state(a.model), state(b.model), exact=not fuse)
+            # (weights exact unfused; eval logits to float rounding: eval batches are padded to the longest task)
+            torch.testing.assert_close(b.eval_logits, a.eval_logits, rtol=1e-4, atol=1e-6 if not fuse else 1e-5)
+            assert b.train_losses == pytest.approx(a.train_losses, rel=1e-5)
+    # the tasks differ, so their CNNs do
+    assert not torch.allclose(together[0][0].eval_logits[:5], together[1][0].eval_logits[:5])
+
+
+def test_tasks_trained_together_need_equal_training_sets():
+    feats, tasks = three_tasks()
+    tasks[1] = Task(tasks[1].labels, tasks[1].train_idx[:20], tasks[1].eval_idx)
+    with pytest.raises(ValueError, match="as many training samples"):
+        train_cnn_tasks(feats, POOLS, tasks, 3, QUICK_GRID, TrainConfig(device="cpu"), progress=False)
 
 
 def test_deterministic_on_cpu():
