@@ -32,20 +32,20 @@ def make_store(path: Path, n: int, n_layers: int, seq: int = 64) -> tuple[np.nda
     return np.load(path, mmap_mode="r"), np.arange(n) % 3
 
 
-def train(features, labels, n_train, configs, fuse, device=None, epochs=1):
-    return train_cnns(features, POOLS, labels, np.arange(n_train), np.arange(n_train, len(labels)), 3,
-                      configs, TrainConfig(epochs=epochs, fuse=fuse, device=device), progress=False)
+def train(features, labels, n_train, configs, fuse, device=None, deterministic=True, epochs=1):
+    return train_cnns(features, POOLS, labels, np.arange(n_train), np.arange(n_train, len(labels)), 3, configs,
+                      TrainConfig(epochs=epochs, fuse=fuse, device=device, deterministic=deterministic), progress=False)
 
 
 MODES = {
-    "sequential": lambda f, y, n, cfgs, dev: [train(f, y, n, [c], False, dev) for c in cfgs],
-    "together": lambda f, y, n, cfgs, dev: train(f, y, n, cfgs, False, dev),
-    "together_fused": lambda f, y, n, cfgs, dev: train(f, y, n, cfgs, True, dev),
+    "sequential": lambda f, y, n, cfgs, dev, det: [train(f, y, n, [c], False, dev, det) for c in cfgs],
+    "together": lambda f, y, n, cfgs, dev, det: train(f, y, n, cfgs, False, dev, det),
+    "together_fused": lambda f, y, n, cfgs, dev, det: train(f, y, n, cfgs, True, dev, det),
 }
 
 
 def time_modes(n_layers: int, n_train: int, device: str, *, memmap: bool = False, repeats: int = 2,
-               modes=tuple(MODES)) -> dict[str, float]:
+               modes=tuple(MODES), deterministic: bool = True) -> dict[str, float]:
     """Best wall-clock seconds of one epoch of the paper's 8 configs on `n_train` samples, per mode."""
     n = n_train + n_train // 4
     times = {}
@@ -53,14 +53,14 @@ def time_modes(n_layers: int, n_train: int, device: str, *, memmap: bool = False
         feats, labels = make_store(Path(tmp) / "features.npy", n, n_layers)
         if not memmap:
             feats = torch.from_numpy(np.array(feats)).to(device)
-        MODES["together_fused"](feats, labels, 64, PAPER_GRID, device)  # warm up kernels and allocator
+        MODES["together_fused"](feats, labels, 64, PAPER_GRID, device, deterministic)  # warm up kernels and allocator
         for mode in modes:
             runs = []
             for _ in range(repeats):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                MODES[mode](feats, labels, n_train, PAPER_GRID, device)
+                MODES[mode](feats, labels, n_train, PAPER_GRID, device, deterministic)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 runs.append(time.perf_counter() - t)
@@ -75,11 +75,14 @@ def main():
     p.add_argument("--device", default=None)
     p.add_argument("--memmap", action="store_true", help="read features from a .npy memmap, not a tensor")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--nondeterministic", action="store_true", help="let cuDNN pick its kernels (TrainConfig)")
     args = p.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    times = time_modes(args.layers, args.samples, device, memmap=args.memmap, repeats=args.repeats)
+    times = time_modes(args.layers, args.samples, device, memmap=args.memmap, repeats=args.repeats,
+                       deterministic=not args.nondeterministic)
     print(f"8 configs (PAPER_GRID), 1 epoch, {args.samples} train samples, {args.layers} layers, "
-          f"{'memmap' if args.memmap else 'tensor'} features, device {device}")
+          f"{'memmap' if args.memmap else 'tensor'} features, device {device}, "
+          f"{'non' if args.nondeterministic else ''}deterministic cuDNN")
     for mode, t in times.items():
         print(f"  {mode:15s} {t:8.2f} s   sequential / this = {times['sequential'] / t:.2f}x")
 

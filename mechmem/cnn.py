@@ -28,6 +28,7 @@ import os
 import warnings
 import zlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -98,6 +99,9 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     fuse: bool | None = None  # run same-shaped configs as one grouped network; None: only on cuda
     eval_batch_size: int = 256
+    # cuDNN's deterministic kernels, no autotuning: on a GPU a rerun, or the same configs on another
+    # rank under torchrun, trains bit for bit the same CNNs. False lets cuDNN pick (not reproducible).
+    deterministic: bool = True
 
 
 def _config_seed(seed: int, config: CNNConfig, purpose: str) -> int:
@@ -411,6 +415,19 @@ class Task:
     eval_idx: Sequence[int] | np.ndarray | Tensor
 
 
+@contextmanager
+def _cudnn_deterministic(on: bool):
+    """cuDNN deterministic (and not autotuned) inside, as it was outside after."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    if on:
+        cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 def train_cnn_tasks(
     features: Float[Tensor, "sample pool layer query key"] | np.ndarray,
     pools: Sequence[str],
@@ -428,6 +445,11 @@ def train_cnn_tasks(
     and same-shaped config run as one grouped network, so a step costs about as many kernel launches
     for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN).
     """
+    with _cudnn_deterministic(train.deterministic):
+        return _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress)
+
+
+def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress) -> list[list[TrainedCNN]]:
     checked = [_check_inputs(features, pools, t.labels, t.train_idx, t.eval_idx, n_classes, configs, train)
                for t in tasks]
     if not checked:

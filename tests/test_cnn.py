@@ -315,6 +315,22 @@ def test_numpy_memmap_features_give_same_result(tmp_path):
         assert_same_weights(state(t1.model), state(t2.model), exact=True)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_training_sets_cudnn_deterministic_and_restores_it(monkeypatch, deterministic):
+    """On a GPU only deterministic cuDNN kernels make a rerun (or another rank) train the same CNNs."""
+    import mechmem.cnn as cnn
+
+    cudnn, seen = torch.backends.cudnn, []
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.setattr(cudnn, "benchmark", True)
+    real = cnn._train_cnn_tasks
+    monkeypatch.setattr(cnn, "_train_cnn_tasks",
+                        lambda *a: seen.append((cudnn.deterministic, cudnn.benchmark)) or real(*a))
+    small_run(QUICK_GRID, deterministic=deterministic)
+    assert seen == [(True, False) if deterministic else (False, True)]
+    assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+
+
 def test_model_logits_match_eval_logits():
     feats, labels = diagonal_toy(40, seq_len=32)
     t = train_cnns(feats, POOLS, labels, np.arange(32), np.arange(32, 40), 3, [CNNConfig(pooling="max")],
