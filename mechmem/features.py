@@ -333,15 +333,17 @@ def build_feature_store(
     todo = [c for c in range(len(done)) if not done[c]]
     n_rounds = -(-len(todo) // dist.world_size)
     features = np.load(folder / FeatureStore.FEATURES, mmap_mode="r+")
+    out_dtype = torch.from_numpy(np.empty(0, dtype=store_dtype)).dtype
     for r in tqdm(range(n_rounds), desc="feature store", disable=not (progress and dist.is_main)):
         if _stop_after_chunks is not None and r >= _stop_after_chunks:
             break
         mine = dist.share(todo[r * dist.world_size : (r + 1) * dist.world_size])
         for c in mine:
             rows = slice(c * chunk_size, min(n, (c + 1) * chunk_size))
+            # Cast to the store's dtype on the device: half the copy to the host, no casting on the CPU.
             pooled, batch_size = _extract(model, torch.from_numpy(tokens[rows]), pooling=pooling,
-                                          batch_size=batch_size, device=device)
-            features[rows] = pooled.numpy().astype(store_dtype)
+                                          batch_size=batch_size, device=device, out_dtype=out_dtype)
+            features[rows] = pooled.numpy()
             features.flush()
         finished = [c for cs in dist.all_gather(list(mine)) for c in cs]  # all ranks have flushed these
         if dist.is_main:
