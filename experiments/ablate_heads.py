@@ -17,7 +17,6 @@ memorization score), samples.npz (per-sample results of every condition) and con
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,18 +29,14 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mechmem import cli  # noqa: E402  (after the path: runs from a checkout too)
+
 DEFAULT_LOCALIZATION = ROOT / "runs" / "localize"
 DEFAULT_OUT = ROOT / "runs" / "ablation"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"ablate_heads: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("ablate_heads", __doc__)
     p.add_argument("--localization", type=Path, default=DEFAULT_LOCALIZATION,
                    help="output folder of experiments/localize.py (made with its defaults if absent)")
     p.add_argument("--model", default=None, help="model (default: the one the localization used)")
@@ -125,13 +120,7 @@ def check_inputs(loc, run_dir: Path, model, df, labels) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-        print(f"ablate_heads: error: {msg}", file=sys.stderr)
-        return 2
+    return cli.main("ablate_heads", parse_args, run, argv)
 
 
 def run(args) -> int:

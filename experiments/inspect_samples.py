@@ -18,7 +18,6 @@ and fails unless every attention view draws and nothing is requested off the mac
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,21 +26,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mechmem import cli  # noqa: E402  (after the path: runs from a checkout too)
+
 DEFAULT_RUN = ROOT / "runs" / "alignment-quick"
 DEFAULT_LOCALIZATION = ROOT / "runs" / "localize"
 DEFAULT_OUT = ROOT / "runs" / "inspect"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"inspect_samples: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv=None):
     from mechmem.viz import PROPOSED_TAXONOMY
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("inspect_samples", __doc__)
     p.add_argument("--ids", type=int, nargs="+", help="sequence ids to inspect (default: --per-class of each class)")
     p.add_argument("--per-class", type=int, default=3, help="samples a class when no --ids are given")
     p.add_argument("--taxonomy", default=PROPOSED_TAXONOMY, help="display name, e.g. 'Non-Memo, Recite[5], Others'")
@@ -82,13 +77,7 @@ def _localizations_run(loc_dir: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # bad input: one line, exit 2
-        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-        print(f"inspect_samples: error: {msg}", file=sys.stderr)
-        return 2
+    return cli.main("inspect_samples", parse_args, run, argv)
 
 
 def run(args) -> int:

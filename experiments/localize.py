@@ -17,7 +17,6 @@ delta_maps.png, layer_importance.png, head_scores.png and config.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,20 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mechmem import cli  # noqa: E402  (after the path: runs from a checkout too)
+
 DEFAULT_OUT = ROOT / "runs" / "localize"
 DEFAULT_RUN = ROOT / "runs" / "alignment-quick"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"localize: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def parse_args(argv=None):
     from mechmem.localize import DEFAULT_TAXONOMY
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("localize", __doc__)
     p.add_argument("--run", type=Path, help="a run_alignment output folder (default: runs/alignment-quick if usable)")
     p.add_argument("--taxonomy", default=None, help=f"display name or row slug (default {DEFAULT_TAXONOMY!r})")
     p.add_argument("--train", action="store_true",
@@ -120,13 +115,7 @@ def summary_text(loc, top: int = 5) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-        print(f"localize: error: {msg}", file=sys.stderr)
-        return 2
+    return cli.main("localize", parse_args, run, argv)
 
 
 def run(args) -> int:

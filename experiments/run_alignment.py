@@ -14,7 +14,6 @@ interrupted run resumes from --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
@@ -23,24 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mechmem import cli  # noqa: E402  (after the path: runs from a checkout too)
+
 PRESETS = {  # grid: (rows, CNN configs, train per class, eval per class)
     "quick": ("quick", "quick", 300, 150),
     "paper": ("paper", "paper", 4000, 2000),
 }
 
 
-class CliError(Exception):
-    """Bad input: reported on one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"run_alignment: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("run_alignment", __doc__)
     p.add_argument("--grid", choices=sorted(PRESETS), default="quick",
                    help="quick: 10 rows, 2 CNNs, 300+150 samples a class; paper: 54 rows, 8 CNNs, 4000+2000")
     p.add_argument("--model", default="testbed", help="'testbed', a local HF folder, or a hub name")
@@ -91,7 +82,7 @@ def _configs(names, grid):
             k, c, pool = name.split("_")
             out.append(CNNConfig(int(k.removeprefix("k")), int(c.removeprefix("c")), pool))
         except ValueError:
-            raise CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'")
+            raise cli.CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'")
     return tuple(out)
 
 
@@ -100,14 +91,14 @@ def _rows(args, grid_rows):
     from mechmem import taxonomy as tx
 
     if not 0 < args.rouge_threshold <= 1:
-        raise CliError(f"--rouge-threshold must be in (0, 1], got {args.rouge_threshold}")
+        raise cli.CliError(f"--rouge-threshold must be in (0, 1], got {args.rouge_threshold}")
     if not args.taxonomies:
         rows = al.quick_rows if grid_rows == "quick" else al.paper_rows
         return rows(args.rouge, args.rouge_threshold)
     thresholds = args.duplicates_thresholds or [5]
     for t in thresholds:
         if t < 0:
-            raise CliError(f"--duplicates-thresholds must be >= 0, got {t}")
+            raise cli.CliError(f"--duplicates-thresholds must be >= 0, got {t}")
     rows = []
     for name in args.taxonomies:
         if name in tx.TAXONOMY_IDS:
@@ -116,22 +107,13 @@ def _rows(args, grid_rows):
         try:
             tax_id, t = tx.parse_name(name)
         except ValueError as err:
-            raise CliError(f"unknown taxonomy {name!r}: {err}")
+            raise cli.CliError(f"unknown taxonomy {name!r}: {err}")
         rows.append(al.Row(tax_id, t, args.rouge, args.rouge_threshold))
     return tuple(dict.fromkeys(rows))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except CliError as err:
-        print(f"run_alignment: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, KeyError) as err:  # bad input found by the library
-        msg = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-        print(f"run_alignment: error: {msg}", file=sys.stderr)
-        return 2
+    return cli.main("run_alignment", parse_args, run, argv)
 
 
 def run(args) -> int:
@@ -147,15 +129,15 @@ def run(args) -> int:
     train_pc = args.train_per_class or train_pc
     eval_pc = args.eval_per_class or eval_pc
     if train_pc < 1 or eval_pc < 1:
-        raise CliError("--train-per-class and --eval-per-class must be >= 1")
+        raise cli.CliError("--train-per-class and --eval-per-class must be >= 1")
     if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 1) or args.n_boot < 1 \
             or args.chunk_size < 1:
-        raise CliError("--epochs, --batch-size, --chunk-size and --n-boot must be >= 1")
+        raise cli.CliError("--epochs, --batch-size, --chunk-size and --n-boot must be >= 1")
     out = args.out or ROOT / "runs" / f"alignment-{args.grid}"
 
     dist = init_from_env()  # one process per GPU under torchrun; Dist() otherwise
     if dist.world_size > 1 and args.device not in (None, "cpu", "cuda"):
-        raise CliError(f"under torchrun each rank takes GPU LOCAL_RANK: use --device cuda, not {args.device}")
+        raise cli.CliError(f"under torchrun each rank takes GPU LOCAL_RANK: use --device cuda, not {args.device}")
     say = print if dist.is_main else (lambda *a, **k: None)
     df = load_memorization_data(args.data)
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
