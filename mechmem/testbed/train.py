@@ -46,26 +46,13 @@ class TrainConfig:
 
 
 def model_config(vocab_size: int, cfg: TrainConfig, eos_id: int = 0):
-    from transformers import GPTNeoXConfig
+    """Pythia's architecture (`mechmem.models.pythia_config`) at the testbed's size, without dropout."""
+    from mechmem.models import pythia_config
 
-    return GPTNeoXConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        intermediate_size=4 * cfg.d_model,
-        hidden_act="gelu",
-        rotary_pct=0.25,
-        rotary_emb_base=10000,
-        max_position_embeddings=cfg.n_positions,
-        layer_norm_eps=1e-5,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
+    return pythia_config(
+        "70m", n_ctx=cfg.n_positions, vocab_size=vocab_size, hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, intermediate_size=4 * cfg.d_model,
+        attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
 
 
