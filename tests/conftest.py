@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny randomly initialised Pythia-architecture checkpoint on disk."""
+"""Shared fixtures: a tiny randomly initialised Pythia-architecture checkpoint on disk; helpers."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +27,21 @@ def tiny_model(tiny_checkpoint):
 def tiny_tokens():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, TINY["vocab_size"], (10, 64), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy models run faster on one thread, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_experiment(name: str):
+    """experiments/{name}.py as a module, to call its main() in-process."""
+    path = Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

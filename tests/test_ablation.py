@@ -1,11 +1,10 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import load_experiment
 from transformers import GPTNeoXForCausalLM
 
 from mechmem.ablation import (AblationConfig, Condition, head_ablation_hooks, head_means, held_out_sets, measure,
@@ -13,7 +12,6 @@ from mechmem.ablation import (AblationConfig, Condition, head_ablation_hooks, he
 from mechmem.hooks import z_hook
 from mechmem.memorization import greedy_continuation, memorization_score
 
-ROOT = Path(__file__).resolve().parent.parent
 HEADS = [(1, 2), (0, 1), (1, 0)]
 
 
@@ -211,12 +209,6 @@ def test_held_out_sets(synthetic):
         held_out_sets(df, labels, names, per_class=5, exclude_ids=df["sequence_id"][labels == 1])
 
 
-def _cli(name):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_experiment_writes_outputs(tiny_model, synthetic, tmp_path):
     from mechmem.cnn import AttentionCNN, CNNConfig
@@ -230,7 +222,7 @@ def test_experiment_writes_outputs(tiny_model, synthetic, tmp_path):
     loc = localize(tiny_model, cnns, np.stack(df["tokens"].to_numpy()[first]), labels[first], names,
                    sequence_ids=df["sequence_id"].to_numpy()[first], progress=False)
     cfg = AblationConfig(ks=(1,), n_random=2, n_boot=50)
-    summary, held = _cli("ablate_heads").ablate(tiny_model, df, labels, loc, cfg, tmp_path, per_class=4,
+    summary, held = load_experiment("ablate_heads").ablate(tiny_model, df, labels, loc, cfg, tmp_path, per_class=4,
                                           exclude_ids=loc.sequence_ids, duplicates_threshold=5, progress=False)
     for f in ("ablation.csv", "ablation.png", "extraction.png", "samples.npz"):
         assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
@@ -264,9 +256,9 @@ def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys
     run, *_ = make_run(tmp_path / "run", tiny_model, tiny_checkpoint, tokens=torch.from_numpy(np.stack(df["tokens"])),
                        ids=df["sequence_id"].to_numpy(), labels=labels, data=str(tmp_path / "data.parquet"),
                        eval_labels=False)
-    assert _cli("localize").main(["--run", str(run), "--out", str(tmp_path / "loc"), "--samples-per-class", "2",
+    assert load_experiment("localize").main(["--run", str(run), "--out", str(tmp_path / "loc"), "--samples-per-class", "2",
                                   "--quiet"]) == 0
-    rc = _cli("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl"),
+    rc = load_experiment("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl"),
                                     "--per-class", "2", "--ks", "1", "--n-random", "2", "--n-boot", "20", "--quiet"])
     assert rc == 0
     csv = pd.read_csv(tmp_path / "abl" / "ablation.csv")
@@ -278,5 +270,5 @@ def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys
     assert "random" in capsys.readouterr().out
     # the data changes under the localization: refused with one line
     table.assign(is_repeating=labels == 2).to_parquet(tmp_path / "data.parquet")
-    rc = _cli("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl2"), "--quiet"])
+    rc = load_experiment("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl2"), "--quiet"])
     assert rc == 2 and "data changed since localization" in capsys.readouterr().err

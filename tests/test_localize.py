@@ -1,10 +1,10 @@
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_experiment
 
 from mechmem.cnn import AttentionCNN, CNNConfig, TrainConfig, save_cnns, train_cnns
 from mechmem.features import build_feature_store, extract_attention
@@ -12,7 +12,6 @@ from mechmem.localize import (Localization, LocalizeConfig, decisive_region, gui
                               head_coverage, localize, localize_run, pick_per_class, pool_heads,
                               weighted_by_heads)
 
-ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["Non-Memo", "Guess", "Others"]
 
 
@@ -266,16 +265,10 @@ def test_localize_run_refuses_another_model(tiny_run, tmp_path):
         localize_run(tiny_run[0], other, taxonomy="Non-Memo, Code, Others", progress=False)
 
 
-def _cli(name):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_experiment_writes_outputs(tiny_run, tmp_path, capsys):
     out = tmp_path / "loc"
-    rc = _cli("localize").main(["--run", str(tiny_run[0]), "--out", str(out), "--samples-per-class", "3", "--quiet"])
+    rc = load_experiment("localize").main(["--run", str(tiny_run[0]), "--out", str(out), "--samples-per-class", "3", "--quiet"])
     assert rc == 0
     for f in ("heads.csv", "layers.csv", "localization.npz", "delta_maps.png", "layer_importance.png",
               "head_scores.png", "config.json"):
@@ -285,5 +278,5 @@ def test_experiment_writes_outputs(tiny_run, tmp_path, capsys):
 
 
 def test_experiment_bad_input(tmp_path, capsys):
-    rc = _cli("localize").main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
+    rc = load_experiment("localize").main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2 and "no trained CNNs" in capsys.readouterr().err

@@ -13,13 +13,7 @@ from mechmem.memorization import (
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy models run faster on one thread, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from mechmem.testbed.patterns import FAMILIES, make_patterns
 built = pytest.mark.skipif(not DATA_FILE.exists(), reason="testbed assets not built")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy models run faster on one thread, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

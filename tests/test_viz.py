@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import load_experiment
 from PIL import Image
 
 from mechmem import viz
@@ -349,25 +350,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert lines == [f"inspect_samples: error: --run folder {tmp_path}/nowhere does not exist"]
 
 
-def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("inspect_samples", ROOT / "experiments" / "inspect_samples.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
 
 def _main(argv, monkeypatch, model):
     """The script in this process, with the session's tiny model (loading is tested in test_models)."""
     import mechmem.models
 
     monkeypatch.setattr(mechmem.models, "load_model", lambda name, **kw: model)
-    return _script().main([str(a) for a in argv])
+    return load_experiment("inspect_samples").main([str(a) for a in argv])
 
 
 def test_cli_defaults_to_the_run_localization_used(tmp_path):
-    script = _script()
+    script = load_experiment("inspect_samples")
     (tmp_path / "run" / "rows").mkdir(parents=True)
     (tmp_path / "loc").mkdir()
     assert script._localizations_run(tmp_path / "loc") is None
