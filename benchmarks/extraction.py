@@ -93,15 +93,17 @@ def timed(fn, *args, repeats: int = 2) -> tuple[float, float | None]:
 
 
 def run_size(size: str, *, n: int, batches: list, device: str, dtype: str, repeats: int, paper: bool,
-             paper_n: int | None = None, hf_sdpa: bool = False, hf_eager: bool = False, cnn: bool = False):
+             paper_n: int | None = None, hf_sdpa: bool = False, hf_eager: bool = False, cnn: bool = False,
+             compatibility_mode: bool = True):
     """Yield one row of timings per batch size ("auto": what extraction picks from free GPU memory)."""
     dev = torch.device(device)
-    model = random_pythia(size, device=dev, dtype=_resolve_dtype(dtype))
+    model = random_pythia(size, device=dev, dtype=_resolve_dtype(dtype), compatibility_mode=compatibility_mode)
     twin = hf_sdpa_twin(size, dev, _resolve_dtype(dtype)) if hf_sdpa else None
     tokens = torch.randint(0, model.cfg.d_vocab, (n, 64), generator=torch.Generator().manual_seed(0))
     for asked in batches:
         batch = asked
         row = {"size": size, "device": device, "dtype": dtype, "n": n, "batch_asked": asked,
+               "compatibility_mode": compatibility_mode,
                "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}
         if asked == "auto":
             batch = _extract(model, tokens, pooling=("mean", "max"), batch_size=None, device=dev)[1]
@@ -166,12 +168,15 @@ def main() -> None:
     p.add_argument("--cnn", action="store_true", help="also time training the 8 paper CNNs at each size's depth")
     p.add_argument("--paper-n", type=int, help="time the paper's path on this many samples only")
     p.add_argument("--json", type=Path, help="append rows as JSON lines here")
+    p.add_argument("--no-compatibility-mode", action="store_true",
+                   help="boot without weight processing (12b: its processing does not fit one H200)")
     args = p.parse_args()
     batches = [b if b == "auto" else int(b) for b in args.batch]
     for size in args.sizes:
         for row in run_size(size, n=args.n, batches=batches, device=args.device, dtype=args.dtype,
                             repeats=args.repeats, paper=not args.no_paper, paper_n=args.paper_n,
-                            hf_sdpa=args.hf_sdpa, hf_eager=args.hf_eager, cnn=args.cnn):
+                            hf_sdpa=args.hf_sdpa, hf_eager=args.hf_eager, cnn=args.cnn,
+                            compatibility_mode=not args.no_compatibility_mode):
             print(json.dumps(row), flush=True)  # one line at a time, so a later crash loses nothing
             if args.json:
                 with open(args.json, "a") as f:

@@ -29,6 +29,15 @@ def odd_model(odd_checkpoint):
     return load_model(odd_checkpoint, device="cpu")
 
 
+def test_fast_path_without_compatibility_mode(odd_checkpoint, tiny_tokens):
+    """Unprocessed weights (how a 12b fits one GPU's memory at boot) take the fast path, exactly."""
+    model = load_model(odd_checkpoint, device="cpu", compatibility_mode=False)
+    assert supports(model)
+    fast = extract_attention(model, tiny_tokens, per_head=True, batch_size=4)
+    bridge = extract_attention(model, tiny_tokens, per_head=True, batch_size=4, fastpath=False)
+    torch.testing.assert_close(fast, bridge, rtol=0, atol=1e-6)
+
+
 def test_a_pythia_bridge_takes_the_fast_path(odd_model):
     assert supports(odd_model)
 
