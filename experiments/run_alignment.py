@@ -3,7 +3,7 @@
     python experiments/run_alignment.py                      # offline quick preset on the testbed
     python experiments/run_alignment.py --grid paper         # all 54 rows of the paper, 8 CNNs each
     python experiments/run_alignment.py --model EleutherAI/pythia-12b-deduped --data semantic-filters:12b-deduped \
-        --grid paper --device cuda                           # the paper's experiment (needs the hub)
+        --grid paper --device cuda --dtype bf16 --no-compatibility-mode   # the paper's experiment (needs the hub)
     torchrun --nproc-per-node 2 experiments/run_alignment.py --grid paper   # the same on two GPUs
 
 Writes into --out: alignment.csv / alignment.md (the paper's columns plus 95% bootstrap
@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
+    p.add_argument("--no-compatibility-mode", action="store_true",
+                   help="load without TransformerLens's weight processing (same patterns; Pythia-12b on one "
+                        "H200 needs it: the processing does not fit beside the weights)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="feature-extraction batch size (default: the largest that fits in free GPU memory; 64 on cpu)")
     p.add_argument("--chunk-size", type=int, default=1024,
@@ -140,7 +143,8 @@ def run(args) -> int:
         raise cli.CliError(f"under torchrun each rank takes GPU LOCAL_RANK: use --device cuda, not {args.device}")
     say = print if dist.is_main else (lambda *a, **k: None)
     df = load_memorization_data(args.data)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                       compatibility_mode=not args.no_compatibility_mode)
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
         train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device),
@@ -151,7 +155,8 @@ def run(args) -> int:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
-                  "world_size": dist.world_size, "config": asdict(cfg)}
+                  "compatibility_mode": not args.no_compatibility_mode, "world_size": dist.world_size,
+                  "config": asdict(cfg)}
         (out / "config.json").write_text(json.dumps(record, indent=1, default=str))
     say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
         f"{train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); writing to {out}")

@@ -144,3 +144,19 @@ def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoin
     assert "Non-Memo, Guess, Others" in result.stdout
     assert pd.read_csv(out / "alignment.csv").shape[0] == 1
     assert json.loads((out / "config.json").read_text())["data"] == str(data)
+
+
+def test_cli_loads_without_compatibility_mode_when_asked(tmp_path, tiny_checkpoint, monkeypatch):
+    import mechmem.models as models
+
+    data = tmp_path / "memo.parquet"
+    synthetic_frame().to_parquet(data)
+    seen, real = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: seen.append(kw["compatibility_mode"]) or real(*a, **kw))
+    common = ["--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
+              "--configs", "k6_c4_mean", "--train-per-class", "10", "--eval-per-class", "5", "--epochs", "1",
+              "--n-boot", "20", "--device", "cpu", "--quiet"]
+    for flag, out in (([], tmp_path / "a"), (["--no-compatibility-mode"], tmp_path / "b")):
+        assert run_alignment_cli.main([*common, *flag, "--out", str(out)]) == 0
+    assert seen == [True, False]
+    assert [json.loads((tmp_path / d / "config.json").read_text())["compatibility_mode"] for d in "ab"] == [True, False]
