@@ -68,6 +68,8 @@ def main() -> None:
     plan = al.plan_rows(df, cfg.rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     store = al.feature_store_for(model, df, plan.samples, args.out / "features", cfg, dist=dist)
     t2 = time.perf_counter()
+    if dist.is_main:  # said now, so that a run cut off during training still has its first phase
+        print(json.dumps({"setup_s": t1 - t0, "generation_and_extraction_s": t2 - t1}), flush=True)
     table = al.run_alignment(model, df, cfg, args.out, dist=dist)  # finds the store built, trains the CNNs
     t3 = time.perf_counter()
     record = {"size": args.size, "world_size": dist.world_size, "gpu": torch.cuda.get_device_name() if
