@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechmem.cnn import PAPER_GRID, TrainConfig, train_cnns
-
-POOLS = ("mean", "max")
+from mechmem.cnn import PAPER_GRID, POOLINGS, TrainConfig, train_cnns
 
 
 def make_store(path: Path, n: int, n_layers: int, seq: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """A float16 .npy memmap of random features, as a feature store holds them, and 3-class labels."""
-    feats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, len(POOLS), n_layers, seq, seq))
+    feats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, len(POOLINGS), n_layers, seq, seq))
     rng = np.random.default_rng(0)
     for start in range(0, n, 256):
         feats[start:start + 256] = rng.random(feats[start:start + 256].shape, dtype=np.float32)
@@ -33,14 +31,14 @@ def make_store(path: Path, n: int, n_layers: int, seq: int = 64) -> tuple[np.nda
 
 
 def train(features, labels, n_train, configs, fuse, device=None, deterministic=True, epochs=1):
-    return train_cnns(features, POOLS, labels, np.arange(n_train), np.arange(n_train, len(labels)), 3, configs,
+    return train_cnns(features, POOLINGS, labels, np.arange(n_train), np.arange(n_train, len(labels)), 3, configs,
                       TrainConfig(epochs=epochs, fuse=fuse, device=device, deterministic=deterministic), progress=False)
 
 
 MODES = {
-    "sequential": lambda f, y, n, cfgs, dev, det: [train(f, y, n, [c], False, dev, det) for c in cfgs],
-    "together": lambda f, y, n, cfgs, dev, det: train(f, y, n, cfgs, False, dev, det),
-    "together_fused": lambda f, y, n, cfgs, dev, det: train(f, y, n, cfgs, True, dev, det),
+    "sequential": lambda f, y, n, cfgs, dev, det=True: [train(f, y, n, [c], False, dev, det) for c in cfgs],
+    "together": lambda f, y, n, cfgs, dev, det=True: train(f, y, n, cfgs, False, dev, det),
+    "together_fused": lambda f, y, n, cfgs, dev, det=True: train(f, y, n, cfgs, True, dev, det),
 }
 
 

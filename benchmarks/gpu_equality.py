@@ -18,10 +18,8 @@ import json
 import numpy as np
 import torch
 
-from mechmem.cnn import PAPER_GRID, Task, TrainConfig, train_cnn_tasks
+from mechmem.cnn import PAPER_GRID, POOLINGS, Task, TrainConfig, train_cnn_tasks
 from mechmem.distributed import Dist, shard_configs
-
-POOLS = ("mean", "max")
 
 
 def max_diff(a, b) -> dict[str, float]:
@@ -48,7 +46,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     n = args.samples + args.samples // 4
     g = torch.Generator().manual_seed(0)
-    feats = torch.rand(n, len(POOLS), args.layers, 64, 64, generator=g).half().to(device)
+    feats = torch.rand(n, len(POOLINGS), args.layers, 64, 64, generator=g).half().to(device)
     rng = np.random.default_rng(0)
     tasks = [Task(rng.integers(0, 2, n), np.arange(args.samples), np.arange(args.samples, n)) for _ in range(args.tasks)]
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
@@ -56,8 +54,8 @@ def main() -> None:
               "world": args.world}
     for deterministic in (True, False):
         train = TrainConfig(epochs=args.epochs, device=device, deterministic=deterministic)
-        whole = [train_cnn_tasks(feats, POOLS, tasks, 2, PAPER_GRID, train, progress=False) for _ in range(2)]
-        shards = [train_cnn_tasks(feats, POOLS, tasks, 2, mine, train, progress=False)
+        whole = [train_cnn_tasks(feats, POOLINGS, tasks, 2, PAPER_GRID, train, progress=False) for _ in range(2)]
+        shards = [train_cnn_tasks(feats, POOLINGS, tasks, 2, mine, train, progress=False)
                   for mine in (shard_configs(PAPER_GRID, Dist(r, args.world)) for r in range(args.world))]
         by_name = [{c.config.name: c for s in shards for c in s[t]} for t in range(args.tasks)]
         joined = [[by_name[t][c.name] for c in PAPER_GRID] for t in range(args.tasks)]
