@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--paper-n", type=int, help="time the paper's path on this many samples only")
     p.add_argument("--json", type=Path, help="append rows as JSON lines here")
     p.add_argument("--no-compatibility-mode", action="store_true",
-                   help="boot without weight processing (12b: its processing does not fit one H200)")
+                   help="boot without TransformerLens's weight processing (how 12b was measured, results/)")
     args = p.parse_args()
     batches = [b if b == "auto" else int(b) for b in args.batch]
     for size in args.sizes:

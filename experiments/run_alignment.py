@@ -3,7 +3,7 @@
     python experiments/run_alignment.py                      # offline quick preset on the testbed
     python experiments/run_alignment.py --grid paper         # all 54 rows of the paper, 8 CNNs each
     python experiments/run_alignment.py --model EleutherAI/pythia-12b-deduped --data semantic-filters:12b-deduped \
-        --grid paper --device cuda --dtype bf16 --no-compatibility-mode   # the paper's experiment (needs the hub)
+        --grid paper --device cuda --dtype bf16    # the paper's experiment (needs the hub)
     torchrun --nproc-per-node 2 experiments/run_alignment.py --grid paper   # the same on two GPUs
 
 Writes into --out: alignment.csv / alignment.md (the paper's columns plus 95% bootstrap
@@ -53,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
     p.add_argument("--no-compatibility-mode", action="store_true",
-                   help="load without TransformerLens's weight processing (same patterns; Pythia-12b on one "
-                        "H200 needs it: the processing does not fit beside the weights)")
+                   help="load without TransformerLens's weight processing (same hook names and patterns up "
+                        "to bf16 rounding; skips the processing's time and memory)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="feature-extraction batch size (default: the largest that fits in free GPU memory; 64 on cpu)")
     p.add_argument("--chunk-size", type=int, default=1024,

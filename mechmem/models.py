@@ -149,6 +149,53 @@ def _hub_offline():
             os.environ["HF_HUB_OFFLINE"] = old
 
 
+# Working memory of TransformerLens's weight processing per byte of parameters it processes: it
+# upcasts the whole state dict to float32 at once and builds new tensors for every folded weight.
+# Measured 5.5x (bf16) and 1.9x (fp32) on top of the parameters themselves (benchmarks/README.md,
+# "Compatibility mode at 12b"); the estimate keeps a margin.
+PROCESSING_OVERHEAD = {torch.float32: 3.0, torch.bfloat16: 7.0, torch.float16: 7.0}
+
+
+def blocks_to_offload(block_bytes: list[int], other_bytes: int, free_bytes: int,
+                      overhead: float) -> list[int]:
+    """Which blocks (the last ones) to process on the CPU so that weight processing fits in
+    `free_bytes` of GPU memory: what stays on the GPU needs (1 + overhead) times its bytes."""
+    keep, need = len(block_bytes), (1 + overhead) * (other_bytes + sum(block_bytes))
+    while keep > 0 and need > free_bytes:
+        keep -= 1
+        need -= (1 + overhead) * block_bytes[keep]
+    return list(range(keep, len(block_bytes)))
+
+
+def enable_compatibility_mode(model, device, *, free_bytes: int | None = None) -> list[int]:
+    """`model.enable_compatibility_mode()`, with the blocks that would not fit on the GPU during
+    weight processing processed on the CPU and moved back afterwards.
+
+    Processing Pythia-12b in bf16 on the GPU needs about 155 GB, more than an H200 has; with the
+    last blocks on the CPU it boots (and moving a few GB each way costs seconds). Returns the
+    blocks processed on the CPU. `free_bytes` overrides the free GPU memory (tests, benchmarks).
+    """
+    device = torch.device(device)
+    offload: list[int] = []
+    if free_bytes is None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if free_bytes is not None:
+        nbytes = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
+        block_bytes = [nbytes(block) for block in model.blocks]
+        dtype = next(model.parameters()).dtype
+        # What stays resident beside the blocks: embeddings, final norm, unembedding.
+        other = nbytes(model) - sum(block_bytes)
+        offload = blocks_to_offload(block_bytes, other, free_bytes, PROCESSING_OVERHEAD.get(dtype, 7.0))
+    for i in offload:
+        model.blocks[i].to("cpu")
+    if offload:
+        torch.cuda.empty_cache()
+    model.enable_compatibility_mode()
+    if offload:
+        model.to(device, print_details=False)
+    return offload
+
+
 def _boot(source: str, *, device, dtype, revision=None, hf_model=None, compatibility_mode=True,
           name: str | None = None):
     from transformer_lens.model_bridge import TransformerBridge
@@ -162,7 +209,7 @@ def _boot(source: str, *, device, dtype, revision=None, hf_model=None, compatibi
     if compatibility_mode:
         # HookedTransformer numerics (folded LayerNorm, centred weights). Attention patterns and
         # log-probabilities are unchanged; hook names are the same either way.
-        model.enable_compatibility_mode()
+        enable_compatibility_mode(model, device)
     model.eval()
     # How the model was asked for: recorded by feature stores and run outputs.
     model.mechmem_name = (name or source) + (f"@{revision}" if revision else "")

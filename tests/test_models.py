@@ -44,3 +44,28 @@ def test_missing_folder_and_unreachable_hub_give_one_line_errors(tmp_path, monke
     assert "\n" not in str(err.value) and "--local-dir" in str(err.value)
     with pytest.raises(ModelNotFound, match="unknown Pythia revision"):
         load_model("EleutherAI/pythia-70m-deduped", revision="step7")
+
+
+def test_blocks_to_offload_keeps_on_the_gpu_what_processing_fits():
+    blocks, other, overhead = [10, 10, 10, 10], 5, 3.0  # processing needs 4x what it holds
+    assert models.blocks_to_offload(blocks, other, free_bytes=4 * 45, overhead=overhead) == []
+    assert models.blocks_to_offload(blocks, other, free_bytes=4 * 45 - 1, overhead=overhead) == [3]
+    assert models.blocks_to_offload(blocks, other, free_bytes=4 * 25, overhead=overhead) == [2, 3]
+    assert models.blocks_to_offload(blocks, other, free_bytes=0, overhead=overhead) == [0, 1, 2, 3]
+
+
+def test_compatibility_mode_with_blocks_offloaded_processes_the_same_weights():
+    """The CPU stands in for the GPU here (the move itself is checked on an H200 by
+    benchmarks/compat_offload.py): the offload path must give the weights the plain one gives."""
+    plain = random_pythia("14m", device="cpu", seed=3, compatibility_mode=False)
+    split = random_pythia("14m", device="cpu", seed=3, compatibility_mode=False)
+    assert models.enable_compatibility_mode(plain, "cpu") == []
+    block = sum(p.numel() * p.element_size() for p in split.blocks[0].parameters())
+    total = sum(p.numel() * p.element_size() for p in split.parameters())
+    fits = int((1 + models.PROCESSING_OVERHEAD[torch.float32]) * (total - 2 * block))
+    assert models.enable_compatibility_mode(split, "cpu", free_bytes=fits) == [4, 5]
+    assert split.compatibility_mode and plain.compatibility_mode
+    a, b = plain.state_dict(), split.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    unprocessed = random_pythia("14m", device="cpu", seed=3, compatibility_mode=False).state_dict()
+    assert any(not torch.equal(a[k], unprocessed[k]) for k in a)  # processing did change weights
