@@ -4,7 +4,8 @@
 
 "sequential" is the paper's way: one training per config, each re-reading the features. "together"
 reads each batch once and feeds it to every config; "together_fused" also runs same-shaped configs
-(mean/max pairs) as one grouped network.
+(mean/max pairs) as one grouped network; "together_fused_bf16" does so under bfloat16 autocast
+(TrainConfig.precision).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechmem.cnn import PAPER_GRID, POOLINGS, TrainConfig, train_cnns
+from mechmem.cnn import PAPER_GRID, POOLINGS, Task, TrainConfig, train_cnn_tasks, train_cnns
 
 
 def make_store(path: Path, n: int, n_layers: int, seq: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -30,35 +31,46 @@ def make_store(path: Path, n: int, n_layers: int, seq: int = 64) -> tuple[np.nda
     return np.load(path, mmap_mode="r"), np.arange(n) % 3
 
 
-def train(features, labels, n_train, configs, fuse, device=None, deterministic=True, epochs=1):
-    return train_cnns(features, POOLINGS, labels, np.arange(n_train), np.arange(n_train, len(labels)), 3, configs,
-                      TrainConfig(epochs=epochs, fuse=fuse, device=device, deterministic=deterministic), progress=False)
+def train(features, labels, n_train, configs, fuse, device=None, deterministic=True, epochs=1, precision="float32",
+          tasks=1):
+    """One epoch of `configs`; with tasks > 1, that many taxonomies (other labels, same samples) in
+    lockstep, as run_alignment trains the rows of a grid."""
+    cfg = TrainConfig(epochs=epochs, fuse=fuse, device=device, deterministic=deterministic, precision=precision)
+    train_idx, eval_idx = np.arange(n_train), np.arange(n_train, len(labels))
+    if tasks == 1:
+        return train_cnns(features, POOLINGS, labels, train_idx, eval_idx, 3, configs, cfg, progress=False)
+    return train_cnn_tasks(features, POOLINGS, [Task(np.roll(labels, t), train_idx, eval_idx) for t in range(tasks)],
+                           3, configs, cfg, progress=False)
 
 
 MODES = {
-    "sequential": lambda f, y, n, cfgs, dev, det=True: [train(f, y, n, [c], False, dev, det) for c in cfgs],
-    "together": lambda f, y, n, cfgs, dev, det=True: train(f, y, n, cfgs, False, dev, det),
-    "together_fused": lambda f, y, n, cfgs, dev, det=True: train(f, y, n, cfgs, True, dev, det),
+    "sequential": lambda f, y, n, cfgs, dev, **kw: [train(f, y, n, [c], False, dev, **kw) for c in cfgs],
+    "together": lambda f, y, n, cfgs, dev, **kw: train(f, y, n, cfgs, False, dev, **kw),
+    "together_fused": lambda f, y, n, cfgs, dev, **kw: train(f, y, n, cfgs, True, dev, **kw),
+    "together_fused_bf16": lambda f, y, n, cfgs, dev, **kw: train(f, y, n, cfgs, True, dev, precision="bf16", **kw),
 }
 
 
 def time_modes(n_layers: int, n_train: int, device: str, *, memmap: bool = False, repeats: int = 2,
-               modes=tuple(MODES), deterministic: bool = True) -> dict[str, float]:
-    """Best wall-clock seconds of one epoch of the paper's 8 configs on `n_train` samples, per mode."""
+               modes=tuple(MODES), deterministic: bool = True, tasks: int = 1) -> dict[str, float]:
+    """Best wall-clock seconds of one epoch of the paper's 8 configs (for each of `tasks` taxonomies)
+    on `n_train` samples, per mode."""
     n = n_train + n_train // 4
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         feats, labels = make_store(Path(tmp) / "features.npy", n, n_layers)
         if not memmap:
             feats = torch.from_numpy(np.array(feats)).to(device)
-        MODES["together_fused"](feats, labels, 64, PAPER_GRID, device, deterministic)  # warm up kernels and allocator
+        kw = dict(deterministic=deterministic, tasks=tasks)
+        for mode in modes:  # warm up kernels and allocator
+            MODES[mode](feats, labels, 64, PAPER_GRID, device, **kw)
         for mode in modes:
             runs = []
             for _ in range(repeats):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                MODES[mode](feats, labels, n_train, PAPER_GRID, device, deterministic)
+                MODES[mode](feats, labels, n_train, PAPER_GRID, device, **kw)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 runs.append(time.perf_counter() - t)
@@ -74,15 +86,18 @@ def main():
     p.add_argument("--memmap", action="store_true", help="read features from a .npy memmap, not a tensor")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--nondeterministic", action="store_true", help="let cuDNN pick its kernels (TrainConfig)")
+    p.add_argument("--tasks", type=int, default=1, help="taxonomies trained in lockstep (--grid paper: 27)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = p.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     times = time_modes(args.layers, args.samples, device, memmap=args.memmap, repeats=args.repeats,
-                       deterministic=not args.nondeterministic)
-    print(f"8 configs (PAPER_GRID), 1 epoch, {args.samples} train samples, {args.layers} layers, "
+                       deterministic=not args.nondeterministic, tasks=args.tasks, modes=args.modes)
+    print(f"8 configs (PAPER_GRID) x {args.tasks} task(s), 1 epoch, {args.samples} train samples, {args.layers} layers, "
           f"{'memmap' if args.memmap else 'tensor'} features, device {device}, "
           f"{'non' if args.nondeterministic else ''}deterministic cuDNN")
     for mode, t in times.items():
-        print(f"  {mode:15s} {t:8.2f} s   sequential / this = {times['sequential'] / t:.2f}x")
+        ratios = [f"{base} / this = {times[base] / t:.2f}x" for base in ("sequential", "together_fused") if base in times]
+        print(f"  {mode:19s} {t:8.2f} s   " + "   ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--rows", type=int, default=54, help="only the first ROWS of the paper's rows (smoke tests)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--cnn-precision", choices=["float32", "bf16"], default="float32")
     args = p.parse_args()
     dist = init_from_env()
     t0 = time.perf_counter()
@@ -63,7 +64,7 @@ def main() -> None:
     model = random_pythia(args.size, device="cuda" if torch.cuda.is_available() else "cpu", dtype=args.dtype)
     cfg = al.AlignmentConfig(rows=al.paper_rows()[: args.rows], train_per_class=args.train_per_class,
                              eval_per_class=args.eval_per_class, configs=PAPER_GRID,
-                             train=TrainConfig(epochs=args.epochs))
+                             train=TrainConfig(epochs=args.epochs, precision=args.cnn_precision))
     t1 = time.perf_counter()
     plan = al.plan_rows(df, cfg.rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     store = al.feature_store_for(model, df, plan.samples, args.out / "features", cfg, dist=dist)
@@ -74,7 +75,7 @@ def main() -> None:
     t3 = time.perf_counter()
     record = {"size": args.size, "world_size": dist.world_size, "gpu": torch.cuda.get_device_name() if
               torch.cuda.is_available() else "cpu", "rows_run": len(table), "rows_skipped": len(plan.skipped),
-              "configs_per_row": len(cfg.configs), "train_per_class": args.train_per_class,
+              "configs_per_row": len(cfg.configs), "cnn_precision": args.cnn_precision, "train_per_class": args.train_per_class,
               "eval_per_class": args.eval_per_class, "samples_extracted": int(store.manifest["n_samples"]),
               "setup_s": t1 - t0, "generation_and_extraction_s": t2 - t1, "cnn_training_s": t3 - t2,
               "study_s": t3 - t1}

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--train-per-class", type=int)
     p.add_argument("--eval-per-class", type=int)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--cnn-precision", choices=["float32", "bf16"], default="float32",
+                   help="bf16: train the CNNs under bfloat16 autocast (faster on a GPU; float32 is the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
@@ -147,7 +149,7 @@ def run(args) -> int:
                        compatibility_mode=not args.no_compatibility_mode)
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
-        train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device),
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device, precision=args.cnn_precision),
         extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
         split=args.split,
         sweep=al.sweep_rows() if args.rouge_sweep else (),

@@ -23,8 +23,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(prog: str, parse_args: Callable, run: Callable[..., int], argv: Sequence[str] | None = None) -> int:
-    """run(parse_args(argv)); bad input (ValueError, FileNotFoundError, KeyError) -> one line, 2."""
-    args = parse_args(argv)
+    """run(parse_args(argv)); bad input (ValueError, FileNotFoundError, KeyError) -> one line, 2.
+
+    Returns the exit code, also for argparse's own errors and --help, so callers in-process
+    (tests, notebooks) get a code rather than a SystemExit."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return run(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 POOLINGS = ("mean", "max")
+PRECISIONS = ("float32", "bf16")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -102,6 +103,15 @@ class TrainConfig:
     # cuDNN's deterministic kernels, no autotuning: on a GPU a rerun, or the same configs on another
     # rank under torchrun, trains bit for bit the same CNNs. False lets cuDNN pick (not reproducible).
     deterministic: bool = True
+    # "bf16" runs the CNNs' convolutions and matmuls under bfloat16 autocast (weights, optimizer and
+    # loss stay float32): 2x faster for the 27-row groups of --grid paper on an H200, slower for one
+    # row and on CPU; it moves scores as much as nondeterministic float32 kernels do
+    # (benchmarks/README.md). "float32" is the paper's.
+    precision: str = "float32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown CNN precision {self.precision!r}; expected one of {PRECISIONS}")
 
 
 def _config_seed(seed: int, config: CNNConfig, purpose: str) -> int:
@@ -497,10 +507,12 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
                                   weight_decay=train.weight_decay, fused=device.type == "cuda")
     labels_dev = torch.from_numpy(labels).to(device)  # (task, sample)
     read = _batch_reader(features, np.array(used_pools), device)
+    bf16 = train.precision == "bf16"
 
     def run(stack: _CNNStack, tasks_of: Tensor, pools_of: Tensor, x: Tensor) -> Float[Tensor, "batch member class"]:
         """x: (task, batch, pool, layer, q, k) -> each member reads its task's batch and its pool."""
-        return stack(rearrange(x[tasks_of, :, pools_of], "g b l q k -> b (g l) q k"))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return stack(rearrange(x[tasks_of, :, pools_of], "g b l q k -> b (g l) q k")).float()
 
     def read_tasks(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
         return read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
@@ -548,7 +560,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             stop = start + step
             x = read_tasks(eval_mat[:, start:stop], eval_dev[:, start:stop])
             for out, stack, tasks_of, pools_of in zip(eval_logits, stacks, member_task, member_pool):
-                out.append(run(stack, tasks_of, pools_of, x).float().cpu())
+                out.append(run(stack, tasks_of, pools_of, x).cpu())
     trained: list[list[TrainedCNN | None]] = [[None] * len(configs) for _ in range(n_tasks)]
     for members, stack, out in zip(stack_members, stacks, eval_logits):
         logits = torch.cat(out)  # (eval, g, class)

@@ -121,6 +121,7 @@ def _cli(*args):
     (["--duplicates-thresholds", "-3", "--taxonomies", "merge_2_other_guess_recollect_recite"], "thresholds"),
     (["--model", "./no/such/model", "--data", "{data}"], "no/such/model"),
     (["--configs", "k6_c10_median"], "k6_c10_median"),
+    (["--cnn-precision", "fp8"], "fp8"),
     (["--data", "missing.parquet", "--model", "{model}"], "missing.parquet"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_checkpoint, capsys):
@@ -139,11 +140,12 @@ def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoin
     out = tmp_path / "out"
     result = _cli("--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
                   "--configs", "k6_c4_mean", "--train-per-class", "10", "--eval-per-class", "5", "--epochs", "1",
-                  "--n-boot", "20", "--device", "cpu", "--quiet", "--out", str(out))
+                  "--n-boot", "20", "--device", "cpu", "--cnn-precision", "bf16", "--quiet", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Non-Memo, Guess, Others" in result.stdout
     assert pd.read_csv(out / "alignment.csv").shape[0] == 1
-    assert json.loads((out / "config.json").read_text())["data"] == str(data)
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == str(data) and config["config"]["train"]["precision"] == "bf16"
 
 
 def test_cli_loads_without_compatibility_mode_when_asked(tmp_path, tiny_checkpoint, monkeypatch):

@@ -302,6 +302,27 @@ def test_deterministic_on_cpu():
         assert torch.equal(t1.eval_logits, t2.eval_logits)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_bf16_precision_trains_in_bfloat16_and_still_learns(fuse):
+    """precision="bf16" must change the arithmetic (else it is a no-op flag), keep float32 weights,
+    stay deterministic, and learn the separable toy as float32 does."""
+    feats, labels = diagonal_toy(240)
+    run = lambda precision: train_cnns(feats, POOLS, labels, np.arange(180), np.arange(180, 240), 3, QUICK_GRID,
+                                       TrainConfig(epochs=3, device="cpu", fuse=fuse, precision=precision),
+                                       progress=False)
+    full, half, again = run("float32"), run("bf16"), run("bf16")
+    for f, h, a in zip(full, half, again):
+        assert all(p.dtype == torch.float32 for p in h.model.parameters()) and h.eval_logits.dtype == torch.float32
+        assert not torch.allclose(f.eval_logits, h.eval_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(h.eval_logits, a.eval_logits)
+        assert h.eval_metrics.min_f1 > 0.95, (h.config.name, h.eval_metrics.f1)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown CNN precision 'fp8'"):
+        TrainConfig(precision="fp8")
+
+
 def test_numpy_memmap_features_give_same_result(tmp_path):
     feats, labels = diagonal_toy(40, seq_len=32)
     mm = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=tuple(feats.shape))
