@@ -144,9 +144,6 @@ def run(args) -> int:
     if dist.world_size > 1 and args.device not in (None, "cpu", "cuda"):
         raise cli.CliError(f"under torchrun each rank takes GPU LOCAL_RANK: use --device cuda, not {args.device}")
     say = print if dist.is_main else (lambda *a, **k: None)
-    df = load_memorization_data(args.data)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                       compatibility_mode=not args.no_compatibility_mode)
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
         train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device, precision=args.cnn_precision),
@@ -154,12 +151,18 @@ def run(args) -> int:
         split=args.split,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
+    al.check_resume(out, cfg)  # before config.json is rewritten: a refused resume changes nothing
+    df = load_memorization_data(args.data)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                       compatibility_mode=not args.no_compatibility_mode)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
                   "compatibility_mode": not args.no_compatibility_mode, "world_size": dist.world_size,
                   "config": asdict(cfg)}
-        (out / "config.json").write_text(json.dumps(record, indent=1, default=str))
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(out / "config.json")
     say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
         f"{train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); writing to {out}")
     table = al.run_alignment(model, df, cfg, out, progress=not args.quiet, dist=dist)

@@ -152,6 +152,30 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def result_settings(cfg: AlignmentConfig) -> dict:
+    """The settings that decide a finished row's numbers. Device, fusing and batch sizes of
+    extraction and evaluation are left out: a run may resume on other hardware."""
+    t = cfg.train
+    return {"train_per_class": cfg.train_per_class, "eval_per_class": cfg.eval_per_class,
+            "configs": [c.name for c in cfg.configs], "pooling": list(cfg.pooling), "split": cfg.split,
+            "seed": cfg.seed, "n_boot": cfg.n_boot, "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
+            "weight_decay": t.weight_decay, "train_seed": t.seed, "deterministic": t.deterministic,
+            "precision": t.precision}
+
+
+def check_resume(out: Path, cfg: AlignmentConfig) -> None:
+    """Refuse to add rows to a run folder whose finished rows were computed with other settings:
+    a resumed run would skip them and mix two experiments in one table."""
+    path = out / "settings.json"
+    if not path.exists():
+        return
+    old, new = json.loads(path.read_text()), result_settings(cfg)
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if changed:
+        raise ValueError(f"{out} holds rows computed with other settings ({'; '.join(changed)}): "
+                         "rerun with the same settings to resume, or write to another --out")
+
+
 def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.PathLike, *,
                   progress: bool = True, log=print, dist: Dist = Dist()) -> pd.DataFrame:
     """Run every row of `cfg` on `df` with `model`; write into `out` and return the table.
@@ -161,6 +185,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     out = Path(out)
     main = dist.is_main
     progress, log = progress and main, log if main else (lambda message: None)
+    check_resume(out, cfg)
     all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
     plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     for row, reason in plan.skipped.items():
@@ -171,6 +196,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     dist.barrier()  # every rank has its to-do list before rank 0 writes anything
     if main:
         (out / "rows").mkdir(parents=True, exist_ok=True)
+        _atomic_json(out / "settings.json", result_settings(cfg))
         _atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
 
     store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress, dist=dist)

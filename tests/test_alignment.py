@@ -70,6 +70,22 @@ def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatc
     pd.testing.assert_frame_equal(again[al.TABLE_COLUMNS], table[al.TABLE_COLUMNS])
 
 
+def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_path, tiny_model):
+    df = synthetic_frame()
+    al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    other = al.AlignmentConfig(**{**small_config().__dict__, "train": TrainConfig(epochs=2, device="cpu",
+                                                                                 precision="bf16")})
+    with pytest.raises(ValueError, match="epochs 1 -> 2; precision 'float32' -> 'bf16'") as err:
+        al.run_alignment(tiny_model, df, other, tmp_path, progress=False, log=lambda m: None)
+    assert "\n" not in str(err.value)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    # Where the run executes is not a result setting: another device, fusing or batch size resumes.
+    same = al.AlignmentConfig(**{**small_config().__dict__, "extraction_batch_size": 3,
+                                 "train": TrainConfig(epochs=1, device="cpu", fuse=True, eval_batch_size=7)})
+    al.check_resume(tmp_path, same)
+
+
 def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_model):
     from mechmem.memorization import greedy_continuation
 
@@ -146,6 +162,13 @@ def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoin
     assert pd.read_csv(out / "alignment.csv").shape[0] == 1
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == str(data) and config["config"]["train"]["precision"] == "bf16"
+    # Resuming into it with other settings: one line, exit 2, the folder as it was.
+    result = _cli("--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
+                  "--configs", "k6_c4_mean", "--train-per-class", "10", "--eval-per-class", "5", "--epochs", "2",
+                  "--n-boot", "20", "--device", "cpu", "--cnn-precision", "bf16", "--quiet", "--out", str(out))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
+    assert "epochs 1 -> 2" in result.stderr
+    assert json.loads((out / "config.json").read_text()) == config
 
 
 def test_cli_loads_without_compatibility_mode_when_asked(tmp_path, tiny_checkpoint, monkeypatch):
