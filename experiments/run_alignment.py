@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cnn-precision", choices=["float32", "bf16"], default="float32",
                    help="bf16: train the CNNs under bfloat16 autocast (faster on a GPU; float32 is the paper's)")
+    p.add_argument("--cnn-seeds", type=int, default=1,
+                   help="train every CNN config with this many seeds: the score averages over them and "
+                        "min_f1_seed_sd reports how far training noise moves it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
@@ -136,8 +139,8 @@ def run(args) -> int:
     if train_pc < 1 or eval_pc < 1:
         raise cli.CliError("--train-per-class and --eval-per-class must be >= 1")
     if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 1) or args.n_boot < 1 \
-            or args.chunk_size < 1:
-        raise cli.CliError("--epochs, --batch-size, --chunk-size and --n-boot must be >= 1")
+            or args.chunk_size < 1 or args.cnn_seeds < 1:
+        raise cli.CliError("--epochs, --batch-size, --chunk-size, --n-boot and --cnn-seeds must be >= 1")
     out = args.out or ROOT / "runs" / f"alignment-{args.grid}"
 
     dist = init_from_env()  # one process per GPU under torchrun; Dist() otherwise
@@ -148,7 +151,7 @@ def run(args) -> int:
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
         train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device, precision=args.cnn_precision),
         extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
-        split=args.split,
+        split=args.split, cnn_seeds=args.cnn_seeds,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
     al.check_resume(out, cfg)  # before config.json is rewritten: a refused resume changes nothing

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -48,6 +48,7 @@ QUICK_ROWS: tuple[str, ...] = (
 
 TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "mean_prec", "min_rec",
                  "mean_rec", "mean_eval_loss", "min_f1_ci_low", "min_f1_ci_high"]
+SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ class AlignmentConfig:
     n_boot: int = 1000
     seed: int = 0
     sweep: tuple[Row, ...] = ()  # ROUGE-threshold sweep rows, trained on the same features
+    # Trainings of every CNN config, with train seeds train.seed, train.seed + 1, ...: the score averages
+    # over all of them, and min_f1_seed_sd says how far training noise alone moves it.
+    cnn_seeds: int = 1
+
+    def __post_init__(self):
+        if self.cnn_seeds < 1:
+            raise ValueError(f"cnn_seeds must be >= 1, got {self.cnn_seeds}")
 
 
 def quick_rows(rouge: str = "either", rouge_threshold: float = 0.5) -> tuple[Row, ...]:
@@ -160,7 +168,7 @@ def result_settings(cfg: AlignmentConfig) -> dict:
             "configs": [c.name for c in cfg.configs], "pooling": list(cfg.pooling), "split": cfg.split,
             "seed": cfg.seed, "n_boot": cfg.n_boot, "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
             "weight_decay": t.weight_decay, "train_seed": t.seed, "deterministic": t.deterministic,
-            "precision": t.precision}
+            "precision": t.precision, "cnn_seeds": cfg.cnn_seeds}
 
 
 def check_resume(out: Path, cfg: AlignmentConfig) -> None:
@@ -216,12 +224,16 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
             store_labels = np.zeros(len(positions), dtype=np.int64)
             store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
             tasks.append(Task(store_labels, tr, ev))
-        mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, cfg.train,
-                               progress=progress) if my_configs else [[] for _ in rows]
-        for row, task, row_cnns in zip(rows, tasks, mine):
-            trained = _gather_cnns(row_cnns, cfg.configs, out / "cnns" / row.slug, dist)
+        by_seed = []  # [seed][row] -> the row's CNNs
+        for k in range(cfg.cnn_seeds):
+            train = replace(cfg.train, seed=cfg.train.seed + k)
+            mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, train,
+                                   progress=progress) if my_configs else [[] for _ in rows]
+            by_seed.append([_gather_cnns(row_cnns, cfg.configs, cnn_folder(out, row, k), dist)
+                            for row, row_cnns in zip(rows, mine)])
+        for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
-                _write_row(out, df, row, trained, task, plan.splits[row], cfg)
+                _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed], task, plan.splits[row], cfg)
     dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
     if main:
@@ -234,10 +246,23 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     return table
 
 
-def _write_row(out: Path, df: pd.DataFrame, row: Row, trained: list[TrainedCNN], task: Task, split, cfg) -> None:
+def cnn_folder(out: Path, row: Row, seed_index: int = 0) -> Path:
+    """Where a row's CNNs are saved: cnns/{slug}/ for the first training seed (what localization
+    and inspection load), cnns/{slug}/seed{k}/ for the k-th further one."""
+    folder = Path(out) / "cnns" / row.slug
+    return folder if seed_index == 0 else folder / f"seed{seed_index}"
+
+
+def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[TrainedCNN]], task: Task, split,
+               cfg) -> None:
     """rows/{slug}.json: the row's alignment score, intervals, per-class F1, confusion and samples."""
     _, train_pos, eval_pos = split
-    summary = alignment_summary(trained, task.labels[task.eval_idx], n_boot=cfg.n_boot, seed=cfg.seed)
+    trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
+    y_eval = task.labels[task.eval_idx]
+    summary = alignment_summary(trained, y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
+    if len(by_seed) > 1:  # each seed's own score (no interval needed), and their spread
+        per_seed = [alignment_summary(c, y_eval, n_boot=1)["min_f1"] for c in by_seed]
+        summary |= {"min_f1_per_seed": per_seed, SEED_COLUMN: float(np.std(per_seed, ddof=1))}
     confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
     _atomic_json(out / "rows" / f"{row.slug}.json", {
@@ -298,7 +323,7 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     """alignment.csv, alignment.md, a bar chart of min F1 with intervals, best/worst confusion matrices."""
     from mechmem.plots import confusion_png, min_f1_bar_png
 
-    csv = table[TABLE_COLUMNS].round(4)
+    csv = table[TABLE_COLUMNS + [SEED_COLUMN] * (SEED_COLUMN in table)].round(4)
     tmp = out / ".alignment.csv.tmp"
     csv.to_csv(tmp, index=False)
     os.replace(tmp, out / "alignment.csv")
@@ -322,7 +347,8 @@ def markdown_table(table: pd.DataFrame) -> str:
 def ranking_text(table: pd.DataFrame) -> str:
     lines = []
     for rank, r in enumerate(table.sort_values("min_f1", ascending=False).itertuples(), 1):
-        lines.append(f"{rank:>2}. {r.min_f1:5.1f} [{r.min_f1_ci_low:5.1f}, {r.min_f1_ci_high:5.1f}]  {r.tax_name}")
+        spread = f" (seeds sd {getattr(r, SEED_COLUMN):4.1f})" if hasattr(r, SEED_COLUMN) else ""
+        lines.append(f"{rank:>2}. {r.min_f1:5.1f} [{r.min_f1_ci_low:5.1f}, {r.min_f1_ci_high:5.1f}]{spread}  {r.tax_name}")
     return "\n".join(lines)
 
 

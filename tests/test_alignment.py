@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import mechmem.alignment as al
 import mechmem.features as F
-from mechmem.cnn import CNNConfig, TrainConfig
+from mechmem.cnn import CNNConfig, TrainConfig, load_cnns
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = (CNNConfig(6, 4, "mean"),)
@@ -86,6 +87,32 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_
     al.check_resume(tmp_path, same)
 
 
+def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tiny_model):
+    df = synthetic_frame()
+    one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False, log=lambda m: None)
+    two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False,
+                           log=lambda m: None)
+    for row in small_config().rows:
+        record = json.loads((tmp_path / "two" / "rows" / f"{row.slug}.json").read_text())
+        first, second = record["min_f1_per_seed"]
+        # the first seed is the single-seed run, CNN for CNN; the second trains other CNNs
+        alone = json.loads((tmp_path / "one" / "rows" / f"{row.slug}.json").read_text())
+        assert first == pytest.approx(alone["min_f1"])
+        a, b = (load_cnns(al.cnn_folder(tmp_path / "two", row, k)) for k in (0, 1))
+        c = load_cnns(al.cnn_folder(tmp_path / "one", row))
+        assert torch.equal(a[0].model.layers.fc2.weight, c[0].model.layers.fc2.weight)
+        assert not torch.equal(a[0].model.layers.fc2.weight, b[0].model.layers.fc2.weight)
+        assert record["min_f1"] == pytest.approx((first + second) / 2)
+        assert record["min_f1_seed_sd"] == pytest.approx(abs(first - second) / np.sqrt(2))
+        assert record["n_configs"] == 2 * len(SMALL)
+    csv = pd.read_csv(tmp_path / "two" / "alignment.csv")
+    assert list(csv.columns) == al.TABLE_COLUMNS + [al.SEED_COLUMN]
+    assert list(pd.read_csv(tmp_path / "one" / "alignment.csv").columns) == al.TABLE_COLUMNS
+    assert "seeds sd" in al.ranking_text(two) and "seeds sd" not in al.ranking_text(one)
+    with pytest.raises(ValueError, match="cnn_seeds must be >= 1"):
+        small_config(cnn_seeds=0)
+
+
 def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_model):
     from mechmem.memorization import greedy_continuation
 
@@ -138,6 +165,7 @@ def _cli(*args):
     (["--model", "./no/such/model", "--data", "{data}"], "no/such/model"),
     (["--configs", "k6_c10_median"], "k6_c10_median"),
     (["--cnn-precision", "fp8"], "fp8"),
+    (["--cnn-seeds", "0"], "--cnn-seeds"),
     (["--data", "missing.parquet", "--model", "{model}"], "missing.parquet"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_checkpoint, capsys):

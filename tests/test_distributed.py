@@ -82,7 +82,7 @@ def _cli(out: Path, data: Path, checkpoint: Path, nproc: int):
     args = ["--model", str(checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
             "Non-Memo, Recite[5], Others", "--configs", "k6_c4_mean", "k6_c4_max", "k8_c4_mean",
             "--train-per-class", "12", "--eval-per-class", "8", "--epochs", "1", "--n-boot", "50",
-            "--device", "cpu", "--chunk-size", "16", "--quiet", "--out", str(out)]
+            "--device", "cpu", "--chunk-size", "16", "--cnn-seeds", "2", "--quiet", "--out", str(out)]
     script = str(ROOT / "experiments" / "run_alignment.py")
     launch = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script]
@@ -110,11 +110,12 @@ def test_torchrun_on_two_ranks_equals_the_single_process_run(tmp_path, tiny_chec
     for row in sorted((one / "rows").glob("*.json")):
         a, b = json.loads(row.read_text()), json.loads((two / "rows" / row.name).read_text())
         assert a == b, row.name
-        slug = row.stem
-        index = json.loads((two / "cnns" / slug / "cnns.json").read_text())["models"]
-        assert index == ["k6_c4_mean", "k6_c4_max", "k8_c4_mean"]
-        for name in index:
-            x, y = load_file(str(one / "cnns" / slug / f"{name}.safetensors")), load_file(
-                str(two / "cnns" / slug / f"{name}.safetensors"))
-            for key in x:
-                torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6)
+        assert len(a["min_f1_per_seed"]) == 2
+        for folder in (Path("cnns") / row.stem, Path("cnns") / row.stem / "seed1"):  # both training seeds
+            index = json.loads((two / folder / "cnns.json").read_text())["models"]
+            assert index == ["k6_c4_mean", "k6_c4_max", "k8_c4_mean"]
+            for name in index:
+                x, y = load_file(str(one / folder / f"{name}.safetensors")), load_file(
+                    str(two / folder / f"{name}.safetensors"))
+                for key in x:
+                    torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6)
