@@ -151,8 +151,8 @@ def _hub_offline():
 
 # Working memory of TransformerLens's weight processing per byte of parameters it processes: it
 # upcasts the whole state dict to float32 at once and builds new tensors for every folded weight.
-# Measured 5.5x (bf16) and 1.9x (fp32) on top of the parameters themselves (benchmarks/README.md,
-# "Compatibility mode at 12b"); the estimate keeps a margin.
+# Measured on top of the parameters themselves: about 5x for bf16 on an H200 (benchmarks/README.md,
+# "Compatibility mode at 12b"), 5.5x for bf16 and 1.9x for float32 on CPU; the estimate keeps a margin.
 PROCESSING_OVERHEAD = {torch.float32: 3.0, torch.bfloat16: 7.0, torch.float16: 7.0}
 
 
