@@ -19,16 +19,12 @@ import time
 
 import torch
 
-from mechmem.hooks import pattern_hook
-from mechmem.models import enable_compatibility_mode, random_pythia
+from mechmem.features import extract_attention
+from mechmem.models import PROCESSING_OVERHEAD, enable_compatibility_mode, param_bytes, random_pythia
 
 
 def patterns(model, tokens) -> torch.Tensor:
-    out = []
-    hooks = [(pattern_hook(l), lambda p, hook: out.append(p.float())) for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
-    return torch.stack(out, 1)
+    return extract_attention(model, tokens, per_head=True, batch_size=len(tokens))
 
 
 def weight_diff(a, b) -> dict:
@@ -49,17 +45,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args()
     dev = torch.device("cuda")
-    tokens = torch.randint(0, 50_000, (args.batch, 64), device=dev)
+    tokens = torch.randint(0, 50_000, (args.batch, 64))
     make = lambda: random_pythia(args.size, device=dev, dtype="bf16", compatibility_mode=False)
 
     model = make()
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     free = None
-    if args.check:  # just enough free memory for half the blocks
-        block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
-        free = int(8.0 * (sum(p.numel() * p.element_size() for p in model.parameters())
-                          - block * len(model.blocks) // 2))
+    if args.check:  # just enough free memory for processing all but the last half of the blocks
+        kept = param_bytes(model) - param_bytes(model.blocks[0]) * (len(model.blocks) // 2)
+        free = int((1 + PROCESSING_OVERHEAD[torch.bfloat16]) * kept)
     t0 = time.perf_counter()
     offload = enable_compatibility_mode(model, dev, free_bytes=free)
     torch.cuda.synchronize()

@@ -156,6 +156,11 @@ def _hub_offline():
 PROCESSING_OVERHEAD = {torch.float32: 3.0, torch.bfloat16: 7.0, torch.float16: 7.0}
 
 
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters (shared ones once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def blocks_to_offload(block_bytes: list[int], other_bytes: int, free_bytes: int,
                       overhead: float) -> list[int]:
     """Which blocks (the last ones) to process on the CPU so that weight processing fits in
@@ -180,11 +185,10 @@ def enable_compatibility_mode(model, device, *, free_bytes: int | None = None) -
     if free_bytes is None and device.type == "cuda":
         free_bytes = torch.cuda.mem_get_info(device)[0]
     if free_bytes is not None:
-        nbytes = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
-        block_bytes = [nbytes(block) for block in model.blocks]
+        block_bytes = [param_bytes(block) for block in model.blocks]
         dtype = next(model.parameters()).dtype
         # What stays resident beside the blocks: embeddings, final norm, unembedding.
-        other = nbytes(model) - sum(block_bytes)
+        other = param_bytes(model) - sum(block_bytes)
         offload = blocks_to_offload(block_bytes, other, free_bytes, PROCESSING_OVERHEAD.get(dtype, 7.0))
     for i in offload:
         model.blocks[i].to("cpu")
