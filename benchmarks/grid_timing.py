@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from mechmem import alignment as al
-from mechmem.cnn import PAPER_GRID, TrainConfig
+from mechmem.cnn import PAPER_GRID, PRECISIONS, TrainConfig
 from mechmem.distributed import init_from_env, shutdown
 from mechmem.models import random_pythia
 
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--rows", type=int, default=54, help="only the first ROWS of the paper's rows (smoke tests)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--cnn-precision", choices=["float32", "bf16"], default="float32")
+    p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32")
     args = p.parse_args()
     dist = init_from_env()
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ interrupted run resumes from --out.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +30,8 @@ PRESETS = {  # grid: (rows, CNN configs, train per class, eval per class)
 
 
 def parse_args(argv=None):
+    from mechmem.cnn import PRECISIONS
+
     p = cli.Parser("run_alignment", __doc__)
     p.add_argument("--grid", choices=sorted(PRESETS), default="quick",
                    help="quick: 10 rows, 2 CNNs, 300+150 samples a class; paper: 54 rows, 8 CNNs, 4000+2000")
@@ -49,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--train-per-class", type=int)
     p.add_argument("--eval-per-class", type=int)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--cnn-precision", choices=["float32", "bf16"], default="float32",
+    p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32",
                    help="bf16: train the CNNs under bfloat16 autocast (faster on a GPU; float32 is the paper's)")
     p.add_argument("--cnn-seeds", type=int, default=1,
                    help="train every CNN config with this many seeds: the score averages over them and "
@@ -163,9 +164,7 @@ def run(args) -> int:
         record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
                   "compatibility_mode": not args.no_compatibility_mode, "world_size": dist.world_size,
                   "config": asdict(cfg)}
-        tmp = out / ".config.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1, default=str))
-        tmp.replace(out / "config.json")
+        al.atomic_json(out / "config.json", record, default=str)
     say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
         f"{train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); writing to {out}")
     table = al.run_alignment(model, df, cfg, out, progress=not args.quiet, dist=dist)

@@ -154,9 +154,11 @@ def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, *, batch_s
     return np.asarray(view)
 
 
-def _atomic_json(path: Path, obj) -> None:
+def atomic_json(path: Path, obj, *, default=None) -> None:
+    """Write `obj` as JSON by renaming a finished file over `path`: never half-written.
+    `default` is json.dumps's (e.g. str for a record holding paths)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=1, default=default))
     os.replace(tmp, path)
 
 
@@ -204,8 +206,8 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     dist.barrier()  # every rank has its to-do list before rank 0 writes anything
     if main:
         (out / "rows").mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / "settings.json", result_settings(cfg))
-        _atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
+        atomic_json(out / "settings.json", result_settings(cfg))
+        atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
 
     store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress, dist=dist)
     positions = plan.samples
@@ -265,7 +267,7 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
         summary |= {"min_f1_per_seed": per_seed, SEED_COLUMN: float(np.std(per_seed, ddof=1))}
     confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
-    _atomic_json(out / "rows" / f"{row.slug}.json", {
+    atomic_json(out / "rows" / f"{row.slug}.json", {
         "tax_name": row.name, "num_classes": len(row.class_names()), **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
         "confusion": confusion.tolist(),
