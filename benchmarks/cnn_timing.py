@@ -35,7 +35,7 @@ def train(features, labels, n_train, configs, fuse, device=None, deterministic=T
           tasks=1):
     """One epoch of `configs`; with tasks > 1, that many taxonomies (other labels, same samples) in
     lockstep, as run_alignment trains the rows of a grid."""
-    cfg = TrainConfig(epochs=epochs, fuse=fuse, device=device, deterministic=deterministic, precision=precision)
+    cfg = TrainConfig(protocol="paper", epochs=epochs, fuse=fuse, device=device, deterministic=deterministic, precision=precision)
     train_idx, eval_idx = np.arange(n_train), np.arange(n_train, len(labels))
     if tasks == 1:
         return train_cnns(features, POOLINGS, labels, train_idx, eval_idx, 3, configs, cfg, progress=False)

@@ -53,7 +53,7 @@ def main() -> None:
               "layers": args.layers, "samples": args.samples, "tasks": args.tasks, "epochs": args.epochs,
               "world": args.world}
     for deterministic in (True, False):
-        train = TrainConfig(epochs=args.epochs, device=device, deterministic=deterministic)
+        train = TrainConfig(protocol="paper", epochs=args.epochs, device=device, deterministic=deterministic)
         whole = [train_cnn_tasks(feats, POOLINGS, tasks, 2, PAPER_GRID, train, progress=False) for _ in range(2)]
         shards = [train_cnn_tasks(feats, POOLINGS, tasks, 2, mine, train, progress=False)
                   for mine in (shard_configs(PAPER_GRID, Dist(r, args.world)) for r in range(args.world))]

@@ -88,12 +88,41 @@ PAPER_GRID: tuple[CNNConfig, ...] = tuple(
 QUICK_GRID: tuple[CNNConfig, ...] = (CNNConfig(6, 10, "mean"), CNNConfig(6, 10, "max"))
 
 
+PROTOCOLS = ("converged", "paper")
+INPUT_SCALINGS = ("raw", "layer", "pixel", "log-pixel")
+# What each protocol sets, for the TrainConfig fields left None.
+PROTOCOL_DEFAULTS: dict[str, dict] = {
+    # The paper's recipe: raw attention probabilities, exactly 3 epochs, the last epoch's weights.
+    "paper": dict(epochs=3, batch_size=16, input_scaling="raw", val_fraction=0.0, patience=0),
+    # Trained until it stops improving: inputs standardized per pixel with training-split statistics,
+    # a fifth of the training split held out for validation, early stopping (patience 4, at most 60
+    # epochs), the best epoch's weights. Batch 64 (4x fewer steps an epoch for the same samples):
+    # the scaling, batch and patience were chosen by measurement (benchmarks/README.md, "Training protocol").
+    "converged": dict(epochs=60, batch_size=64, input_scaling="pixel", val_fraction=0.2, patience=4),
+}
+SCALE_EPS = 1e-3  # floor of a standard deviation: constant pixels (the causal mask's zeros) map to 0
+LOG_EPS = 1e-4  # log(attention + LOG_EPS) for the "log-pixel" scaling
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The paper's optimisation: AdamW, lr 1e-3, weight decay 0.1, batch 16, 3 epochs."""
+    """How the CNNs are trained: a protocol (`PROTOCOL_DEFAULTS`), then AdamW (lr 1e-3, weight decay 0.1).
 
-    epochs: int = 3
-    batch_size: int = 16
+    Fields left None take the protocol's value, so `TrainConfig(protocol="paper")` is the paper's
+    exact recipe and `TrainConfig()` the converged one. `epochs` is the exact count when there is no
+    validation part, the cap otherwise.
+    """
+
+    protocol: str = "converged"
+    epochs: int | None = None
+    batch_size: int | None = None
+    # How attention is shown to the CNN: "raw" probabilities (the paper's), or standardized with
+    # statistics of the training split: per "layer", per "pixel" (layer, query, key), or per pixel of
+    # log attention ("log-pixel"). The statistics live in the CNN (`InputScaling`), so a saved CNN
+    # reads raw pooled attention like the paper's.
+    input_scaling: str | None = None
+    val_fraction: float | None = None  # part of the training split held out for early stopping; 0: none
+    patience: int | None = None  # stop once the validation loss has not improved for this many epochs; 0: never
     lr: float = 1e-3
     weight_decay: float = 0.1
     seed: int = 0
@@ -110,8 +139,23 @@ class TrainConfig:
     precision: str = "float32"
 
     def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown training protocol {self.protocol!r}; expected one of {PROTOCOLS}")
+        for name, value in PROTOCOL_DEFAULTS[self.protocol].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown CNN precision {self.precision!r}; expected one of {PRECISIONS}")
+        if self.input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"unknown input scaling {self.input_scaling!r}; expected one of {INPUT_SCALINGS}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1 or self.patience < 0:
+            raise ValueError(f"epochs and batch sizes must be >= 1 and patience >= 0, got {self}")
+
+    @property
+    def early_stopping(self) -> bool:
+        return self.val_fraction > 0 and self.patience > 0
 
 
 def _config_seed(seed: int, config: CNNConfig, purpose: str) -> int:
@@ -131,40 +175,70 @@ def feature_side(seq_len: int, kernel_size: int) -> int:
     return side
 
 
+def scaling_shape(scaling: str, n_layers: int, seq_len: int) -> tuple[int, int, int]:
+    """Shape of an `InputScaling`'s statistics: one per layer, or one per (layer, query, key)."""
+    return (n_layers, 1, 1) if scaling == "layer" else (n_layers, seq_len, seq_len)
+
+
+class InputScaling(nn.Module):
+    """x -> (f(x) - mean) / std with fixed statistics of the training split; f = log(x + LOG_EPS) or identity."""
+
+    def __init__(self, scaling: str, n_layers: int, seq_len: int):
+        super().__init__()
+        if scaling not in INPUT_SCALINGS[1:]:
+            raise ValueError(f"InputScaling takes one of {INPUT_SCALINGS[1:]}, got {scaling!r}")
+        self.scaling, self.log = scaling, scaling.startswith("log")
+        shape = scaling_shape(scaling, n_layers, seq_len)
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    def forward(self, x: Float[Tensor, "batch layer query key"]) -> Float[Tensor, "batch layer query key"]:
+        return ((torch.log(x + LOG_EPS) if self.log else x) - self.mean) / self.std
+
+
 class AttentionCNN(nn.Module):
-    """conv -> ReLU -> dropout -> maxpool, twice, then linear -> ReLU -> dropout -> linear.
+    """[input scaling ->] conv -> ReLU -> dropout -> maxpool, twice, then linear -> ReLU -> dropout -> linear.
 
     Layers are modules in one `nn.Sequential` (not functional calls) so that localization can hook
-    the ReLUs by name for guided backpropagation.
+    the ReLUs by name for guided backpropagation. The input scaling (absent for "raw") holds the
+    training split's statistics, so the CNN always reads raw pooled attention.
     """
 
-    def __init__(self, n_layers: int, n_classes: int, config: CNNConfig = CNNConfig(), seq_len: int = 64):
+    def __init__(self, n_layers: int, n_classes: int, config: CNNConfig = CNNConfig(), seq_len: int = 64,
+                 input_scaling: str = "raw"):
         super().__init__()
         if n_layers < 1 or n_classes < 2:
             raise ValueError(f"need n_layers >= 1 and n_classes >= 2, got {n_layers}, {n_classes}")
         self.config, self.n_layers, self.n_classes, self.seq_len = config, n_layers, n_classes, seq_len
+        self.input_scaling = input_scaling
         k, c, p = config.kernel_size, config.channels, config.dropout
         side = feature_side(seq_len, k)
+        scale = [] if input_scaling == "raw" else [("scale", InputScaling(input_scaling, n_layers, seq_len))]
         self.layers = nn.Sequential(
             OrderedDict(
-                conv1=nn.Conv2d(n_layers, c, k),
-                relu1=nn.ReLU(),
-                drop1=nn.Dropout(p),
-                pool1=nn.MaxPool2d(2),
-                conv2=nn.Conv2d(c, c, k),
-                relu2=nn.ReLU(),
-                drop2=nn.Dropout(p),
-                pool2=nn.MaxPool2d(2),
-                flatten=nn.Flatten(),  # (c h w) order
-                fc1=nn.Linear(c * side * side, config.n_feat_fc),
-                relu3=nn.ReLU(),
-                drop3=nn.Dropout(p),
-                fc2=nn.Linear(config.n_feat_fc, n_classes),
+                scale + [
+                    ("conv1", nn.Conv2d(n_layers, c, k)),
+                    ("relu1", nn.ReLU()),
+                    ("drop1", nn.Dropout(p)),
+                    ("pool1", nn.MaxPool2d(2)),
+                    ("conv2", nn.Conv2d(c, c, k)),
+                    ("relu2", nn.ReLU()),
+                    ("drop2", nn.Dropout(p)),
+                    ("pool2", nn.MaxPool2d(2)),
+                    ("flatten", nn.Flatten()),  # (c h w) order
+                    ("fc1", nn.Linear(c * side * side, config.n_feat_fc)),
+                    ("relu3", nn.ReLU()),
+                    ("drop3", nn.Dropout(p)),
+                    ("fc2", nn.Linear(config.n_feat_fc, n_classes)),
+                ]
             )
         )
 
     def forward(self, x: Float[Tensor, "batch layer query key"]) -> Float[Tensor, "batch class"]:
         return self.layers(x)
+
+
+_TRAINED = ("conv1", "conv2", "fc1", "fc2")  # the layers with weights; the scaling's statistics are fixed
 
 
 class _CNNStack(nn.Module):
@@ -180,24 +254,44 @@ class _CNNStack(nn.Module):
         super().__init__()
         first = members[0]
         if any(m.config.shape_key != first.config.shape_key or m.n_layers != first.n_layers
-               or m.n_classes != first.n_classes or m.seq_len != first.seq_len for m in members):
+               or m.n_classes != first.n_classes or m.seq_len != first.seq_len
+               or m.input_scaling != first.input_scaling for m in members):
             raise ValueError("only same-shaped AttentionCNNs can be stacked")
         self.configs = [m.config for m in members]
         self.n_layers, self.n_classes, self.seq_len = first.n_layers, first.n_classes, first.seq_len
+        self.input_scaling = first.input_scaling
         G, L, C, k = len(members), first.n_layers, first.config.channels, first.config.kernel_size
         self.n_members, self.p = G, first.config.dropout
         self.conv1 = nn.Conv2d(G * L, G * C, k, groups=G)
         self.conv2 = nn.Conv2d(G * C, G * C, k, groups=G)
-        layers = [m.layers for m in members]
-        with torch.no_grad():  # a grouped conv's weight is its groups' weights concatenated
-            for conv, name in ((self.conv1, "conv1"), (self.conv2, "conv2")):
-                conv.weight.copy_(torch.cat([getattr(ls, name).weight for ls in layers]))
-                conv.bias.copy_(torch.cat([getattr(ls, name).bias for ls in layers]))
-        self.fc1_w = nn.Parameter(torch.stack([ls.fc1.weight.detach() for ls in layers]).clone())
-        self.fc1_b = nn.Parameter(torch.stack([ls.fc1.bias.detach() for ls in layers]).clone())
-        self.fc2_w = nn.Parameter(torch.stack([ls.fc2.weight.detach() for ls in layers]).clone())
-        self.fc2_b = nn.Parameter(torch.stack([ls.fc2.bias.detach() for ls in layers]).clone())
+        self.fc1_w = nn.Parameter(torch.empty(G, first.config.n_feat_fc, first.layers.fc1.in_features))
+        self.fc1_b = nn.Parameter(torch.empty(G, first.config.n_feat_fc))
+        self.fc2_w = nn.Parameter(torch.empty(G, first.n_classes, first.config.n_feat_fc))
+        self.fc2_b = nn.Parameter(torch.empty(G, first.n_classes))
+        self.log = self.input_scaling.startswith("log")
+        if self.input_scaling != "raw":  # members' statistics side by side: "(member layer) query key"
+            self.register_buffer("scale_mean", torch.cat([m.layers.scale.mean for m in members]).clone())
+            self.register_buffer("scale_std", torch.cat([m.layers.scale.std for m in members]).clone())
+        for g, m in enumerate(members):
+            self.load_member_state(g, m.state_dict())
         self.generators: list[torch.Generator] | None = None  # per-member dropout RNGs, set to train
+
+    def _member_views(self, g: int) -> dict[str, Tensor]:
+        """Member g's trained parameters as views into the stack, named as in an AttentionCNN."""
+        C = self.conv1.out_channels // self.n_members
+        views = {f"layers.{name}.{p}": getattr(conv, p)[g * C:(g + 1) * C]
+                 for conv, name in ((self.conv1, "conv1"), (self.conv2, "conv2")) for p in ("weight", "bias")}
+        return views | {"layers.fc1.weight": self.fc1_w[g], "layers.fc1.bias": self.fc1_b[g],
+                        "layers.fc2.weight": self.fc2_w[g], "layers.fc2.bias": self.fc2_b[g]}
+
+    def member_state(self, g: int) -> dict[str, Tensor]:
+        """A copy of member g's trained parameters (what early stopping keeps of its best epoch)."""
+        return {k: v.detach().clone() for k, v in self._member_views(g).items()}
+
+    def load_member_state(self, g: int, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self._member_views(g).items():
+                v.copy_(state[k])
 
     def _dropout(self, x: Tensor) -> Tensor:
         """Dropout with member g's mask drawn from generator g; x's axis 1 is (member ...)."""
@@ -210,6 +304,8 @@ class _CNNStack(nn.Module):
         return x * torch.cat(masks, dim=1) / (1 - self.p)
 
     def forward(self, x: Float[Tensor, "batch member_layer query key"]) -> Float[Tensor, "batch member class"]:
+        if self.input_scaling != "raw":
+            x = ((torch.log(x + LOG_EPS) if self.log else x) - self.scale_mean) / self.scale_std
         x = F.max_pool2d(self._dropout(F.relu(self.conv1(x))), 2)
         x = F.max_pool2d(self._dropout(F.relu(self.conv2(x))), 2)
         x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
@@ -219,16 +315,17 @@ class _CNNStack(nn.Module):
     def unstack(self) -> list[AttentionCNN]:
         """The members as standalone AttentionCNNs (copies, on this stack's device)."""
         out = []
-        convs = [(self.conv1, "conv1"), (self.conv2, "conv2")]
+        L = self.n_layers
         for g, config in enumerate(self.configs):
-            model = AttentionCNN(self.n_layers, self.n_classes, config, self.seq_len).to(self.fc1_w.device)
-            state = {f"layers.{name}.{p}": getattr(conv, p).chunk(self.n_members)[g]
-                     for conv, name in convs for p in ("weight", "bias")}
-            state |= {"layers.fc1.weight": self.fc1_w[g], "layers.fc1.bias": self.fc1_b[g],
-                      "layers.fc2.weight": self.fc2_w[g], "layers.fc2.bias": self.fc2_b[g]}
-            model.load_state_dict({k: v.detach().clone() for k, v in state.items()})
-            out.append(model.eval())
+            model = AttentionCNN(self.n_layers, self.n_classes, config, self.seq_len, self.input_scaling)
+            state = self.member_state(g)
+            if self.input_scaling != "raw":
+                state |= {"layers.scale.mean": self.scale_mean[g * L:(g + 1) * L].clone(),
+                          "layers.scale.std": self.scale_std[g * L:(g + 1) * L].clone()}
+            model.load_state_dict(state)
+            out.append(model.to(self.fc1_w.device).eval())
         return out
+
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -318,6 +415,9 @@ class TrainedCNN:
     eval_logits: Float[Tensor, "eval class"]  # on cpu
     eval_metrics: ClassMetrics
     train_losses: list[float] = field(default_factory=list)  # mean training cross-entropy per epoch
+    val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch (if any)
+    epochs_run: int = 0  # epochs trained before stopping (or the fixed count)
+    best_epoch: int = 0  # the epoch whose weights were kept (1-based; the last one without validation)
 
     @property
     def eval_predictions(self) -> Int[Tensor, " eval"]:
@@ -353,11 +453,64 @@ def _batch_reader(features, pool_ids: np.ndarray, device: torch.device):
     return read
 
 
-def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int, seed: int) -> AttentionCNN:
+def split_validation(labels: np.ndarray, train_idx: np.ndarray, fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, val): `fraction` of the training split held out, in proportion to each class.
+
+    The draw depends on the seed and the training split alone (not on which tasks train beside it),
+    and always holds out round(fraction * n) samples, so tasks of equal size stay in lockstep.
+    """
+    n = len(train_idx)
+    n_val = round(fraction * n)
+    if n_val == 0:
+        return train_idx, train_idx[:0]
+    if n_val >= n:
+        raise ValueError(f"val_fraction {fraction} leaves no training samples out of {n}")
+    y = labels[train_idx]
+    u = np.random.default_rng([seed, 0x7A1]).random(n)
+    key = np.empty(n)
+    for c in np.unique(y):  # i-th of a class's m samples (random order) gets key (i + 0.5) / m
+        members = np.flatnonzero(y == c)
+        key[members[np.argsort(u[members], kind="stable")]] = (np.arange(len(members)) + 0.5) / len(members)
+    val_mask = np.zeros(n, dtype=bool)
+    val_mask[np.lexsort((u, key))[:n_val]] = True
+    return train_idx[~val_mask], train_idx[val_mask]
+
+
+def input_statistics(
+    features, pool_ids: np.ndarray, idx: np.ndarray, scaling: str, device: torch.device, chunk: int = 256
+) -> tuple[Float[Tensor, "pool layer q k"], Float[Tensor, "pool layer q k"]]:
+    """Mean and standard deviation of the samples `idx` (the training split only), per pool and
+    `scaling` granularity, floored at SCALE_EPS; float64 sums, so their order does not matter."""
+    read = _batch_reader(features, pool_ids, device)
+    total = total_sq = None
+    for start in range(0, len(idx), chunk):
+        part = idx[start:start + chunk]
+        x = read(part, torch.from_numpy(part).to(device)).double()
+        if scaling.startswith("log"):
+            x = torch.log(x + LOG_EPS)
+        s, s2 = x.sum(0), (x * x).sum(0)
+        total, total_sq = (s, s2) if total is None else (total + s, total_sq + s2)
+    count = len(idx)
+    if scaling == "layer":
+        count *= total.shape[-1] * total.shape[-2]
+        total, total_sq = total.sum((-2, -1), keepdim=True), total_sq.sum((-2, -1), keepdim=True)
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(SCALE_EPS)
+    return mean.float(), std.float()
+
+
+def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int, seed: int,
+                 scaling: str = "raw", stats: tuple[Tensor, Tensor] | None = None) -> AttentionCNN:
     """Initialise on cpu from the config's own seed: same weights whatever else is trained, on any device."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_config_seed(seed, config, "init"))
-        return AttentionCNN(n_layers, n_classes, config, seq_len)
+        model = AttentionCNN(n_layers, n_classes, config, seq_len, scaling)
+    if stats is not None:
+        model.layers.scale.mean.copy_(stats[0])
+        model.layers.scale.std.copy_(stats[1])
+    return model
+
 
 
 def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, configs, train):
@@ -466,11 +619,13 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         raise ValueError("tasks must not be empty")
     configs, pools = checked[0][0], checked[0][1]
     labels = np.stack([c[2] for c in checked])
-    train_idx = np.stack([c[3] for c in checked]) if len({len(c[3]) for c in checked}) == 1 else None
-    if train_idx is None:
+    if len({len(c[3]) for c in checked}) != 1:
         raise ValueError(f"tasks trained together need as many training samples each, got {[len(c[3]) for c in checked]}")
+    # The validation part comes out of each task's training split, never its eval split.
+    fit_val = [split_validation(c[2], c[3], train.val_fraction, train.seed) for c in checked]
+    fit_idx, val_idx = np.stack([f for f, _ in fit_val]), np.stack([v for _, v in fit_val])
     eval_idx = [c[4] for c in checked]
-    n_tasks, n_train = train_idx.shape
+    n_tasks, n_fit = fit_idx.shape
     _, _, n_layers, seq_len, _ = features.shape
     device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(features, Tensor) and features.device != device:
@@ -478,6 +633,17 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             features = features.to(device)
         except torch.OutOfMemoryError:
             warnings.warn(f"features do not fit on {device}; reading them from {features.device}", stacklevel=2)
+    used_pools = sorted({pools.index(c.pooling) for c in configs})
+
+    # Input statistics per task, from its whole training split (fit and validation parts); tasks with
+    # the same split (a row and its shuffled-label control) share them.
+    stats: dict[bytes, tuple[Tensor, Tensor]] = {}
+    task_stats = []
+    for c in checked:
+        key = c[3].tobytes()
+        if train.input_scaling != "raw" and key not in stats:
+            stats[key] = input_statistics(features, np.array(used_pools), c[3], train.input_scaling, device)
+        task_stats.append(stats.get(key))
 
     # Stacks of (task, config) members: on a GPU, every task's same-shaped configs in one grouped network;
     # else one network each. (Fusing pays on a GPU, where small kernels are launch-bound; on CPU grouped
@@ -490,11 +656,15 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         stack_members = [[(t, i) for t in range(n_tasks) for i in group] for group in by_shape.values()]
     else:
         stack_members = [[(t, i)] for t in range(n_tasks) for i in range(len(configs))]
-    used_pools = sorted({pools.index(c.pooling) for c in configs})
+    # On CPU, channels-last convolutions run 2-8x faster for these shapes (benchmarks/README.md).
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     stacks, member_task, member_pool = [], [], []
     for members in stack_members:
-        stack = _CNNStack([_init_member(configs[i], n_layers, n_classes, seq_len, train.seed)
-                           for _, i in members]).to(device)
+        stack = _CNNStack([
+            _init_member(configs[i], n_layers, n_classes, seq_len, train.seed, train.input_scaling,
+                         None if task_stats[t] is None else
+                         tuple(s[used_pools.index(pools.index(configs[i].pooling))] for s in task_stats[t]))
+            for t, i in members]).to(device=device, memory_format=memory_format)
         stack.generators = [torch.Generator(device=device).manual_seed(_config_seed(train.seed, configs[i], "dropout"))
                             for _, i in members]
         stacks.append(stack)
@@ -511,23 +681,44 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
 
     def run(stack: _CNNStack, tasks_of: Tensor, pools_of: Tensor, x: Tensor) -> Float[Tensor, "batch member class"]:
         """x: (task, batch, pool, layer, q, k) -> each member reads its task's batch and its pool."""
+        x = rearrange(x[tasks_of, :, pools_of], "g b l q k -> b (g l) q k").contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return stack(rearrange(x[tasks_of, :, pools_of], "g b l q k -> b (g l) q k")).float()
+            return stack(x).float()
 
     def read_tasks(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
         return read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
 
+    def evaluate(idx_per_task: Sequence[np.ndarray]) -> list[Float[Tensor, "sample member class"]]:
+        """Every stack's logits on each task's samples, in lockstep; shorter tasks repeat their last sample."""
+        n = max(len(e) for e in idx_per_task)
+        mat = np.stack([e[np.minimum(np.arange(n), len(e) - 1)] for e in idx_per_task])
+        mat_dev = torch.from_numpy(mat).to(device)
+        out = [[] for _ in stacks]
+        with torch.no_grad():
+            for s in stacks:
+                s.eval()
+            step = max(1, train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
+            for start in range(0, n, step):
+                x = read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step])
+                for o, stack, tasks_of, pools_of in zip(out, stacks, member_task, member_pool):
+                    o.append(run(stack, tasks_of, pools_of, x).cpu())
+        return [torch.cat(o) for o in out]
+
+    # Per member (stack s, slot g): losses, and with validation the best epoch's weights so far.
+    history = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
+               for s, members in enumerate(stack_members) for g in range(len(members))}
     order = torch.Generator().manual_seed(train.seed)
-    n_batches = math.ceil(n_train / train.batch_size)
-    bar = tqdm(total=train.epochs * n_batches, desc=f"training {n_tasks}x{len(configs)} CNNs", disable=not progress)
-    epoch_losses = {(t, i): [] for t in range(n_tasks) for i in range(len(configs))}
-    for s in stacks:
-        s.train()
-    for _ in range(train.epochs):
-        perm = train_idx[:, torch.randperm(n_train, generator=order).numpy()]  # the permutation a lone task draws
+    val_labels = labels[np.arange(n_tasks)[:, None], val_idx]  # (task, val)
+    bar = tqdm(total=train.epochs, desc=f"training {n_tasks}x{len(configs)} CNNs", unit="epoch",
+               disable=not progress)
+    epochs_done = 0
+    for epoch in range(1, train.epochs + 1):
+        for s in stacks:
+            s.train()
+        perm = fit_idx[:, torch.randperm(n_fit, generator=order).numpy()]  # the permutation a lone task draws
         perm_dev = torch.from_numpy(perm).to(device)  # one copy an epoch, none a step
         totals = [torch.zeros(len(m), device=device) for m in stack_members]
-        for start in range(0, n_train, train.batch_size):
+        for start in range(0, n_fit, train.batch_size):
             idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
             x = read_tasks(idx, idx_dev)
             y = labels_dev.gather(1, idx_dev)  # (task, batch)
@@ -541,35 +732,56 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.update()
-        for members, total in zip(stack_members, totals):
-            for member, t in zip(members, (total / n_train).tolist()):
-                epoch_losses[member].append(t)
+        epochs_done = epoch
+        for s, total in enumerate(totals):
+            for g, t in enumerate((total / n_fit).tolist()):
+                history[(s, g)]["train"].append(t)
+        if val_idx.shape[1]:
+            _track_validation(history, evaluate(list(val_idx)), val_labels, member_task, stacks, epoch,
+                              train.patience)
+        bar.update()
+        running = sum(not h["stopped"] for h in history.values())
+        bar.set_postfix_str(f"{running}/{len(history)} improving")
+        if train.early_stopping and running == 0:
+            break
     bar.close()
 
-    # Evaluate in lockstep too; a task with fewer eval samples repeats its last one, and drops those outputs.
-    n_eval = max(len(e) for e in eval_idx)
-    eval_mat = np.stack([e[np.minimum(np.arange(n_eval), len(e) - 1)] for e in eval_idx])
-    eval_dev = torch.from_numpy(eval_mat).to(device)
-    eval_logits = [[] for _ in stacks]
-    with torch.no_grad():
-        for s in stacks:
-            s.eval()
-        step = max(1, train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
-        for start in range(0, n_eval, step):
-            stop = start + step
-            x = read_tasks(eval_mat[:, start:stop], eval_dev[:, start:stop])
-            for out, stack, tasks_of, pools_of in zip(eval_logits, stacks, member_task, member_pool):
-                out.append(run(stack, tasks_of, pools_of, x).cpu())
+    # The best epoch's weights (with validation), then the eval split, in lockstep.
+    for (s, g), h in history.items():
+        if h["state"] is not None:
+            stacks[s].load_member_state(g, h["state"])
+    eval_logits = evaluate(eval_idx)
     trained: list[list[TrainedCNN | None]] = [[None] * len(configs) for _ in range(n_tasks)]
-    for members, stack, out in zip(stack_members, stacks, eval_logits):
-        logits = torch.cat(out)  # (eval, g, class)
+    for s, (members, stack, logits) in enumerate(zip(stack_members, stacks, eval_logits)):
         for g, ((t, i), model) in enumerate(zip(members, stack.unstack())):
+            h = history[(s, g)]
             lg = logits[: len(eval_idx[t]), g].contiguous()
-            y_eval = labels[t][eval_idx[t]]
-            metrics = classification_metrics(y_eval, lg.argmax(-1), n_classes, lg)
-            trained[t][i] = TrainedCNN(configs[i], model, lg, metrics, epoch_losses[(t, i)])
+            metrics = classification_metrics(labels[t][eval_idx[t]], lg.argmax(-1), n_classes, lg)
+            trained[t][i] = TrainedCNN(configs[i], model, lg, metrics, h["train"], h["val"],
+                                       epochs_run=h["stopped"] or epochs_done,
+                                       best_epoch=h["best_epoch"] if h["state"] is not None else epochs_done)
     return trained
+
+
+def _track_validation(history: dict, val_logits: list[Tensor], val_labels: np.ndarray, member_task: list[Tensor],
+                      stacks: list[_CNNStack], epoch: int, patience: int) -> None:
+    """Early stopping's bookkeeping: each member's validation loss; a copy of its weights when it is
+    its best so far; the epoch it stops at once `patience` epochs have passed without improvement.
+    A stopped member is left alone (it would have stopped training alone), so neighbours never matter."""
+    y = torch.from_numpy(val_labels)
+    for s, (logits, tasks_of) in enumerate(zip(val_logits, member_task)):
+        n_val = val_labels.shape[1]
+        for g, t in enumerate(tasks_of.tolist()):
+            h = history[(s, g)]
+            if h["stopped"]:
+                continue
+            loss = float(F.cross_entropy(logits[:n_val, g].double(), y[t]))
+            h["val"].append(loss)
+            if loss < h["best"]:
+                h["best"], h["best_epoch"], h["state"] = loss, epoch, stacks[s].member_state(g)
+            elif patience and epoch - h["best_epoch"] >= patience:
+                h["stopped"] = epoch
+
 
 
 # ----------------------------------------------------------------------------- alignment score
@@ -657,8 +869,9 @@ def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: b
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}
         tensors["eval_logits"] = t.eval_logits.detach().cpu().float().contiguous()
         meta = {"config": asdict(t.config), "n_layers": t.model.n_layers, "n_classes": t.model.n_classes,
-                "seq_len": t.model.seq_len, "train_losses": list(t.train_losses),
-                "eval_metrics": t.eval_metrics.to_dict()}
+                "seq_len": t.model.seq_len, "input_scaling": t.model.input_scaling,
+                "train_losses": list(t.train_losses), "val_losses": list(t.val_losses),
+                "epochs_run": t.epochs_run, "best_epoch": t.best_epoch, "eval_metrics": t.eval_metrics.to_dict()}
         _atomic_write(folder / f"{t.config.name}.safetensors", lambda p: save_file(tensors, str(p)))
         _atomic_write(folder / f"{t.config.name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     if index:
@@ -683,8 +896,11 @@ def load_cnns(folder: str | os.PathLike, device: str | torch.device | None = Non
         meta = json.loads((folder / f"{name}.json").read_text())
         tensors = load_file(str(folder / f"{name}.safetensors"))
         config = CNNConfig(**meta["config"])
-        model = AttentionCNN(meta["n_layers"], meta["n_classes"], config, meta["seq_len"])
+        model = AttentionCNN(meta["n_layers"], meta["n_classes"], config, meta["seq_len"],
+                             meta.get("input_scaling", "raw"))
         model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
         out.append(TrainedCNN(config, model.to(device or "cpu").eval(), tensors["eval_logits"],
-                              ClassMetrics.from_dict(meta["eval_metrics"]), meta["train_losses"]))
+                              ClassMetrics.from_dict(meta["eval_metrics"]), meta["train_losses"],
+                              meta.get("val_losses", []), meta.get("epochs_run", len(meta["train_losses"])),
+                              meta.get("best_epoch", len(meta["train_losses"]))))
     return out

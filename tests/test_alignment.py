@@ -46,7 +46,7 @@ def synthetic_frame(n: int = 300, seed: int = 0) -> pd.DataFrame:
 def small_config(**kw):
     rows = (al.Row("merge_2_other_guess_recollect_recite", 5), al.Row("merge_2_other_recite_guess_recollect", 5))
     return al.AlignmentConfig(rows=rows, train_per_class=12, eval_per_class=8, configs=SMALL,
-                              train=TrainConfig(epochs=1, device="cpu"), n_boot=50, **kw)
+                              train=TrainConfig(protocol="paper", epochs=1, device="cpu"), n_boot=50, **kw)
 
 
 def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatch):
@@ -75,7 +75,7 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_
     df = synthetic_frame()
     al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    other = al.AlignmentConfig(**{**small_config().__dict__, "train": TrainConfig(epochs=2, device="cpu",
+    other = al.AlignmentConfig(**{**small_config().__dict__, "train": TrainConfig(protocol="paper", epochs=2, device="cpu",
                                                                                  precision="bf16")})
     with pytest.raises(ValueError, match="epochs 1 -> 2; precision 'float32' -> 'bf16'") as err:
         al.run_alignment(tiny_model, df, other, tmp_path, progress=False, log=lambda m: None)
@@ -83,7 +83,7 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
     # Where the run executes is not a result setting: another device, fusing or batch size resumes.
     same = al.AlignmentConfig(**{**small_config().__dict__, "extraction_batch_size": 3,
-                                 "train": TrainConfig(epochs=1, device="cpu", fuse=True, eval_batch_size=7)})
+                                 "train": TrainConfig(protocol="paper", epochs=1, device="cpu", fuse=True, eval_batch_size=7)})
     al.check_resume(tmp_path, same)
 
 

@@ -37,7 +37,7 @@ def diagonal_toy(n: int, n_layers: int = 3, seq_len: int = 64, seed: int = 0):
 def small_run(configs, n=40, seq_len=32, epochs=1, **kw):
     feats, labels = diagonal_toy(n, seq_len=seq_len)
     return train_cnns(feats, POOLS, labels, np.arange(n - 8), np.arange(n - 8, n), 3, configs,
-                      TrainConfig(epochs=epochs, **kw), progress=False)
+                      TrainConfig(protocol="paper", epochs=epochs, **kw), progress=False)
 
 
 # ----------------------------------------------------------------------------- configs and model
@@ -206,7 +206,7 @@ def test_learns_separable_toy():
     """Class = which layer carries a bright diagonal: every config of the quick grid must learn it."""
     feats, labels = diagonal_toy(240)
     trained = train_cnns(feats, POOLS, labels, np.arange(180), np.arange(180, 240), 3, QUICK_GRID,
-                         TrainConfig(epochs=3), progress=False)
+                         TrainConfig(protocol="paper", epochs=3), progress=False)
     assert [t.config for t in trained] == list(QUICK_GRID)
     for t in trained:
         assert t.eval_metrics.min_f1 > 0.95, (t.config.name, t.eval_metrics.f1)
@@ -221,7 +221,7 @@ def test_each_config_reads_its_own_pool():
     feats, labels = diagonal_toy(120, seq_len=32)
     feats[:, 1] = 0  # pool axis named ("max", "mean") below: the "mean" image is all zeros
     trained = train_cnns(feats, ("max", "mean"), labels, np.arange(90), np.arange(90, 120), 3,
-                         [CNNConfig(pooling="max"), CNNConfig(pooling="mean")], TrainConfig(epochs=6),
+                         [CNNConfig(pooling="max"), CNNConfig(pooling="mean")], TrainConfig(protocol="paper", epochs=6),
                          progress=False)
     by_pool = {t.config.pooling: t.eval_metrics for t in trained}
     assert by_pool["max"].min_f1 > 0.9
@@ -273,11 +273,11 @@ def three_tasks(n=48):
 def test_tasks_trained_together_equal_tasks_trained_alone(fuse):
     feats, tasks = three_tasks()
     configs = (CNNConfig(6, 4, "mean"), CNNConfig(6, 4, "max"), CNNConfig(8, 4, "mean"))
-    train = TrainConfig(epochs=2, fuse=fuse, device="cpu")
+    train = TrainConfig(protocol="paper", epochs=2, fuse=fuse, device="cpu")
     together = train_cnn_tasks(feats, POOLS, tasks, 3, configs, train, progress=False)
     for task, mine in zip(tasks, together):
         alone = train_cnns(feats, POOLS, task.labels, task.train_idx, task.eval_idx, 3, configs,
-                           TrainConfig(epochs=2, fuse=False, device="cpu"), progress=False)
+                           TrainConfig(protocol="paper", epochs=2, fuse=False, device="cpu"), progress=False)
         for a, b in zip(alone, mine):
             assert a.config == b.config and b.eval_logits.shape == (len(task.eval_idx), 3)
             assert_same_weights(state(a.model), state(b.model), exact=not fuse)
@@ -292,7 +292,7 @@ def test_tasks_trained_together_need_equal_training_sets():
     feats, tasks = three_tasks()
     tasks[1] = Task(tasks[1].labels, tasks[1].train_idx[:20], tasks[1].eval_idx)
     with pytest.raises(ValueError, match="as many training samples"):
-        train_cnn_tasks(feats, POOLS, tasks, 3, QUICK_GRID, TrainConfig(device="cpu"), progress=False)
+        train_cnn_tasks(feats, POOLS, tasks, 3, QUICK_GRID, TrainConfig(protocol="paper", device="cpu"), progress=False)
 
 
 def test_deterministic_on_cpu():
@@ -308,7 +308,7 @@ def test_bf16_precision_trains_in_bfloat16_and_still_learns(fuse):
     stay deterministic, and learn the separable toy as float32 does."""
     feats, labels = diagonal_toy(240)
     run = lambda precision: train_cnns(feats, POOLS, labels, np.arange(180), np.arange(180, 240), 3, QUICK_GRID,
-                                       TrainConfig(epochs=3, device="cpu", fuse=fuse, precision=precision),
+                                       TrainConfig(protocol="paper", epochs=3, device="cpu", fuse=fuse, precision=precision),
                                        progress=False)
     full, half, again = run("float32"), run("bf16"), run("bf16")
     for f, h, a in zip(full, half, again):
@@ -329,7 +329,7 @@ def test_numpy_memmap_features_give_same_result(tmp_path):
     mm[:] = feats.numpy()
     mm.flush()
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    args = (POOLS, labels.numpy(), np.arange(32), np.arange(32, 40), 3, QUICK_GRID, TrainConfig(epochs=1, device="cpu"))
+    args = (POOLS, labels.numpy(), np.arange(32), np.arange(32, 40), 3, QUICK_GRID, TrainConfig(protocol="paper", epochs=1, device="cpu"))
     from_memmap = train_cnns(mm, *args, progress=False)
     from_tensor = train_cnns(feats, *args, progress=False)
     for t1, t2 in zip(from_memmap, from_tensor):
@@ -355,7 +355,7 @@ def test_training_sets_cudnn_deterministic_and_restores_it(monkeypatch, determin
 def test_model_logits_match_eval_logits():
     feats, labels = diagonal_toy(40, seq_len=32)
     t = train_cnns(feats, POOLS, labels, np.arange(32), np.arange(32, 40), 3, [CNNConfig(pooling="max")],
-                   TrainConfig(epochs=1), progress=False)[0]
+                   TrainConfig(protocol="paper", epochs=1), progress=False)[0]
     x = feats[32:, POOLS.index("max")].float().to(device_of(t.model))
     torch.testing.assert_close(t.model(x).cpu(), t.eval_logits)
 
@@ -386,7 +386,7 @@ def test_overlapping_split_warns():
     feats, labels = diagonal_toy(12, seq_len=32)
     with pytest.warns(UserWarning, match="overlap"):
         train_cnns(feats, POOLS, labels, np.arange(10), np.arange(8, 12), 3, QUICK_GRID[:1],
-                   TrainConfig(epochs=1), progress=False)
+                   TrainConfig(protocol="paper", epochs=1), progress=False)
 
 
 # ----------------------------------------------------------------------------- save / load

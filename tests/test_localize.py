@@ -221,7 +221,7 @@ def make_run(folder: Path, model, checkpoint, n: int = 36, slug: str = "merge_2_
     train, ev = np.arange(0, n, 2), np.arange(1, n, 2)
     trained = train_cnns(np.asarray(store.features), store.pooling, labels, train, ev, 3,
                          (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(6, 4, "max", n_feat_fc=16)),
-                         TrainConfig(epochs=1, device="cpu"), progress=False)
+                         TrainConfig(protocol="paper", epochs=1, device="cpu"), progress=False)
     save_cnns(trained, folder / "cnns" / slug)
     (folder / "rows").mkdir(parents=True)
     (folder / "rows" / f"{slug}.json").write_text(json.dumps({
