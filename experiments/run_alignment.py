@@ -23,14 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 from mechmem import cli  # noqa: E402  (after the path: runs from a checkout too)
 
-PRESETS = {  # grid: (rows, CNN configs, train per class, eval per class)
-    "quick": ("quick", "quick", 300, 150),
-    "paper": ("paper", "paper", 4000, 2000),
+PRESETS = {  # grid: (rows, CNN configs, train per class, eval per class, training seeds)
+    "quick": ("quick", "quick", 300, 150, 3),
+    "paper": ("paper", "paper", 4000, 2000, 1),
 }
 
 
 def parse_args(argv=None):
-    from mechmem.cnn import PRECISIONS
+    from mechmem.cnn import INPUT_SCALINGS, PRECISIONS, PROTOCOLS
 
     p = cli.Parser("run_alignment", __doc__)
     p.add_argument("--grid", choices=sorted(PRESETS), default="quick",
@@ -49,12 +49,23 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", help="'quick', 'paper', or CNN names like k6_c10_mean")
     p.add_argument("--train-per-class", type=int)
     p.add_argument("--eval-per-class", type=int)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--training", choices=PROTOCOLS, default="converged",
+                   help="converged: standardized inputs, validation part, early stopping (default); "
+                        "paper: the paper's exact recipe (raw attention, 3 epochs), for replication")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="paper: the number of epochs (3); converged: the cap (60)")
+    p.add_argument("--input-scaling", choices=INPUT_SCALINGS, default=None,
+                   help="how attention is shown to the CNN (default: the protocol's; paper: raw, converged: log-pixel)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="converged: epochs without a better validation loss before stopping (4)")
+    p.add_argument("--no-controls", action="store_true",
+                   help="skip the shuffled-label control CNNs (the row's chance floor)")
+    p.add_argument("--no-probe", action="store_true", help="skip the attention-statistics probe")
     p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32",
                    help="bf16: train the CNNs under bfloat16 autocast (faster on a GPU; float32 is the paper's)")
-    p.add_argument("--cnn-seeds", type=int, default=1,
-                   help="train every CNN config with this many seeds: the score averages over them and "
-                        "min_f1_seed_sd reports how far training noise moves it")
+    p.add_argument("--cnn-seeds", type=int, default=None,
+                   help="train every CNN config with this many seeds (quick: 3, paper: 1): the score averages "
+                        "over them and min_f1_seed_sd reports how far training noise moves it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bf16, fp16")
@@ -132,16 +143,19 @@ def run(args) -> int:
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
 
-    grid_rows, grid_configs, train_pc, eval_pc = PRESETS[args.grid]
+    grid_rows, grid_configs, train_pc, eval_pc, seeds = PRESETS[args.grid]
+    seeds = args.cnn_seeds if args.cnn_seeds is not None else seeds
     rows = _rows(args, grid_rows)
     configs = _configs(args.configs, grid_configs)
     train_pc = args.train_per_class or train_pc
     eval_pc = args.eval_per_class or eval_pc
     if train_pc < 1 or eval_pc < 1:
         raise cli.CliError("--train-per-class and --eval-per-class must be >= 1")
-    if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 1) or args.n_boot < 1 \
-            or args.chunk_size < 1 or args.cnn_seeds < 1:
+    if (args.epochs is not None and args.epochs < 1) or (args.batch_size is not None and args.batch_size < 1) \
+            or args.n_boot < 1 or args.chunk_size < 1 or seeds < 1:
         raise cli.CliError("--epochs, --batch-size, --chunk-size, --n-boot and --cnn-seeds must be >= 1")
+    if args.patience is not None and args.patience < 0:
+        raise cli.CliError(f"--patience must be >= 0, got {args.patience}")
     out = args.out or ROOT / "runs" / f"alignment-{args.grid}"
 
     dist = init_from_env()  # one process per GPU under torchrun; Dist() otherwise
@@ -150,9 +164,10 @@ def run(args) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
-        train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device, precision=args.cnn_precision),
+        train=TrainConfig(protocol=args.training, epochs=args.epochs, input_scaling=args.input_scaling,
+                          patience=args.patience, seed=args.seed, device=args.device, precision=args.cnn_precision),
         extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
-        split=args.split, cnn_seeds=args.cnn_seeds,
+        split=args.split, cnn_seeds=seeds, controls=not args.no_controls, probe=not args.no_probe,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
     al.check_resume(out, cfg)  # before config.json is rewritten: a refused resume changes nothing
@@ -165,10 +180,11 @@ def run(args) -> int:
                   "compatibility_mode": not args.no_compatibility_mode, "world_size": dist.world_size,
                   "config": asdict(cfg)}
         al.atomic_json(out / "config.json", record, default=str)
-    say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row; "
-        f"{train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); writing to {out}")
+    say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row x {seeds} "
+        f"seed(s), {args.training} training; {train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); "
+        f"writing to {out}")
     table = al.run_alignment(model, df, cfg, out, progress=not args.quiet, dist=dist)
-    say("\nAlignment ranking (min F1 %, 95% bootstrap interval):")
+    say("")
     say(al.ranking_text(table))
     say(f"\nwrote {out / 'alignment.csv'}, alignment.md, min_f1.png, confusion_best.png, confusion_worst.png")
     shutdown()

@@ -25,29 +25,31 @@ from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
 from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
-                         load_cnns, save_cnns, train_cnn_tasks, write_cnn_index)
+                         load_cnns, save_cnns, score_summary, train_cnn_tasks, write_cnn_index)
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
+from mechmem.probe import attention_statistics, train_probe
 
 # The quick preset: the paper's proposed taxonomy, the original Recite/Reconstruct/Recollect
-# family, and enough neighbours to rank them (display names, as in the paper's tables).
+# family, and neighbours to rank them (display names, as in the paper's tables). Six rows: with
+# converged CNNs, three training seeds, controls and the probe, it fits 10 minutes on a 2-core CPU.
 QUICK_ROWS: tuple[str, ...] = (
     "Non-Memo, Guess, Others",
     "Non-Memo, Reconstruct, Others",
     "Non-Memo, Recite[5], Others",
     "Non-Memo, Recollect[5], Others",
     "Non-Memo, Code, Others",
-    "Non-Memo, Guess-or-Recollect[5], Others",
-    "Non-Memo, Recite[5], Reconstruct, Others",
-    "Non-Memo, Recollect[5], Reconstruct, Others",
     "Non-Memo, Recite[5], Guess, Others",
-    "Non-Memo, Recite[50], Others",
 )
 
 TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "mean_prec", "min_rec",
                  "mean_rec", "mean_eval_loss", "min_f1_ci_low", "min_f1_ci_high"]
+# Beside the score, what it is measured against (see `_write_row`): the chance level, the same CNNs
+# trained on shuffled labels, the attention-statistics probe, the paper's Pythia-12B figure.
+CONTROL_COLUMNS = ["min_f1_chance", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe",
+                   "min_f1_probe_ci_low", "min_f1_probe_ci_high", "aligned", "epochs", "paper_12b_min_f1"]
 SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
 
 
@@ -94,6 +96,10 @@ class AlignmentConfig:
     # Trainings of every CNN config, with train seeds train.seed, train.seed + 1, ...: the score averages
     # over all of them, and min_f1_seed_sd says how far training noise alone moves it.
     cnn_seeds: int = 1
+    # The row's chance floor: its CNNs trained (first seed only) on the training split with shuffled
+    # labels, scored on the true eval labels.
+    controls: bool = True
+    probe: bool = True  # the attention-statistics probe (mechmem.probe) on the same split
 
     def __post_init__(self):
         if self.cnn_seeds < 1:
@@ -162,15 +168,23 @@ def atomic_json(path: Path, obj, *, default=None) -> None:
     os.replace(tmp, path)
 
 
+# Fields that may differ when a run resumes: where and in what batches the work runs, and which rows
+# are asked for (a finished row keeps its numbers). Every other field of AlignmentConfig and its
+# TrainConfig decides a row's numbers, so a field added later is checked on resume by default.
+RESUMABLE_FIELDS = frozenset({"rows", "sweep", "extraction_batch_size", "chunk_size",
+                              "train.device", "train.fuse", "train.eval_batch_size"})
+
+
 def result_settings(cfg: AlignmentConfig) -> dict:
-    """The settings that decide a finished row's numbers. Device, fusing and batch sizes of
-    extraction and evaluation are left out: a run may resume on other hardware."""
-    t = cfg.train
-    return {"train_per_class": cfg.train_per_class, "eval_per_class": cfg.eval_per_class,
-            "configs": [c.name for c in cfg.configs], "pooling": list(cfg.pooling), "split": cfg.split,
-            "seed": cfg.seed, "n_boot": cfg.n_boot, "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
-            "weight_decay": t.weight_decay, "train_seed": t.seed, "deterministic": t.deterministic,
-            "precision": t.precision, "cnn_seeds": cfg.cnn_seeds}
+    """The settings that decide a finished row's numbers: every config field but RESUMABLE_FIELDS."""
+    flat = {}
+    for key, value in asdict(cfg).items():
+        for k, v in (value.items() if key == "train" else [(None, value)]):
+            name = key if k is None else f"{key}.{k}"
+            if name not in RESUMABLE_FIELDS:
+                flat[name] = v
+    flat["configs"] = [c.name for c in cfg.configs]
+    return json.loads(json.dumps(flat))  # as settings.json holds it: tuples are lists
 
 
 def check_resume(out: Path, cfg: AlignmentConfig) -> None:
@@ -217,25 +231,27 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     groups: dict[tuple[int, int], list[Row]] = {}
     for row in todo:
         groups.setdefault((len(row.class_names()), len(plan.splits[row][1])), []).append(row)
+    statistics = attention_statistics(features) if cfg.probe and main else None
     for (n_classes, _), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
-        tasks = []
-        for row in rows:
-            labels, train_pos, eval_pos = plan.splits[row]
-            # Store rows are the sorted data-frame positions: map this row's split into them.
-            tr, ev = np.searchsorted(positions, train_pos), np.searchsorted(positions, eval_pos)
-            store_labels = np.zeros(len(positions), dtype=np.int64)
-            store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
-            tasks.append(Task(store_labels, tr, ev))
-        by_seed = []  # [seed][row] -> the row's CNNs
+        tasks = [_store_task(plan.splits[row], positions) for row in rows]
+        controls = [shuffled_control(task, cfg.seed) for task in tasks] if cfg.controls else []
+        by_seed, control_cnns = [], []  # by_seed[seed][row] -> the row's CNNs; control_cnns[row]
         for k in range(cfg.cnn_seeds):
             train = replace(cfg.train, seed=cfg.train.seed + k)
-            mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, train,
-                                   progress=progress) if my_configs else [[] for _ in rows]
+            batch = tasks + (controls if k == 0 else [])  # controls train beside the first seed, in lockstep
+            mine = train_cnn_tasks(features, store.pooling, batch, n_classes, my_configs, train,
+                                   progress=progress) if my_configs else [[] for _ in batch]
             by_seed.append([_gather_cnns(row_cnns, cfg.configs, cnn_folder(out, row, k), dist)
                             for row, row_cnns in zip(rows, mine)])
+            if k == 0:
+                control_cnns = [_gather_cnns(row_cnns, cfg.configs, cnn_folder(out, row, "control"), dist)
+                                for row, row_cnns in zip(rows, mine[len(tasks):])]
         for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
-                _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed], task, plan.splits[row], cfg)
+                probe = train_probe(statistics, task.labels, task.train_idx, task.eval_idx, n_classes,
+                                    seed=cfg.seed).eval_logits if statistics is not None else None
+                _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
+                           control_cnns[i] if control_cnns else None, probe, task, plan.splits[row], cfg)
     dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
     if main:
@@ -248,27 +264,78 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     return table
 
 
-def cnn_folder(out: Path, row: Row, seed_index: int = 0) -> Path:
+def _store_task(split, positions: np.ndarray) -> Task:
+    """A row's split as rows of the feature store (which holds the sorted data-frame positions)."""
+    labels, train_pos, eval_pos = split
+    tr, ev = np.searchsorted(positions, train_pos), np.searchsorted(positions, eval_pos)
+    store_labels = np.zeros(len(positions), dtype=np.int64)
+    store_labels[tr], store_labels[ev] = labels[train_pos], labels[eval_pos]
+    return Task(store_labels, tr, ev)
+
+
+def shuffled_control(task: Task, seed: int) -> Task:
+    """The task with its training labels permuted among its training samples (eval labels untouched):
+    what a CNN learns from it is the chance floor of the row, measured on the same eval samples."""
+    labels = np.array(task.labels, copy=True)
+    train_idx = np.asarray(task.train_idx)
+    labels[train_idx] = np.random.default_rng([seed, 0xC0]).permutation(labels[train_idx])
+    return Task(labels, task.train_idx, task.eval_idx)
+
+
+def cnn_folder(out: Path, row: Row, seed_index: int | str = 0) -> Path:
     """Where a row's CNNs are saved: cnns/{slug}/ for the first training seed (what localization
-    and inspection load), cnns/{slug}/seed{k}/ for the k-th further one."""
+    and inspection load), cnns/{slug}/seed{k}/ for the k-th further one, cnns/{slug}/control/ for
+    the shuffled-label control."""
     folder = Path(out) / "cnns" / row.slug
+    if seed_index == "control":
+        return folder / "control"
     return folder if seed_index == 0 else folder / f"seed{seed_index}"
 
 
-def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[TrainedCNN]], task: Task, split,
-               cfg) -> None:
-    """rows/{slug}.json: the row's alignment score, intervals, per-class F1, confusion and samples."""
+def paper_reference(size: str = "12b") -> pd.DataFrame:
+    """The paper's alignment table for Pythia-{size} (its Table 3, large), shipped in mechmem/reference."""
+    path = Path(__file__).parent / "reference" / f"paper_large_table_{size}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"no paper table for Pythia-{size}; shipped: 2.8b, 6.9b, 12b")
+    return pd.read_csv(path)
+
+
+def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[TrainedCNN]],
+               control: list[TrainedCNN] | None, probe, task: Task, split, cfg) -> None:
+    """rows/{slug}.json: the row's alignment score and interval beside its controls, per-class F1,
+    confusion and samples.
+
+    Controls: `min_f1_chance` is 100 / classes, the most an uninformed classifier can expect on
+    balanced classes (each class's F1 is at most its share when predictions ignore the input);
+    `min_f1_control` is the shuffled-label CNNs' score; `min_f1_probe` the attention-statistics
+    probe's. A row is `aligned` when its CNNs' interval lies above the control's.
+    """
     _, train_pos, eval_pos = split
     trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
     y_eval = task.labels[task.eval_idx]
+    n_classes = len(row.class_names())
     summary = alignment_summary(trained, y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
     if len(by_seed) > 1:  # each seed's own score (no interval needed), and their spread
         per_seed = [alignment_summary(c, y_eval, n_boot=1)["min_f1"] for c in by_seed]
         summary |= {"min_f1_per_seed": per_seed, SEED_COLUMN: float(np.std(per_seed, ddof=1))}
+    summary |= {"min_f1_chance": 100.0 / n_classes, "epochs": float(np.mean([t.epochs_run for t in trained])),
+                "protocol": cfg.train.protocol}
+    if control:
+        c = alignment_summary(control, y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
+        summary |= {"min_f1_control": c["min_f1"], "min_f1_control_ci_low": c["min_f1_ci_low"],
+                    "min_f1_control_ci_high": c["min_f1_ci_high"],
+                    "aligned": bool(summary["min_f1_ci_low"] > c["min_f1_ci_high"])}
+    if probe is not None:
+        p = score_summary([probe], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["probe"])
+        summary |= {"min_f1_probe": p["min_f1"], "min_f1_probe_ci_low": p["min_f1_ci_low"],
+                    "min_f1_probe_ci_high": p["min_f1_ci_high"]}
+    paper = paper_reference("12b").set_index("tax_name")["min_f1"]
+    if row.name in paper.index and (row.rouge, row.rouge_threshold) == ("either", 0.5):
+        summary["paper_12b_min_f1"] = float(paper[row.name])
     confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
     atomic_json(out / "rows" / f"{row.slug}.json", {
-        "tax_name": row.name, "num_classes": len(row.class_names()), **summary, "row": asdict(row),
+        "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
         "confusion": confusion.tolist(),
         "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
@@ -321,15 +388,20 @@ def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:
     return table
 
 
+def table_columns(table: pd.DataFrame) -> list[str]:
+    """The paper's columns, then the controls and the seed spread that this run has."""
+    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + [SEED_COLUMN] if c in table]
+
+
 def write_outputs(table: pd.DataFrame, out: Path) -> None:
-    """alignment.csv, alignment.md, a bar chart of min F1 with intervals, best/worst confusion matrices."""
+    """alignment.csv, alignment.md, a bar chart of min F1 with intervals and controls, best/worst confusion."""
     from mechmem.plots import confusion_png, min_f1_bar_png
 
-    csv = table[TABLE_COLUMNS + [SEED_COLUMN] * (SEED_COLUMN in table)].round(4)
+    csv = table[table_columns(table)].round(4)
     tmp = out / ".alignment.csv.tmp"
     csv.to_csv(tmp, index=False)
     os.replace(tmp, out / "alignment.csv")
-    (out / "alignment.md").write_text(markdown_table(csv))
+    atomic_text(out / "alignment.md", markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
     for tag, r in (("best", best), ("worst", worst)):
@@ -337,8 +409,16 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
                       out / f"confusion_{tag}.png")
 
 
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     def fmt(v):
+        if isinstance(v, (bool, np.bool_)):
+            return "yes" if v else "**no**"
         return f"{v:.1f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
@@ -346,12 +426,38 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ranking_text(table: pd.DataFrame) -> str:
-    lines = []
-    for rank, r in enumerate(table.sort_values("min_f1", ascending=False).itertuples(), 1):
-        spread = f" (seeds sd {getattr(r, SEED_COLUMN):4.1f})" if hasattr(r, SEED_COLUMN) else ""
-        lines.append(f"{rank:>2}. {r.min_f1:5.1f} [{r.min_f1_ci_low:5.1f}, {r.min_f1_ci_high:5.1f}]{spread}  {r.tax_name}")
-    return "\n".join(lines)
+def overlapping_ranks(table: pd.DataFrame) -> list[list[int]]:
+    """For each row of `table` sorted by min F1 (best first), the other ranks whose 95% intervals
+    overlap its own: rows that this run cannot tell apart."""
+    t = table.sort_values("min_f1", ascending=False)
+    lo, hi = t["min_f1_ci_low"].to_numpy(), t["min_f1_ci_high"].to_numpy()
+    return [[j + 1 for j in range(len(t)) if j != i and lo[i] <= hi[j] and lo[j] <= hi[i]] for i in range(len(t))]
+
+
+def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
+    """Rows best first: score and interval, seed spread, the controls, and the ranks it cannot be told
+    apart from; a row whose interval does not clear its shuffled-label control is flagged."""
+    t = table.sort_values("min_f1", ascending=False)
+    seeds = " (seeds sd: spread over training seeds)" if SEED_COLUMN in t else ""
+    lines = [f"Ranking: min F1 % [95% bootstrap interval]{seeds} | probe | shuffled-label control | chance | "
+             "paper Pythia-12B; '~ n' lists the ranks whose intervals overlap.", ""]
+    for rank, (r, ties) in enumerate(zip(t.to_dict("records"), overlapping_ranks(t)), 1):
+        def get(key, fmt="5.1f", missing="  -  "):
+            v = r.get(key)
+            return missing if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+        parts = [f"{rank:>2}. {r['min_f1']:5.1f} [{r['min_f1_ci_low']:5.1f}, {r['min_f1_ci_high']:5.1f}]"]
+        if SEED_COLUMN in r:
+            parts.append(f"(seeds sd {get(SEED_COLUMN, '4.1f', ' -  ')})")
+        parts += [f"| probe {get('min_f1_probe')}", f"| control {get('min_f1_control')}",
+                  f"| chance {get('min_f1_chance', '4.1f')}", f"| paper {get('paper_12b_min_f1', '4.1f', ' -  ')}"]
+        aligned = r.get("aligned")
+        known = aligned is not None and not (isinstance(aligned, float) and np.isnan(aligned))
+        flag = "  NOT ALIGNED (within its control)" if known and not bool(aligned) else ""
+        tie = f"  ~ {','.join(map(str, ties))}" if ties else ""
+        lines.append(" ".join(parts) + f"  {r['tax_name']}{flag}{tie}")
+    text = "\n".join(lines)
+    return f"```\n{text}\n```\n" if markdown else text
 
 
 # --------------------------------------------------------------------------------------------

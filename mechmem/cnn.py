@@ -94,11 +94,11 @@ INPUT_SCALINGS = ("raw", "layer", "pixel", "log-pixel")
 PROTOCOL_DEFAULTS: dict[str, dict] = {
     # The paper's recipe: raw attention probabilities, exactly 3 epochs, the last epoch's weights.
     "paper": dict(epochs=3, batch_size=16, input_scaling="raw", val_fraction=0.0, patience=0),
-    # Trained until it stops improving: inputs standardized per pixel with training-split statistics,
-    # a fifth of the training split held out for validation, early stopping (patience 4, at most 60
-    # epochs), the best epoch's weights. Batch 64 (4x fewer steps an epoch for the same samples):
-    # the scaling, batch and patience were chosen by measurement (benchmarks/README.md, "Training protocol").
-    "converged": dict(epochs=60, batch_size=64, input_scaling="pixel", val_fraction=0.2, patience=4),
+    # Trained until it stops improving: log attention standardized per pixel with training-split
+    # statistics, a fifth of the training split held out for validation, early stopping (patience 4,
+    # at most 60 epochs), the best epoch's weights. Batch 64 (4x fewer steps an epoch). Scaling, batch
+    # and patience were chosen by measurement (benchmarks/README.md, "Training protocol").
+    "converged": dict(epochs=60, batch_size=64, input_scaling="log-pixel", val_fraction=0.2, patience=4),
 }
 SCALE_EPS = 1e-3  # floor of a standard deviation: constant pixels (the causal mask's zeros) map to 0
 LOG_EPS = 1e-4  # log(attention + LOG_EPS) for the "log-pixel" scaling
@@ -802,16 +802,32 @@ def alignment_summary(
     """
     if not trained:
         raise ValueError("alignment_summary needs at least one TrainedCNN")
-    n_classes = trained[0].eval_logits.shape[-1]
+    return score_summary([t.eval_logits for t in trained], eval_labels, n_boot, seed, confidence,
+                         names=[t.config.name for t in trained])
+
+
+def score_summary(
+    eval_logits: Sequence[Float[Tensor, "eval class"]],
+    eval_labels: Int[Tensor, " eval"] | Int[np.ndarray, " eval"],
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    names: Sequence[str] | None = None,
+) -> dict:
+    """`alignment_summary` for any classifiers' eval logits (the CNNs', a control's, the probe's)."""
+    if not eval_logits:
+        raise ValueError("score_summary needs at least one set of eval logits")
+    n_classes = eval_logits[0].shape[-1]
     y = _as_labels(eval_labels, n_classes, "eval_labels")
-    for t in trained:
-        if tuple(t.eval_logits.shape) != (len(y), n_classes):
-            raise ValueError(f"{t.config.name}: eval_logits shape {tuple(t.eval_logits.shape)} does not match "
+    names = names or [f"classifier {i}" for i in range(len(eval_logits))]
+    for name, lg in zip(names, eval_logits):
+        if tuple(lg.shape) != (len(y), n_classes):
+            raise ValueError(f"{name}: eval_logits shape {tuple(lg.shape)} does not match "
                              f"{len(y)} eval labels and {n_classes} classes")
     if n_boot < 1 or not 0 < confidence < 1:
         raise ValueError(f"need n_boot >= 1 and confidence in (0, 1), got {n_boot}, {confidence}")
-    preds = [t.eval_logits.argmax(-1).numpy() for t in trained]
-    ms = [classification_metrics(y, p, n_classes, t.eval_logits) for p, t in zip(preds, trained)]
+    preds = [torch.as_tensor(lg).argmax(-1).numpy() for lg in eval_logits]
+    ms = [classification_metrics(y, p, n_classes, lg) for p, lg in zip(preds, eval_logits)]
 
     def avg(attr: str, scale: float = 100.0) -> float:
         return scale * float(np.mean([getattr(m, attr) for m in ms]))
@@ -821,7 +837,7 @@ def alignment_summary(
            "mean_eval_loss": avg("loss", 1.0)}
 
     # Bootstrap: confusion matrices of all resamples at once via one bincount per chunk of resamples.
-    K, n, n_cfg = n_classes, len(y), len(trained)
+    K, n, n_cfg = n_classes, len(y), len(eval_logits)
     codes = np.stack([y * K + p for p in preds])  # (config, sample): cell of the confusion matrix
     rng = np.random.default_rng(seed)
     stats = []

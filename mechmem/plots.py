@@ -20,21 +20,32 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def min_f1_bar_png(table: pd.DataFrame, path: Path, reference: pd.DataFrame | None = None) -> None:
-    """Horizontal bars of min F1 per taxonomy with bootstrap 95% intervals (best on top)."""
-    t = table.sort_values("min_f1")
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(t) + 1.2))
+def min_f1_bar_png(table: pd.DataFrame, path: Path) -> None:
+    """Horizontal bars of min F1 per taxonomy with 95% intervals (best on top), beside its controls:
+    the probe (diamond), the shuffled-label control (cross), chance (tick) and the paper's Pythia-12B
+    figure (black bar) where the row has them."""
+    t = table.sort_values("min_f1").reset_index(drop=True)
+    y = np.arange(len(t))
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(t) + 1.6))
     err = np.vstack([t["min_f1"] - t["min_f1_ci_low"], t["min_f1_ci_high"] - t["min_f1"]])
     colors = ["tab:blue" if n == 3 else "tab:orange" for n in t["num_classes"]]
-    ax.barh(t["tax_name"], t["min_f1"], xerr=err, color=colors, capsize=3)
-    if reference is not None:
-        ref = reference.set_index("tax_name")["min_f1"]
-        ax.scatter([ref.get(n, np.nan) for n in t["tax_name"]], t["tax_name"], marker="|", s=200,
-                   color="black", label="paper (Pythia-12B)", zorder=3)
-        ax.legend(loc="lower right")
+    ax.barh(y, t["min_f1"], xerr=err, color=colors, capsize=3, alpha=0.85)
+    markers = (("min_f1_probe", "D", "tab:green", "probe (attention statistics)"),
+               ("min_f1_control", "x", "tab:red", "shuffled-label control"),
+               ("min_f1_chance", "|", "grey", "chance (100 / classes)"),
+               ("paper_12b_min_f1", "|", "black", "paper, Pythia-12B"))
+    for column, marker, color, label in markers:
+        if column in t and t[column].notna().any():
+            ax.scatter(t[column], y, marker=marker, color=color, s=160 if marker == "|" else 36, zorder=3,
+                       label=label, linewidths=2.5 if color == "black" else 1.5)
+    aligned = t["aligned"] if "aligned" in t else [None] * len(t)
+    names = [n + ("  (not aligned)" if a is not None and a == a and not bool(a) else "")  # a == a: not NaN
+             for n, a in zip(t["tax_name"], aligned)]
+    ax.set_yticks(y, names, fontsize=8)
     ax.set_xlabel("min F1 over classes (%), 95% bootstrap interval")
     ax.set_xlim(0, 100)
-    ax.set_title("Alignment of memorization taxonomies with attention (blue: 3 classes, orange: 4)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title("Alignment of memorization taxonomies with attention (blue: 3 classes, orange: 4)", fontsize=9)
     _save(fig, path)
 
 

@@ -52,7 +52,7 @@ def small_config(**kw):
 def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatch):
     df = synthetic_frame()
     table = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
-    assert list(pd.read_csv(tmp_path / "alignment.csv").columns) == al.TABLE_COLUMNS
+    assert list(pd.read_csv(tmp_path / "alignment.csv").columns) == al.TABLE_COLUMNS + al.CONTROL_COLUMNS
     assert set(table["tax_name"]) == {"Non-Memo, Guess, Others", "Non-Memo, Recite[5], Others"}
     for name in ("alignment.md", "min_f1.png", "confusion_best.png", "confusion_worst.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -77,7 +77,7 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     other = al.AlignmentConfig(**{**small_config().__dict__, "train": TrainConfig(protocol="paper", epochs=2, device="cpu",
                                                                                  precision="bf16")})
-    with pytest.raises(ValueError, match="epochs 1 -> 2; precision 'float32' -> 'bf16'") as err:
+    with pytest.raises(ValueError, match="train.epochs 1 -> 2; train.precision 'float32' -> 'bf16'") as err:
         al.run_alignment(tiny_model, df, other, tmp_path, progress=False, log=lambda m: None)
     assert "\n" not in str(err.value)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -106,8 +106,8 @@ def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tin
         assert record["min_f1_seed_sd"] == pytest.approx(abs(first - second) / np.sqrt(2))
         assert record["n_configs"] == 2 * len(SMALL)
     csv = pd.read_csv(tmp_path / "two" / "alignment.csv")
-    assert list(csv.columns) == al.TABLE_COLUMNS + [al.SEED_COLUMN]
-    assert list(pd.read_csv(tmp_path / "one" / "alignment.csv").columns) == al.TABLE_COLUMNS
+    assert list(csv.columns) == al.TABLE_COLUMNS + al.CONTROL_COLUMNS + [al.SEED_COLUMN]
+    assert list(pd.read_csv(tmp_path / "one" / "alignment.csv").columns) == al.TABLE_COLUMNS + al.CONTROL_COLUMNS
     assert "seeds sd" in al.ranking_text(two) and "seeds sd" not in al.ranking_text(one)
     with pytest.raises(ValueError, match="cnn_seeds must be >= 1"):
         small_config(cnn_seeds=0)

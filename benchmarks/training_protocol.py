@@ -1,0 +1,116 @@
+"""How should the CNN be trained? Variants of the training protocol on one run's stored features.
+
+    python benchmarks/training_protocol.py --run runs/alignment-quick --seeds 3 \
+        --variant paper protocol=paper --variant converged \
+        --variant layer input_scaling=layer --variant bs16 batch_size=16
+
+Reads the run's feature store and every row's train/eval split (rows/*.json), retrains the row's
+CNNs under each variant (`name key=value ...`, fields of TrainConfig; the protocol's defaults fill
+the rest) with several training seeds, and fits the attention-statistics probe on the same splits.
+Prints per variant the mean min F1 over rows, the mean spread over seeds, epochs and time; writes
+every (variant, row, seed) to --out as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechmem import alignment as al
+from mechmem.cnn import PAPER_GRID, QUICK_GRID, Task, TrainConfig, alignment_summary, train_cnn_tasks
+from mechmem.data import load_memorization_data
+from mechmem.features import FeatureStore
+from mechmem.probe import attention_statistics, train_probe
+
+
+def parse_variant(words: list[str]) -> tuple[str, dict]:
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    kw = {}
+    for word in words[1:]:
+        key, value = word.split("=", 1)
+        if key not in types:
+            raise SystemExit(f"unknown TrainConfig field {key!r}")
+        kw[key] = value if key in ("protocol", "input_scaling", "precision", "device") else \
+            (value == "true" if value in ("true", "false") else (float(value) if "." in value else int(value)))
+    return words[0], kw
+
+
+def load_rows(run: Path, df: pd.DataFrame, store: FeatureStore):
+    """(row, labels over the store, train rows, eval rows) per finished row of the run."""
+    out = []
+    for path in sorted((run / "rows").glob("*.json")):
+        rec = json.loads(path.read_text())
+        row = al.Row(**rec["row"])
+        labels_df = row.labels(df)
+        pos = pd.Series(np.arange(len(df)), index=df["sequence_id"].to_numpy())
+        tr_ids, ev_ids = np.array(rec["train_sequence_ids"]), np.array(rec["eval_sequence_ids"])
+        labels = np.zeros(len(store.sequence_ids), dtype=np.int64)
+        tr, ev = store.index(tr_ids), store.index(ev_ids)
+        labels[tr], labels[ev] = labels_df[pos[tr_ids].to_numpy()], labels_df[pos[ev_ids].to_numpy()]
+        out.append((row, labels, tr, ev))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", default="testbed")
+    p.add_argument("--variant", nargs="+", action="append", required=True, help="name key=value ...")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--configs", choices=["quick", "paper"], default="quick")
+    p.add_argument("--rows", nargs="*", help="row slugs (default: all)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    configs = QUICK_GRID if args.configs == "quick" else PAPER_GRID
+    df = load_memorization_data(args.data)
+    store = FeatureStore.load(args.run / "features")
+    features = torch.from_numpy(np.array(store.features))
+    rows = [r for r in load_rows(args.run, df, store) if not args.rows or r[0].slug in args.rows]
+    records = []
+    stats = attention_statistics(features)
+    for row, labels, tr, ev in rows:
+        probe = train_probe(stats, labels, tr, ev, len(row.class_names()))
+        from mechmem.cnn import classification_metrics
+        m = classification_metrics(labels[ev], probe.eval_logits.argmax(-1), len(row.class_names()))
+        records.append({"variant": "probe", "row": row.name, "seed": 0, "min_f1": 100 * m.min_f1,
+                        "epochs": 0, "seconds": 0.0})
+    for words in args.variant:
+        name, kw = parse_variant(words)
+        groups: dict[int, list] = {}
+        for r in rows:
+            groups.setdefault(len(r[0].class_names()), []).append(r)
+        for seed in range(args.seeds):
+            train = TrainConfig(**{"device": args.device, **kw, "seed": seed})
+            for n_classes, group in groups.items():
+                t0 = time.perf_counter()
+                out = train_cnn_tasks(features, store.pooling, [Task(lab, tr, ev) for _, lab, tr, ev in group],
+                                      n_classes, configs, train, progress=False)
+                dt = time.perf_counter() - t0
+                for (row, labels, tr, ev), cnns in zip(group, out):
+                    s = alignment_summary(cnns, labels[ev], n_boot=1)
+                    records.append({"variant": name, "row": row.name, "seed": seed, "min_f1": s["min_f1"],
+                                    "epochs": float(np.mean([c.epochs_run for c in cnns])),
+                                    "seconds": dt / len(group)})
+            print(f"{name} seed {seed} done", flush=True)
+            if args.out:  # after every seed: a cut-off run keeps what it finished
+                pd.DataFrame.from_records(records).to_csv(args.out, index=False)
+    table = pd.DataFrame.from_records(records)
+    by = table.groupby(["variant", "row"])["min_f1"]
+    summary = pd.DataFrame({"mean_min_f1": by.mean().groupby("variant").mean(),
+                            "mean_seed_sd": by.std().groupby("variant").mean(),
+                            "epochs": table.groupby("variant")["epochs"].mean(),
+                            "seconds_per_row_seed": table.groupby("variant")["seconds"].mean()})
+    print(summary.round(2).to_string())
+    print(by.mean().unstack(0).round(1).to_string())
+
+
+if __name__ == "__main__":
+    main()
