@@ -197,6 +197,16 @@ def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoin
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
     assert "epochs 1 -> 2" in result.stderr
     assert json.loads((out / "config.json").read_text()) == config
+    # The training protocol is a result setting: recorded, and a resume with the other one is refused.
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["train.protocol"] == "converged" and settings["train.input_scaling"] == "log-pixel"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code = run_alignment_cli.main(["--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies",
+                                   "Non-Memo, Guess, Others", "--configs", "k6_c4_mean", "--train-per-class", "10",
+                                   "--eval-per-class", "5", "--epochs", "1", "--n-boot", "20", "--device", "cpu",
+                                   "--cnn-precision", "bf16", "--quiet", "--out", str(out), "--training", "paper"])
+    assert code == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cli_loads_without_compatibility_mode_when_asked(tmp_path, tiny_checkpoint, monkeypatch):
@@ -213,3 +223,36 @@ def test_cli_loads_without_compatibility_mode_when_asked(tmp_path, tiny_checkpoi
         assert run_alignment_cli.main([*common, *flag, "--out", str(out)]) == 0
     assert seen == [True, False]
     assert [json.loads((tmp_path / d / "config.json").read_text())["compatibility_mode"] for d in "ab"] == [True, False]
+
+
+def test_settings_cover_every_config_field_but_the_resumable_ones():
+    """A field added to AlignmentConfig or TrainConfig is a result setting unless listed as resumable."""
+    from dataclasses import fields
+
+    settings = al.result_settings(small_config())
+    expected = {f.name for f in fields(al.AlignmentConfig) if f.name != "train"} | \
+        {f"train.{f.name}" for f in fields(TrainConfig)}
+    assert set(settings) == expected - al.RESUMABLE_FIELDS
+    assert {"train.protocol", "train.input_scaling", "train.patience", "controls", "probe"} <= set(settings)
+    assert al.RESUMABLE_FIELDS <= expected  # no stale names
+
+
+def test_control_scores_chance_where_the_cnn_scores_near_100():
+    """A synthetic separable task: the CNNs find it, the same CNNs on shuffled labels do not."""
+    from mechmem.cnn import Task, alignment_summary, train_cnn_tasks
+
+    g = torch.Generator().manual_seed(0)
+    n, n_classes = 360, 3
+    labels = np.arange(n) % n_classes
+    feats = 0.3 * torch.rand(n, 1, 3, 16, 16, generator=g)
+    feats[torch.arange(n), :, torch.from_numpy(labels)] += torch.eye(16)  # class = the bright layer's index
+    task = Task(labels, np.arange(240), np.arange(240, n))
+    control = al.shuffled_control(task, seed=0)
+    np.testing.assert_array_equal(control.labels[240:], labels[240:])  # eval labels untouched
+    assert sorted(control.labels[:240]) == sorted(labels[:240]) and (control.labels[:240] != labels[:240]).any()
+    cfg = (CNNConfig(3, 4, "mean", n_feat_fc=16),)
+    real, shuffled = train_cnn_tasks(feats.half(), ("mean",), [task, control], n_classes, cfg,
+                                     TrainConfig(device="cpu", epochs=30), progress=False)
+    assert alignment_summary(real, labels[240:], n_boot=50)["min_f1"] > 95
+    chance = 100 / n_classes
+    assert alignment_summary(shuffled, labels[240:], n_boot=50)["min_f1"] < chance + 8

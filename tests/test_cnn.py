@@ -419,3 +419,98 @@ def test_class_metrics_dict_round_trip():
     back = ClassMetrics.from_dict(m.to_dict())
     np.testing.assert_array_equal(back.confusion, m.confusion)
     np.testing.assert_array_equal(back.f1, m.f1)
+
+
+# ----------------------------------------------------------------------------- training protocols
+
+
+def test_protocols_fill_their_defaults():
+    paper, converged = TrainConfig(protocol="paper"), TrainConfig()
+    assert (paper.epochs, paper.batch_size, paper.input_scaling, paper.val_fraction) == (3, 16, "raw", 0.0)
+    assert not paper.early_stopping
+    assert converged.protocol == "converged" and converged.early_stopping
+    assert converged.input_scaling == "log-pixel" and converged.val_fraction > 0
+    assert TrainConfig(protocol="paper", epochs=15).epochs == 15  # an explicit field wins
+    for bad in (dict(protocol="sgd"), dict(input_scaling="zscore"), dict(val_fraction=1.0), dict(patience=-1)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def test_validation_part_is_stratified_and_inside_the_training_split():
+    from mechmem.cnn import split_validation
+
+    labels = np.repeat([0, 1, 2], 100)
+    train = np.arange(0, 300, 2)  # 50 a class
+    fit, val = split_validation(labels, train, 0.2, seed=0)
+    assert len(val) == 30 and set(fit) | set(val) == set(train) and not set(fit) & set(val)
+    assert np.bincount(labels[val]).tolist() == [10, 10, 10]
+    again, _ = split_validation(labels, train, 0.2, seed=0)
+    np.testing.assert_array_equal(fit, again)
+    assert not np.array_equal(split_validation(labels, train, 0.2, seed=1)[1], val)
+
+
+@pytest.mark.parametrize("scaling", ["pixel", "layer", "log-pixel"])
+def test_input_statistics_come_from_the_training_split_only(scaling):
+    feats, labels = diagonal_toy(48, seq_len=16)
+    feats = feats.float()
+    train_idx, eval_idx = np.arange(32), np.arange(32, 48)
+    feats[eval_idx] += 50.0  # eval samples far away: any leak moves the statistics
+    t = train_cnns(feats, POOLS, labels, train_idx, eval_idx, 3, [CNNConfig(4, 4, "max", n_feat_fc=8)],
+                   TrainConfig(epochs=1, input_scaling=scaling, device="cpu"), progress=False)[0]
+    x = feats[train_idx, 1].double()  # the "max" pool
+    if scaling == "log-pixel":
+        x = torch.log(x + 1e-4)
+    dims = (0, 2, 3) if scaling == "layer" else (0,)
+    mean = x.mean(dims, keepdim=scaling == "layer").squeeze(0) if scaling == "layer" else x.mean(0)
+    torch.testing.assert_close(t.model.layers.scale.mean.double(), mean.reshape(t.model.layers.scale.mean.shape),
+                               atol=1e-4, rtol=1e-4)
+    std = x.std(dims, unbiased=False).reshape(t.model.layers.scale.std.shape).clamp_min(1e-3)
+    torch.testing.assert_close(t.model.layers.scale.std.double(), std, atol=1e-4, rtol=1e-3)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    from mechmem.cnn import split_validation
+
+    # Labels are noise: validation loss bottoms out early and rises as the CNN memorises.
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    feats = torch.rand(n, 2, 3, 16, 16, generator=g).half()
+    labels = np.random.default_rng(0).integers(0, 3, n)
+    train = TrainConfig(epochs=40, patience=3, batch_size=8, lr=3e-3, weight_decay=0.0, device="cpu")
+    t = train_cnns(feats, POOLS, labels, np.arange(100), np.arange(100, n), 3, [CNNConfig(3, 8, "mean", 32, 0.0)],
+                   train, progress=False)[0]
+    assert t.best_epoch == int(np.argmin(t.val_losses)) + 1
+    assert t.epochs_run == t.best_epoch + 3 < 40  # stopped after 3 epochs without improvement
+    assert len(t.val_losses) == len(t.train_losses) == t.epochs_run
+    # The kept weights are the best epoch's: their validation loss is the minimum recorded.
+    _, val = split_validation(labels, np.arange(100), train.val_fraction, train.seed)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(t.model(feats[val, 0].float()).double(), torch.from_numpy(labels[val]))
+    assert float(loss) == pytest.approx(min(t.val_losses), rel=1e-4)
+    assert float(loss) < t.val_losses[-1]
+
+
+def test_scaled_cnns_save_and_load(tmp_path):
+    feats, labels = diagonal_toy(40, seq_len=16)
+    trained = train_cnns(feats, POOLS, labels, np.arange(32), np.arange(32, 40), 3,
+                         [CNNConfig(4, 4, "mean", n_feat_fc=8)], TrainConfig(epochs=2, device="cpu"), progress=False)
+    save_cnns(trained, tmp_path)
+    loaded = load_cnns(tmp_path)[0]
+    assert loaded.model.input_scaling == "log-pixel" and loaded.epochs_run == trained[0].epochs_run
+    x = feats[:5, 0].float()
+    torch.testing.assert_close(loaded.model(x), trained[0].model(x))
+    assert loaded.val_losses == trained[0].val_losses and loaded.best_epoch == trained[0].best_epoch
+
+
+def test_fused_stack_equals_members_with_input_scaling():
+    feats, labels = diagonal_toy(48, seq_len=16)
+    tasks = [Task(labels, np.arange(32), np.arange(32, 48)), Task(np.roll(labels, 1), np.arange(32), np.arange(32, 48))]
+    configs = [CNNConfig(4, 4, "mean", n_feat_fc=8), CNNConfig(4, 4, "max", n_feat_fc=8)]
+    train = TrainConfig(epochs=4, device="cpu", fuse=True)
+    fused = train_cnn_tasks(feats, POOLS, tasks, 3, configs, train, progress=False)
+    alone = train_cnn_tasks(feats, POOLS, tasks, 3, configs, TrainConfig(epochs=4, device="cpu", fuse=False),
+                            progress=False)
+    for a_row, b_row in zip(fused, alone):
+        for a, b in zip(a_row, b_row):
+            torch.testing.assert_close(a.eval_logits, b.eval_logits, atol=1e-4, rtol=1e-4)
+            assert a.epochs_run == b.epochs_run and a.best_epoch == b.best_epoch
