@@ -154,12 +154,7 @@ def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, *, batch_s
     return np.asarray(view)
 
 
-def atomic_json(path: Path, obj, *, default=None) -> None:
-    """Write `obj` as JSON by renaming a finished file over `path`: never half-written.
-    `default` is json.dumps's (e.g. str for a record holding paths)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=default))
-    os.replace(tmp, path)
+from mechmem.atomic import atomic_json, atomic_write  # noqa: E402  (atomic_json: re-exported for the scripts)
 
 
 def result_settings(cfg: AlignmentConfig) -> dict:
@@ -242,9 +237,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         write_outputs(table, out)
     if main and cfg.sweep:
         sweep = rouge_table(collect_table(out, [r for r in cfg.sweep if r in plan.splits]))
-        tmp = out / ".rouge_sweep.csv.tmp"
-        sweep.round(4).to_csv(tmp, index=False)
-        os.replace(tmp, out / "rouge_sweep.csv")
+        atomic_write(out / "rouge_sweep.csv", lambda tmp: sweep.round(4).to_csv(tmp, index=False))
     return table
 
 
@@ -305,9 +298,7 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
         tokens = np.concatenate(dist.all_gather(model_view_tokens(model, df, part)))
         if dist.is_main:
             view_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = view_file.with_name(".model_view_tokens.tmp.npz")
-            np.savez(tmp, sequence_ids=ids, tokens=tokens)
-            os.replace(tmp, view_file)
+            atomic_write(view_file, lambda tmp: np.savez(tmp, sequence_ids=ids, tokens=tokens))
     return build_feature_store(folder, model, ids, tokens, pooling=cfg.pooling,
                                batch_size=cfg.extraction_batch_size, chunk_size=cfg.chunk_size, progress=progress,
                                dist=dist)
@@ -326,9 +317,7 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     from mechmem.plots import confusion_png, min_f1_bar_png
 
     csv = table[TABLE_COLUMNS + [SEED_COLUMN] * (SEED_COLUMN in table)].round(4)
-    tmp = out / ".alignment.csv.tmp"
-    csv.to_csv(tmp, index=False)
-    os.replace(tmp, out / "alignment.csv")
+    atomic_write(out / "alignment.csv", lambda tmp: csv.to_csv(tmp, index=False))
     (out / "alignment.md").write_text(markdown_table(csv))
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]

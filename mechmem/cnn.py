@@ -630,14 +630,7 @@ def alignment_summary(
 # ----------------------------------------------------------------------------- save / load
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from mechmem.atomic import atomic_write as _atomic_write  # noqa: E402  (readers never see a half-written file)
 
 
 INDEX_FILE = "cnns.json"
