@@ -473,6 +473,21 @@ def test_every_kind_of_request_off_the_machine_is_recorded_and_local_ones_load(t
     assert dict(sizes) == {"remote": 0, "local": 7, "inline": 3}  # aborted; from disk; data: URL
 
 
+@pytest.mark.browser
+def test_cli_check_and_screenshot(run_folder, tiny_model, tmp_path, monkeypatch, capsys):
+    folder, df, _ = run_folder
+    df.to_parquet(tmp_path / "memo.parquet")
+    shot = tmp_path / "shots" / "first.png"
+    argv = ["--data", tmp_path / "memo.parquet", "--run", folder, "--localization", "none", "--ids", 506,
+            "--no-png", "--quiet", "--out", tmp_path / "pages", "--check", "--screenshot", shot]
+    assert _main(argv, monkeypatch, tiny_model) == 0
+    out = capsys.readouterr().out
+    assert "ok: index.html: 0/0 views drawn offline, 0 requests off the machine" in out
+    assert "ok: sample_506.html: 4/4 views drawn offline, 0 requests off the machine" in out
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2200)
+
+
 def test_browser_tests_skip_without_chromium_unless_asked_for(monkeypatch):
     from conftest import browser_gate, browser_required
 
