@@ -516,6 +516,9 @@ def test_browser_tests_skip_without_chromium_unless_asked_for(monkeypatch):
     pytest.importorskip("playwright")
     assert viz.find_chromium() == "/opt/chromium" and viz.browser_missing() is None
     browser_gate(viz.browser_missing())
+    monkeypatch.setattr(browser.importlib.util, "find_spec", lambda name: None)  # chromium, but no Playwright
+    assert viz.browser_missing().startswith("Playwright is not installed")
+    monkeypatch.undo()
     monkeypatch.setenv("MECHMEM_CHROMIUM", "my-chrome")
     monkeypatch.setattr(browser.shutil, "which", lambda name: "/x/my-chrome" if name == "my-chrome" else None)
     assert viz.find_chromium() == "/x/my-chrome"

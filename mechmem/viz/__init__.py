@@ -12,11 +12,20 @@ One job a module:
 - `browser`: headless chromium through Playwright, to check pages offline and take screenshots.
 """
 
-from mechmem.viz.browser import (LOCAL_SCHEMES, Browser, PageCheck, browser_missing, check_page,  # noqa: F401
+from mechmem.viz.browser import (LOCAL_SCHEMES, Browser, PageCheck, browser_missing, check_page,
                                  find_chromium)
-from mechmem.viz.grids import attention_grid_png  # noqa: F401
-from mechmem.viz.pages import circuitsvis_bundle, head_label, index_page, sample_page, write_pages  # noqa: F401
-from mechmem.viz.samples import (PROPOSED_TAXONOMY, RANKING_COLUMNS, InspectConfig, RunOutputs,  # noqa: F401
+from mechmem.viz.grids import attention_grid_png
+from mechmem.viz.pages import circuitsvis_bundle, head_label, index_page, sample_page, write_pages
+from mechmem.viz.samples import (PROPOSED_TAXONOMY, RANKING_COLUMNS, InspectConfig, RunOutputs,
                                  SampleView, check_ranking, class_map, cnn_input, cnn_probabilities,
                                  heads_for_class, inspect_run, load_localization, model_view_tokens,
                                  pick_samples, read_run, sample_decisive_maps, sample_views, token_strings)
+
+__all__ = [
+    "LOCAL_SCHEMES", "Browser", "PageCheck", "browser_missing", "check_page", "find_chromium",
+    "attention_grid_png",
+    "circuitsvis_bundle", "head_label", "index_page", "sample_page", "write_pages",
+    "PROPOSED_TAXONOMY", "RANKING_COLUMNS", "InspectConfig", "RunOutputs", "SampleView", "check_ranking", "class_map",
+    "cnn_input", "cnn_probabilities", "heads_for_class", "inspect_run", "load_localization", "model_view_tokens",
+    "pick_samples", "read_run", "sample_decisive_maps", "sample_views", "token_strings",
+]

@@ -9,6 +9,7 @@ both shows it (its views fail to draw) and names what it asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,9 +37,7 @@ def browser_missing() -> str | None:
         find_chromium()
     except FileNotFoundError as err:
         return str(err)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "Playwright is not installed: pip install 'mechmem[browser]' (or playwright)"
     return None
 
