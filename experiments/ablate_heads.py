@@ -119,6 +119,15 @@ def check_inputs(loc, run_dir: Path, model, df, labels) -> None:
                          "now have another class (or are gone); rerun experiments/localize.py")
 
 
+def _check_inputs(args) -> None:
+    """Bad input that would otherwise fail late or with a traceback: found before any work (the
+    default localization may be computed first, which takes minutes)."""
+    cli.check_device(args.device)
+    cli.check_out_dir(args.out)
+    cli.check_out_dir(args.localization, "--localization")
+    cli.check_positive(args, "per_class", "ks", "n_random", "batch_size", "n_boot")
+
+
 def main(argv=None) -> int:
     return cli.main("ablate_heads", parse_args, run, argv)
 
@@ -126,15 +135,14 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from mechmem.ablation import AblationConfig
     from mechmem.alignment import Row
-    from mechmem.data import load_memorization_data
+    from mechmem.data import check_vocab, load_memorization_data
     from mechmem.localize import Localization, run_model_name, run_rows
     from mechmem.models import load_model
 
+    _check_inputs(args)
     t0 = time.time()
     cfg = AblationConfig(ks=tuple(args.ks), n_random=args.n_random, method=args.method,
                          batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed)
-    if args.per_class < 1:
-        raise ValueError("--per-class must be >= 1")
     if not (args.localization / "localization.json").is_file() and args.localization == DEFAULT_LOCALIZATION:
         import importlib.util
 
@@ -152,6 +160,7 @@ def run(args) -> int:
     df = load_memorization_data(data)
     labels = np.asarray(row.labels(df))
     model = load_model(args.model or name, device=args.device, revision=revision)
+    check_vocab(df, model.cfg.d_vocab)
     check_inputs(loc, run_dir, model, df, labels)
     trained_on = run_rows(run_dir)[loc.meta["row"]].get("train_sequence_ids", [])
     exclude = np.concatenate([np.asarray(trained_on, dtype=np.int64), loc.sequence_ids.astype(np.int64)])

@@ -76,17 +76,40 @@ def _localizations_run(loc_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _check_inputs(args) -> None:
+    """Bad input that would otherwise fail late or with a traceback: found before any work."""
+    from mechmem import taxonomy as tx
+
+    cli.check_device(args.device)
+    cli.check_out_dir(args.out)
+    if args.per_class < 1 or args.top_heads < 0 or not 0 <= args.decimals <= 6:
+        raise cli.CliError("--per-class must be >= 1, --top-heads >= 0 and --decimals in [0, 6]")
+    tx.parse_name(args.taxonomy)
+    if args.screenshot is not None:
+        if args.screenshot.suffix.lower() != ".png":
+            raise cli.CliError(f"--screenshot {args.screenshot}: the screenshot is a PNG, name it *.png")
+        if args.screenshot.is_dir():
+            raise cli.CliError(f"--screenshot {args.screenshot} is a folder; name a .png file")
+        above = next((p for p in args.screenshot.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise cli.CliError(f"--screenshot {args.screenshot}: {above} is a file, not a folder")
+    if args.check or args.screenshot is not None:
+        from mechmem.viz import browser_missing
+
+        if (missing := browser_missing()) is not None:
+            raise cli.CliError(f"{'--check' if args.check else '--screenshot'} needs a browser: {missing}")
+
+
 def main(argv=None) -> int:
     return cli.main("inspect_samples", parse_args, run, argv)
 
 
 def run(args) -> int:
     from mechmem import viz
-    from mechmem.data import load_memorization_data
+    from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import load_model
 
-    if args.per_class < 1 or args.top_heads < 0 or not 0 <= args.decimals <= 6:
-        raise ValueError("--per-class must be >= 1, --top-heads >= 0 and --decimals in [0, 6]")
+    _check_inputs(args)
     t0 = time.time()
     run_dir, run_asked = _folder(args.run, DEFAULT_RUN)
     loc_dir, loc_asked = _folder(args.localization, DEFAULT_LOCALIZATION)
@@ -99,6 +122,7 @@ def run(args) -> int:
 
     df = load_memorization_data(args.data, progress=not args.quiet)
     model = load_model(args.model, device=args.device, revision=args.revision)
+    check_vocab(df, model.cfg.d_vocab)
     notes = []
     if run_dir is not None and not run_asked:
         try:  # the default run is used only if this model made it

@@ -69,7 +69,7 @@ def train_row(args, out: Path, log=print) -> Path:
     from mechmem import alignment as al
     from mechmem import taxonomy as tx
     from mechmem.cnn import QUICK_GRID, TrainConfig
-    from mechmem.data import load_memorization_data
+    from mechmem.data import check_vocab, load_memorization_data
     from mechmem.localize import DEFAULT_TAXONOMY
     from mechmem.models import load_model
 
@@ -85,6 +85,7 @@ def train_row(args, out: Path, log=print) -> Path:
     log(f"training the quick CNN grid on {name!r} ({args.train_per_class}+{args.eval_per_class} a class) into {out}")
     df = load_memorization_data(args.data)
     model = load_model(model_name, device=args.device)
+    check_vocab(df, model.cfg.d_vocab)
     al.run_alignment(model, df, cfg, out, progress=not args.quiet, log=log)
     return out
 
@@ -114,6 +115,15 @@ def summary_text(loc, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _check_inputs(args) -> None:
+    """Bad input that would otherwise fail late or with a traceback: found before any work."""
+    cli.check_device(args.device)
+    cli.check_out_dir(args.out)
+    cli.check_positive(args, "samples_per_class", "batch_size", "train_per_class", "eval_per_class")
+    if args.run is not None and not args.run.is_dir():
+        raise cli.CliError(f"--run folder {args.run} does not exist")
+
+
 def main(argv=None) -> int:
     return cli.main("localize", parse_args, run, argv)
 
@@ -124,8 +134,7 @@ def run(args) -> int:
     from mechmem.localize import LocalizeConfig, localize_run, run_model_name
     from mechmem.models import load_model
 
-    if args.samples_per_class < 1 or args.batch_size < 1:
-        raise ValueError("--samples-per-class and --batch-size must be >= 1")
+    _check_inputs(args)
     t0 = time.time()
     if args.train:
         if args.run is not None:

@@ -132,6 +132,23 @@ def _rows(args, grid_rows):
     return tuple(dict.fromkeys(rows))
 
 
+def _check_inputs(args) -> None:
+    """Bad input that would otherwise fail late or with a traceback: found before any work."""
+    from mechmem.cnn import feature_side
+    from mechmem.data import SEQ_LEN
+    from mechmem.models import _resolve_dtype
+
+    cli.check_device(args.device)
+    _resolve_dtype(args.dtype)
+    cli.check_out_dir(args.out)
+    cli.check_positive(args, "train_per_class", "eval_per_class")  # 0 would silently mean the preset's
+    for config in _configs(args.configs, PRESETS[args.grid][1]):  # else found after generation and extraction
+        try:
+            feature_side(SEQ_LEN, config.kernel_size)
+        except ValueError as err:
+            raise cli.CliError(f"CNN config {config.name}: {err}") from None
+
+
 def main(argv=None) -> int:
     return cli.main("run_alignment", parse_args, run, argv)
 
@@ -139,10 +156,11 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from mechmem import alignment as al
     from mechmem.cnn import TrainConfig
-    from mechmem.data import load_memorization_data
+    from mechmem.data import check_vocab, load_memorization_data
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
 
+    _check_inputs(args)
     grid_rows, grid_configs, train_pc, eval_pc, seeds = PRESETS[args.grid]
     seeds = args.cnn_seeds if args.cnn_seeds is not None else seeds
     rows = _rows(args, grid_rows)
@@ -174,6 +192,7 @@ def run(args) -> int:
     df = load_memorization_data(args.data)
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                        compatibility_mode=not args.no_compatibility_mode)
+    check_vocab(df, model.cfg.d_vocab)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,

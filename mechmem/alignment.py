@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
+from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401  (atomic_json: re-exported)
 from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, train_cnn_tasks, write_cnn_index)
 from mechmem.data import tokens_array
@@ -160,14 +161,6 @@ def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, *, batch_s
     return np.asarray(view)
 
 
-def atomic_json(path: Path, obj, *, default=None) -> None:
-    """Write `obj` as JSON by renaming a finished file over `path`: never half-written.
-    `default` is json.dumps's (e.g. str for a record holding paths)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=default))
-    os.replace(tmp, path)
-
-
 # Fields that may differ when a run resumes: where and in what batches the work runs, and which rows
 # are asked for (a finished row keeps its numbers). Every other field of AlignmentConfig and its
 # TrainConfig decides a row's numbers, so a field added later is checked on resume by default.
@@ -258,9 +251,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         write_outputs(table, out)
     if main and cfg.sweep:
         sweep = rouge_table(collect_table(out, [r for r in cfg.sweep if r in plan.splits]))
-        tmp = out / ".rouge_sweep.csv.tmp"
-        sweep.round(4).to_csv(tmp, index=False)
-        os.replace(tmp, out / "rouge_sweep.csv")
+        atomic_write(out / "rouge_sweep.csv", lambda tmp: sweep.round(4).to_csv(tmp, index=False))
     return table
 
 
@@ -372,9 +363,7 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
         tokens = np.concatenate(dist.all_gather(model_view_tokens(model, df, part)))
         if dist.is_main:
             view_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = view_file.with_name(".model_view_tokens.tmp.npz")
-            np.savez(tmp, sequence_ids=ids, tokens=tokens)
-            os.replace(tmp, view_file)
+            atomic_write(view_file, lambda tmp: np.savez(tmp, sequence_ids=ids, tokens=tokens))
     return build_feature_store(folder, model, ids, tokens, pooling=cfg.pooling,
                                batch_size=cfg.extraction_batch_size, chunk_size=cfg.chunk_size, progress=progress,
                                dist=dist)
@@ -398,21 +387,13 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     from mechmem.plots import confusion_png, min_f1_bar_png
 
     csv = table[table_columns(table)].round(4)
-    tmp = out / ".alignment.csv.tmp"
-    csv.to_csv(tmp, index=False)
-    os.replace(tmp, out / "alignment.csv")
+    atomic_write(out / "alignment.csv", lambda tmp: csv.to_csv(tmp, index=False))
     atomic_text(out / "alignment.md", markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
     for tag, r in (("best", best), ("worst", worst)):
         confusion_png(np.array(r["confusion"]), r["class_names"], f"{r['tax_name']} (min F1 {r['min_f1']:.1f})",
                       out / f"confusion_{tag}.png")
-
-
-def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

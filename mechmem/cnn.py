@@ -41,6 +41,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechmem.atomic import atomic_write
+
 POOLINGS = ("mean", "max")
 PRECISIONS = ("float32", "bf16")
 
@@ -858,16 +860,6 @@ def score_summary(
 # ----------------------------------------------------------------------------- save / load
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 INDEX_FILE = "cnns.json"
 
 
@@ -888,8 +880,8 @@ def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: b
                 "seq_len": t.model.seq_len, "input_scaling": t.model.input_scaling,
                 "train_losses": list(t.train_losses), "val_losses": list(t.val_losses),
                 "epochs_run": t.epochs_run, "best_epoch": t.best_epoch, "eval_metrics": t.eval_metrics.to_dict()}
-        _atomic_write(folder / f"{t.config.name}.safetensors", lambda p: save_file(tensors, str(p)))
-        _atomic_write(folder / f"{t.config.name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        atomic_write(folder / f"{t.config.name}.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(folder / f"{t.config.name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     if index:
         write_cnn_index(folder, names)
     return folder
@@ -897,7 +889,7 @@ def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: b
 
 def write_cnn_index(folder: str | os.PathLike, names: Sequence[str]) -> None:
     """cnns.json: which saved CNNs make up the folder, in order (what load_cnns reads)."""
-    _atomic_write(Path(folder) / INDEX_FILE, lambda p: p.write_text(json.dumps({"models": list(names)}, indent=1)))
+    atomic_write(Path(folder) / INDEX_FILE, lambda p: p.write_text(json.dumps({"models": list(names)}, indent=1)))
 
 
 def load_cnns(folder: str | os.PathLike, device: str | torch.device | None = None) -> list[TrainedCNN]:

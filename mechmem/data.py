@@ -155,6 +155,18 @@ def tokens_array(df: pd.DataFrame) -> Int[np.ndarray, "n 64"]:
     return np.stack(_as_tokens(df.reset_index(drop=True)))
 
 
+def check_vocab(df: pd.DataFrame, d_vocab: int) -> None:
+    """Every token id fits a model's vocabulary [0, d_vocab). A table made with another tokenizer
+    would otherwise fail deep inside the embedding; this names its first bad row and id."""
+    tokens = tokens_array(df)
+    bad = tokens >= d_vocab
+    if bad.any():
+        pos = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise _bad("tokens", df.reset_index(drop=True), pos,
+                   f"holds token id {int(tokens[pos][bad[pos]][0])}, outside the model's vocabulary "
+                   f"(ids 0-{d_vocab - 1}): was the table made with another tokenizer?")
+
+
 def add_derived_columns(df: pd.DataFrame, *, progress: bool = True) -> pd.DataFrame:
     """Compute the ROUGE columns and `is_code` where the table lacks them (in place; returned)."""
     if not all(c in df.columns for c in ("rouge_L_prefix_to_suffix", "rouge_3_prefix_to_suffix")):

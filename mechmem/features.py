@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechmem.atomic import atomic_json, atomic_write
 from mechmem.batching import CPU_BATCH_SIZE, probe_batch_size, run_batches
 from mechmem.distributed import Dist
 from mechmem.fastpath import pattern_forward, supports
@@ -172,16 +173,8 @@ def _file_sha256(path: Path, block: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
 @dataclass
@@ -322,11 +315,10 @@ def build_feature_store(
         _atomic_save_npy(folder / "sequence_ids.npy", sequence_ids)
         _atomic_save_npy(folder / "tokens.npy", tokens)
         shape = (n, len(pooling), model.cfg.n_layers, seq, seq)
-        tmp = folder / "features.tmp.npy"
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=store_dtype, shape=shape).flush()
-        os.replace(tmp, folder / FeatureStore.FEATURES)
+        atomic_write(folder / FeatureStore.FEATURES,
+                     lambda tmp: np.lib.format.open_memmap(tmp, mode="w+", dtype=store_dtype, shape=shape).flush())
         _atomic_save_npy(folder / FeatureStore.DONE, np.zeros(max(1, -(-n // chunk_size)), dtype=bool))
-        _atomic_write_json(folder / "manifest.json", {**wanted, "chunk_size": chunk_size})
+        atomic_json(folder / "manifest.json", {**wanted, "chunk_size": chunk_size}, indent=2, sort_keys=True)
     dist.barrier()
     store = FeatureStore.load(folder)
     chunk_size, done = store.manifest["chunk_size"], store.done
@@ -351,7 +343,8 @@ def build_feature_store(
             _atomic_save_npy(folder / FeatureStore.DONE, done)
     del features
     if dist.is_main and done.all() and "content_sha256" not in store.manifest:
-        _atomic_write_json(folder / "manifest.json",
-                           {**store.manifest, "content_sha256": _file_sha256(folder / FeatureStore.FEATURES)})
+        atomic_json(folder / "manifest.json",
+                    {**store.manifest, "content_sha256": _file_sha256(folder / FeatureStore.FEATURES)},
+                    indent=2, sort_keys=True)
     dist.barrier()
     return FeatureStore.load(folder)

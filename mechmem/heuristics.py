@@ -73,10 +73,15 @@ def _progression_mask(text: str, nums: list[tuple[Decimal, int, int]]) -> np.nda
     return covered
 
 
+# A run of >= 5 digits standing as a number of its own: not part of a word, as in a serial number
+# or an identifier ("1A2345678", "SN23456789X", "v_234567"), whose digits are no sequence of numbers.
+_DIGIT_RUN = re.compile(r"(?<!\w)\d{5,}(?!\w)")
+
+
 def _digit_runs_mask(text: str) -> np.ndarray:
     """'123456789', '0123456789': digits counting up by one inside one number."""
     covered = np.zeros(len(text), dtype=bool)
-    for m in re.finditer(r"\d{5,}", text):
+    for m in _DIGIT_RUN.finditer(text):
         d = [int(c) for c in m.group()]
         if all((b - a) % 10 == 1 for a, b in zip(d, d[1:])):
             covered[m.start():m.end()] = True
@@ -96,7 +101,7 @@ def is_incrementing(text: str) -> bool:
         return False
     for pattern in _NUMBER_RES:
         nums = _numbers(text, pattern)
-        if len(nums) < _MIN_TERMS and not re.search(r"\d{5,}", text):
+        if len(nums) < _MIN_TERMS and not _DIGIT_RUN.search(text):
             continue
         covered = _progression_mask(text, nums) | _digit_runs_mask(text)
         if covered.mean() >= _MIN_COVERAGE:

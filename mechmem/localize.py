@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechmem.atomic import atomic_json, atomic_write
 from mechmem.cnn import AttentionCNN, TrainedCNN
 from mechmem.features import extract_attention
 from mechmem.hooks import pattern_hook
@@ -233,13 +234,11 @@ class Localization:
         """localization.npz (arrays), localization.json (names, meta), heads.csv, layers.csv."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".localization.tmp.npz"
-        np.savez_compressed(tmp, delta=self.delta.astype(np.float32), head_scores=self.head_scores,
-                            head_ci=self.head_ci, n_samples=self.n_samples, sequence_ids=self.sequence_ids,
-                            labels=self.labels)
-        os.replace(tmp, folder / self.ARRAYS)
-        (folder / "localization.json").write_text(json.dumps(
-            {"class_names": self.class_names, "cnn_names": self.cnn_names, "meta": self.meta}, indent=1, default=str))
+        atomic_write(folder / self.ARRAYS, lambda tmp: np.savez_compressed(
+            tmp, delta=self.delta.astype(np.float32), head_scores=self.head_scores, head_ci=self.head_ci,
+            n_samples=self.n_samples, sequence_ids=self.sequence_ids, labels=self.labels))
+        atomic_json(folder / "localization.json",
+                    {"class_names": self.class_names, "cnn_names": self.cnn_names, "meta": self.meta}, default=str)
         self.head_table().to_csv(folder / "heads.csv", index=False)
         self.layer_table().to_csv(folder / "layers.csv", index=False)
         return folder

@@ -12,12 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mechmem.atomic import atomic_write  # noqa: E402
+
 
 def _save(fig, path: Path) -> None:
-    tmp = Path(path).with_name(f".{Path(path).stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def min_f1_bar_png(table: pd.DataFrame, path: Path) -> None:

@@ -272,3 +272,9 @@ def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys
     table.assign(is_repeating=labels == 2).to_parquet(tmp_path / "data.parquet")
     rc = load_experiment("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl2"), "--quiet"])
     assert rc == 2 and "data changed since localization" in capsys.readouterr().err
+    # a table made with another tokenizer (ids past the model's 512): refused before the model sees it
+    table.assign(tokens=[np.r_[t[:63], 700] for t in df["tokens"]]).to_parquet(tmp_path / "foreign.parquet")
+    rc = load_experiment("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl3"),
+                                               "--data", str(tmp_path / "foreign.parquet"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"row 0 (sequence_id {df['sequence_id'].iloc[0]}) holds token id 700" in err, err

@@ -250,9 +250,9 @@ def test_control_scores_chance_where_the_cnn_scores_near_100():
     control = al.shuffled_control(task, seed=0)
     np.testing.assert_array_equal(control.labels[240:], labels[240:])  # eval labels untouched
     assert sorted(control.labels[:240]) == sorted(labels[:240]) and (control.labels[:240] != labels[:240]).any()
-    cfg = (CNNConfig(3, 4, "mean", n_feat_fc=16),)
+    cfg = (CNNConfig(3, 8, "mean", n_feat_fc=32),)
     real, shuffled = train_cnn_tasks(feats.half(), ("mean",), [task, control], n_classes, cfg,
-                                     TrainConfig(device="cpu", epochs=30), progress=False)
+                                     TrainConfig(device="cpu", epochs=40, batch_size=16), progress=False)
     assert alignment_summary(real, labels[240:], n_boot=50)["min_f1"] > 95
     chance = 100 / n_classes
     assert alignment_summary(shuffled, labels[240:], n_boot=50)["min_f1"] < chance + 8

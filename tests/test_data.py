@@ -188,3 +188,14 @@ def test_tokens_array_errors():
     assert data.tokens_array(make_frame().iloc[:0]).shape == (0, 64)
     with pytest.raises(ValueError, match="row 0"):
         data.tokens_array(pd.DataFrame({"tokens": [[1, 2, 3]]}))
+
+
+def test_check_vocab_names_the_first_row_past_the_vocabulary():
+    df = make_frame(first_id=100).iloc[2:].copy()  # an index that is not 0..n-1: positions are reported
+    data.check_vocab(df, 50)  # ids 0..49 fit a vocabulary of 50
+    df.at[5, "tokens"] = np.where(np.arange(64) == 9, 77, df.at[5, "tokens"])
+    df.at[9, "tokens"] = np.full(64, 99)
+    with pytest.raises(ValueError, match=r"^column 'tokens': row 3 \(sequence_id 105\) holds token id 77, "
+                                         r"outside the model's vocabulary \(ids 0-49\)"):
+        data.check_vocab(df, 50)
+    data.check_vocab(df, 100)

@@ -25,6 +25,7 @@ from mechmem import heuristics as h
     "A.1 , A.2 , A.3 , A.4, B.1 , B.2, B.3, C.1",          # numbering that restarts
     "1.1 Scope\n1.2 Scope\n1.3 Scope\n2.1 Scope\n2.2 Scope\n2.3 Scope\n",
     "0123456789",
+    "(0123456789)",                                      # a digit run standing on its own
     "ers = [\n    100, 104, 108, 112,\n    116, 120, 124,\n    128, 132",  # wrapped list, cut window
 ])
 def test_is_incrementing_true(text):
@@ -44,6 +45,10 @@ def test_is_incrementing_true(text):
     "See figures 1, 2, 3 for the details of the approach, which we describe in the next section of "
     "this paper; the appendix gives the proofs and the experimental setup in full.",
     "abcabcabc",
+    "1A2345678901234",                                   # a serial number: digits glued to a letter
+    "Serial no. 1A23456789, lot 7",
+    "SN23456789X",
+    "token_0123456789",                                  # an identifier
 ])
 def test_is_incrementing_false(text):
     assert not h.is_incrementing(text)

@@ -110,6 +110,32 @@ def test_bridge_decodes_like_its_hf_model(tiny_model, tiny_tokens):
         seq = torch.cat([seq, nxt[:, None]], 1)
 
 
+class _ForgetfulCache(torch.nn.Module):
+    """A Hugging Face causal LM whose cached steps drop the cache, as TransformerBridge's attention
+    modules for GPT-2 or Llama do (tests/test_architectures.py meets the real thing)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf, self.config, self.generate = hf, hf.config, hf.generate
+
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0, past_key_values=None):
+        return self.hf(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def test_a_cache_that_is_not_exact_is_not_used(hf_model, prefixes):
+    from mechmem.memorization import _cache_is_exact
+
+    full = greedy_continuation(hf_model, prefixes, 8, use_cache=False)
+    forgetful = _ForgetfulCache(hf_model)
+    assert not _cache_is_exact(forgetful, prefixes) and forgetful._mechmem_cache_exact is False  # checked once
+    assert torch.equal(greedy_continuation(forgetful, prefixes, 8, batch_size=4), full)
+    assert _cache_is_exact(hf_model, prefixes)
+    # what the check spares: the forgetful cache's own decoding is wrong from the second token on
+    forgetful._mechmem_cache_exact = True
+    wrong = greedy_continuation(forgetful, prefixes, 8)
+    assert torch.equal(wrong[:, 0], full[:, 0]) and not torch.equal(wrong[:, 1:], full[:, 1:])
+
+
 def test_bad_input(hf_model, prefixes):
     with pytest.raises(ValueError, match="integer token ids"):
         greedy_continuation(hf_model, prefixes.float())

@@ -83,11 +83,11 @@ def pages(full_views, tmp_path_factory):
 
 def test_numbers_are_rounded_nested_json():
     a = np.array([[[0.12345, -0.00001], [1.0, 0.5]]])
-    text = viz._num_array(a, 3)
+    text = viz.pages._num_array(a, 3)
     assert text == "[[[0.123,0],[1,0.5]]]"
     assert np.allclose(json.loads(text), np.round(a, 3))
     with pytest.raises(ValueError, match="non-finite"):
-        viz._num_array(np.array([np.nan]), 3)
+        viz.pages._num_array(np.array([np.nan]), 3)
 
 
 def test_page_is_self_contained_with_one_inlined_bundle(pages):
@@ -389,15 +389,16 @@ def test_cli_writes_pages_for_chosen_ids(run_folder, tiny_model, tmp_path, monke
 
 
 # ============================================================================ a real browser, offline
-# Each page is opened from disk in headless chromium whose every request goes to a dead proxy; the
-# DevTools protocol scrolls to each view, waits until it has drawn, and reads its canvases' pixels.
+# Each page is opened from disk in headless chromium (Playwright on the system's chromium) whose
+# every request is routed: file:// and data: load, anything else is recorded and aborted. A script
+# scrolls to each view, waits until it has drawn, and reads its canvases' pixels. Without chromium
+# these tests skip (conftest.browser_gate), unless CI or MECHMEM_REQUIRE_BROWSER asks for them.
 
 
 @pytest.fixture(scope="module")
 def offline_check(pages, tmp_path_factory):
-    viz.find_chromium()  # fails (not skips) without a browser: CI installs chromium
-    net_log = tmp_path_factory.mktemp("netlog") / "sample.json"
-    return viz.check_page(pages / "sample_101.html", net_log=net_log, wait_s=90), net_log  # ~10 s unloaded
+    shot = tmp_path_factory.mktemp("shot") / "sample_101.png"
+    return viz.check_page(pages / "sample_101.html", screenshot=shot, window=(900, 1200), wait_s=90), shot
 
 
 @pytest.mark.browser
@@ -412,23 +413,145 @@ def test_attention_views_draw_offline_in_chromium(offline_check):
 
 
 @pytest.mark.browser
-def test_pages_make_no_request_off_the_machine(offline_check, pages, tmp_path):
-    check, net_log = offline_check
-    assert check.requests == [(pages / "sample_101.html").resolve().as_uri()]  # the page itself, from disk
-    assert check.offsite == [] and viz.offsite_requests(net_log) == []
-    index = viz.check_page(pages / "index.html", net_log=tmp_path / "index.json", wait_s=5)
-    assert index.offsite == [] and index.views == []
+def test_screenshot_is_the_top_of_the_page(offline_check):
+    _, shot = offline_check
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.size == (900, 1200)
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    assert (pixels[:5] == 255).all()  # the white top margin: scrolled back to the top
+    blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 235) & (pixels[..., 1] < 245)
+    assert blue.sum() > 1000  # the prefix tokens' light-blue boxes and the links
 
 
 @pytest.mark.browser
-def test_a_cdn_page_is_caught_by_both_checks(pages, tmp_path):
-    """The checks can fail: the same page loading circuitsvis from its CDN (circuitsvis's default)."""
+def test_pages_make_no_request_off_the_machine(offline_check, pages):
+    check, _ = offline_check
+    assert check.requests == [(pages / "sample_101.html").resolve().as_uri()]  # the page itself, from disk
+    assert check.offsite == []
+    index = viz.check_page(pages / "index.html", wait_s=5)
+    assert index.offsite == [] and index.views == [] and index.requests == [(pages / "index.html").resolve().as_uri()]
+
+
+@pytest.mark.browser
+def test_a_cdn_page_is_caught(pages, tmp_path):
+    """The check can fail: the same page loading circuitsvis from its CDN (circuitsvis's default)."""
     text = (pages / "sample_102.html").read_text()
     bundle = "<script>" + viz.circuitsvis_bundle() + "</script>"
     assert bundle in text
     cdn = tmp_path / "cdn.html"
     url = "https://unpkg.com/circuitsvis@1.43.3/dist/cdn/iife.js"
     cdn.write_text(text.replace(bundle, f'<script src="{url}"></script>'))
-    check = viz.check_page(cdn, net_log=tmp_path / "cdn.json", wait_s=10)
+    check = viz.check_page(cdn, wait_s=10)
     assert not check.drawn and all(v["rendered"] == "error" and v["coloured"] == 0 for v in check.views)
-    assert check.offsite == [url] and viz.offsite_requests(tmp_path / "cdn.json") == [url]
+    assert check.offsite == [url] and check.requests == [cdn.resolve().as_uri(), url]
+
+
+@pytest.mark.browser
+def test_every_kind_of_request_off_the_machine_is_recorded_and_local_ones_load(tmp_path):
+    import base64
+    import io
+
+    Image.new("RGB", (7, 5), "red").save(tmp_path / "local.png")
+    inline = io.BytesIO()
+    Image.new("RGB", (3, 2), "blue").save(inline, format="PNG")
+    offsite = ["http://example.com/a.png", "https://fonts.example.org/f.css", "https://api.example.net/data",
+               "wss://socket.example.net/live"]
+    page = tmp_path / "leaky.html"
+    page.write_text(f"""<!doctype html><html><head><link rel="stylesheet" href="{offsite[1]}"></head><body>
+<img id="remote" src="{offsite[0]}"><img id="local" src="local.png">
+<img id="inline" src="data:image/png;base64,{base64.b64encode(inline.getvalue()).decode()}">
+<script>
+  fetch("{offsite[2]}").catch(() => {{}});
+  try {{ new WebSocket("{offsite[3]}"); }} catch (e) {{}}
+</script></body></html>""")
+    with viz.Browser(window=(400, 300), timeout=30) as browser:
+        tab = browser.open(page)
+        tab.wait_for_timeout(1000)  # the fetch and the socket start after the load event
+        sizes = tab.evaluate("[...document.images].map((i) => [i.id, i.naturalWidth])")
+        assert sorted(browser.offsite) == sorted(offsite)
+        assert (tmp_path / "local.png").resolve().as_uri() in browser.requests
+    assert dict(sizes) == {"remote": 0, "local": 7, "inline": 3}  # aborted; from disk; data: URL
+
+
+@pytest.mark.browser
+def test_cli_check_and_screenshot(run_folder, tiny_model, tmp_path, monkeypatch, capsys):
+    folder, df, _ = run_folder
+    df.to_parquet(tmp_path / "memo.parquet")
+    shot = tmp_path / "shots" / "first.png"
+    argv = ["--data", tmp_path / "memo.parquet", "--run", folder, "--localization", "none", "--ids", 506,
+            "--no-png", "--quiet", "--out", tmp_path / "pages", "--check", "--screenshot", shot]
+    assert _main(argv, monkeypatch, tiny_model) == 0
+    out = capsys.readouterr().out
+    assert "ok: index.html: 0/0 views drawn offline, 0 requests off the machine" in out
+    assert "ok: sample_506.html: 4/4 views drawn offline, 0 requests off the machine" in out
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2200)
+
+
+def test_browser_tests_skip_without_chromium_unless_asked_for(monkeypatch):
+    from conftest import browser_gate, browser_required
+
+    import mechmem.viz.browser as browser
+
+    monkeypatch.delenv("MECHMEM_CHROMIUM", raising=False)
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)  # no chromium anywhere
+    missing = viz.browser_missing()
+    assert missing.startswith("no chromium found") and "apt-get install chromium" in missing
+    for name in ("CI", "MECHMEM_REQUIRE_BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no chromium found"):
+        browser_gate(missing)
+    for value in ("", "0", "false"):  # set, but not asking
+        monkeypatch.setenv("CI", value)
+        assert not browser_required()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI or MECHMEM_REQUIRE_BROWSER asks"):
+        browser_gate(missing)
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("MECHMEM_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception):
+        browser_gate(missing)
+    # A chromium found (here a stand-in path) and Playwright importable: nothing to skip or fail.
+    monkeypatch.setattr(browser.shutil, "which", lambda name: f"/opt/{name}" if name == "chromium" else None)
+    pytest.importorskip("playwright")
+    assert viz.find_chromium() == "/opt/chromium" and viz.browser_missing() is None
+    browser_gate(viz.browser_missing())
+    monkeypatch.setattr(browser.importlib.util, "find_spec", lambda name: None)  # chromium, but no Playwright
+    assert viz.browser_missing().startswith("Playwright is not installed")
+    monkeypatch.undo()
+    monkeypatch.setenv("MECHMEM_CHROMIUM", "my-chrome")
+    monkeypatch.setattr(browser.shutil, "which", lambda name: "/x/my-chrome" if name == "my-chrome" else None)
+    assert viz.find_chromium() == "/x/my-chrome"
+
+
+def test_the_rule_applies_to_every_browser_marked_test(pytester, monkeypatch):
+    """The conftest hook itself, in a pytest run of its own: skipped by default, an error under CI."""
+    import mechmem.viz.browser as browser
+
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(test_one="""
+        import pytest
+
+        @pytest.fixture
+        def costly():
+            raise AssertionError("fixtures of a skipped browser test are never set up")
+
+        @pytest.mark.browser
+        def test_needs_a_browser(costly):
+            pass
+
+        def test_plain():
+            pass
+    """)
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    monkeypatch.delenv("MECHMEM_CHROMIUM", raising=False)
+    for name in ("CI", "MECHMEM_REQUIRE_BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    result = pytester.runpytest_inprocess("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*no browser for the browser tests (no chromium found*"])
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)  # an error in setup: the run fails, its fixtures never ran
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*no browser, but CI or MECHMEM_REQUIRE_BROWSER asks*"])
