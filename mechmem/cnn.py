@@ -690,21 +690,21 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     def read_tasks(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
         return read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
 
-    def evaluate(idx_per_task: Sequence[np.ndarray]) -> list[Float[Tensor, "sample member class"]]:
-        """Every stack's logits on each task's samples, in lockstep; shorter tasks repeat their last sample."""
+    def evaluate(idx_per_task: Sequence[np.ndarray], which: Sequence[int]) -> dict[int, Float[Tensor, "sample member class"]]:
+        """Stacks `which`'s logits on each task's samples, in lockstep; shorter tasks repeat their last sample."""
         n = max(len(e) for e in idx_per_task)
         mat = np.stack([e[np.minimum(np.arange(n), len(e) - 1)] for e in idx_per_task])
         mat_dev = torch.from_numpy(mat).to(device)
-        out = [[] for _ in stacks]
+        out = {s: [] for s in which}
         with torch.no_grad():
-            for s in stacks:
-                s.eval()
+            for s in which:
+                stacks[s].eval()
             step = max(1, train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
             for start in range(0, n, step):
                 x = read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step])
-                for o, stack, tasks_of, pools_of in zip(out, stacks, member_task, member_pool):
-                    o.append(run(stack, tasks_of, pools_of, x).cpu())
-        return [torch.cat(o) for o in out]
+                for s in which:
+                    out[s].append(run(stacks[s], member_task[s], member_pool[s], x).cpu())
+        return {s: torch.cat(o) for s, o in out.items()}
 
     # Per member (stack s, slot g): losses, and with validation the best epoch's weights so far.
     history = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
@@ -714,33 +714,37 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     bar = tqdm(total=train.epochs, desc=f"training {n_tasks}x{len(configs)} CNNs", unit="epoch",
                disable=not progress)
     epochs_done = 0
+    active = list(range(len(stacks)))  # stacks with a member still training
     for epoch in range(1, train.epochs + 1):
-        for s in stacks:
-            s.train()
+        for s in active:
+            stacks[s].train()
         perm = fit_idx[:, torch.randperm(n_fit, generator=order).numpy()]  # the permutation a lone task draws
         perm_dev = torch.from_numpy(perm).to(device)  # one copy an epoch, none a step
-        totals = [torch.zeros(len(m), device=device) for m in stack_members]
+        totals = {s: torch.zeros(len(stack_members[s]), device=device) for s in active}
         for start in range(0, n_fit, train.batch_size):
             idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
             x = read_tasks(idx, idx_dev)
             y = labels_dev.gather(1, idx_dev)  # (task, batch)
             loss = 0.0
-            for stack, tasks_of, pools_of, total in zip(stacks, member_task, member_pool, totals):
-                logits = run(stack, tasks_of, pools_of, x)  # (b, g, class)
-                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[tasks_of].T,
+            for s in active:
+                logits = run(stacks[s], member_task[s], member_pool[s], x)  # (b, g, class)
+                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[member_task[s]].T,
                                               reduction="none").mean(0)
                 loss = loss + member_loss.sum()  # each CNN's parameters only see its own loss
-                total += member_loss.detach() * idx.shape[1]
-            optimizer.zero_grad(set_to_none=True)
+                totals[s] += member_loss.detach() * idx.shape[1]
+            optimizer.zero_grad(set_to_none=True)  # a finished stack's parameters get no gradient: AdamW skips them
             loss.backward()
             optimizer.step()
         epochs_done = epoch
-        for s, total in enumerate(totals):
+        for s, total in totals.items():
             for g, t in enumerate((total / n_fit).tolist()):
-                history[(s, g)]["train"].append(t)
+                if not history[(s, g)]["stopped"]:
+                    history[(s, g)]["train"].append(t)
         if val_idx.shape[1]:
-            _track_validation(history, evaluate(list(val_idx)), val_labels, member_task, stacks, epoch,
+            _track_validation(history, evaluate(list(val_idx), active), val_labels, member_task, stacks, epoch,
                               train.patience)
+        if train.early_stopping:  # a stopped member has its best weights saved: training it on is wasted
+            active = [s for s in active if any(not history[(s, g)]["stopped"] for g in range(len(stack_members[s])))]
         bar.update()
         running = sum(not h["stopped"] for h in history.values())
         bar.set_postfix_str(f"{running}/{len(history)} improving")
@@ -752,9 +756,10 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     for (s, g), h in history.items():
         if h["state"] is not None:
             stacks[s].load_member_state(g, h["state"])
-    eval_logits = evaluate(eval_idx)
+    eval_logits = evaluate(eval_idx, range(len(stacks)))
     trained: list[list[TrainedCNN | None]] = [[None] * len(configs) for _ in range(n_tasks)]
-    for s, (members, stack, logits) in enumerate(zip(stack_members, stacks, eval_logits)):
+    for s, (members, stack) in enumerate(zip(stack_members, stacks)):
+        logits = eval_logits[s]
         for g, ((t, i), model) in enumerate(zip(members, stack.unstack())):
             h = history[(s, g)]
             lg = logits[: len(eval_idx[t]), g].contiguous()
@@ -765,15 +770,15 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     return trained
 
 
-def _track_validation(history: dict, val_logits: list[Tensor], val_labels: np.ndarray, member_task: list[Tensor],
+def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: np.ndarray, member_task: list[Tensor],
                       stacks: list[_CNNStack], epoch: int, patience: int) -> None:
     """Early stopping's bookkeeping: each member's validation loss; a copy of its weights when it is
     its best so far; the epoch it stops at once `patience` epochs have passed without improvement.
     A stopped member is left alone (it would have stopped training alone), so neighbours never matter."""
     y = torch.from_numpy(val_labels)
-    for s, (logits, tasks_of) in enumerate(zip(val_logits, member_task)):
+    for s, logits in val_logits.items():
         n_val = val_labels.shape[1]
-        for g, t in enumerate(tasks_of.tolist()):
+        for g, t in enumerate(member_task[s].tolist()):
             h = history[(s, g)]
             if h["stopped"]:
                 continue
