@@ -46,7 +46,8 @@ def min_f1_bar_png(table: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(y, names, fontsize=8)
     ax.set_xlabel("min F1 over classes (%), 95% bootstrap interval")
     ax.set_xlim(0, 100)
-    ax.legend(loc="lower right", fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7)
     ax.set_title("Alignment of memorization taxonomies with attention (blue: 3 classes, orange: 4)", fontsize=9)
     _save(fig, path)
 

@@ -256,3 +256,41 @@ def test_control_scores_chance_where_the_cnn_scores_near_100():
     assert alignment_summary(real, labels[240:], n_boot=50)["min_f1"] > 95
     chance = 100 / n_classes
     assert alignment_summary(shuffled, labels[240:], n_boot=50)["min_f1"] < chance + 8
+
+
+def _table(**extra):
+    base = {"tax_name": ["A", "B", "C"], "num_classes": [3, 3, 4], "min_f1": [70.0, 65.0, 40.0],
+            "min_f1_ci_low": [66.0, 60.0, 35.0], "min_f1_ci_high": [74.0, 68.0, 45.0]}
+    return pd.DataFrame({**base, **extra})
+
+
+def test_ranking_lists_overlapping_ranks_and_flags_rows_within_their_control():
+    table = _table(min_f1_control=[5.0, 3.0, 30.0], min_f1_control_ci_high=[9.0, 6.0, 38.0],
+                   min_f1_probe=[71.0, 60.0, 50.0], min_f1_chance=[100 / 3, 100 / 3, 25.0],
+                   aligned=[True, True, False], paper_12b_min_f1=[np.nan, 80.0, 60.0])
+    assert al.overlapping_ranks(table) == [[2], [1], []]  # A and B overlap (66 <= 68); C overlaps none
+    lines = al.ranking_text(table).splitlines()[2:]
+    assert lines[0].startswith(" 1.  70.0 [ 66.0,  74.0]") and lines[0].endswith("A  ~ 2")
+    assert "probe  71.0" in lines[0] and "control   5.0" in lines[0] and "paper  -  " in lines[0]
+    assert "NOT ALIGNED" in lines[2] and "NOT ALIGNED" not in lines[0] + lines[1]
+    assert "~" not in lines[2]
+    md = al.ranking_text(table, markdown=True)
+    assert md.startswith("```\n") and md.endswith("```\n")
+
+
+def test_min_f1_figure_draws_the_controls(tmp_path, monkeypatch):
+    import mechmem.plots as plots
+
+    drawn = []
+    real = plots.plt.Axes.scatter
+    monkeypatch.setattr(plots.plt.Axes, "scatter", lambda self, *a, **k: drawn.append(k["label"]) or real(self, *a, **k))
+    table = _table(min_f1_control=[5.0, 3.0, 30.0], min_f1_probe=[71.0, 60.0, 50.0],
+                   min_f1_chance=[100 / 3, 100 / 3, 25.0], paper_12b_min_f1=[np.nan, 80.0, 60.0],
+                   aligned=[True, True, False])
+    plots.min_f1_bar_png(table, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert drawn == ["probe (attention statistics)", "shuffled-label control", "chance (100 / classes)",
+                     "paper, Pythia-12B"]
+    drawn.clear()
+    plots.min_f1_bar_png(_table(), tmp_path / "g.png")  # a table without controls: bars only
+    assert drawn == []
