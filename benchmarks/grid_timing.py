@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from mechmem import alignment as al
-from mechmem.cnn import PAPER_GRID, PRECISIONS, TrainConfig
+from mechmem.cnn import PAPER_GRID, PRECISIONS, PROTOCOLS, TrainConfig
 from mechmem.distributed import init_from_env, shutdown
 from mechmem.models import random_pythia
 
@@ -55,7 +55,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--rows", type=int, default=54, help="only the first ROWS of the paper's rows (smoke tests)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--training", choices=PROTOCOLS, default="converged")
+    p.add_argument("--epochs", type=int, default=None, help="default: the protocol's (paper: 3, converged: cap 60)")
     p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32")
     args = p.parse_args()
     dist = init_from_env()
@@ -64,7 +65,8 @@ def main() -> None:
     model = random_pythia(args.size, device="cuda" if torch.cuda.is_available() else "cpu", dtype=args.dtype)
     cfg = al.AlignmentConfig(rows=al.paper_rows()[: args.rows], train_per_class=args.train_per_class,
                              eval_per_class=args.eval_per_class, configs=PAPER_GRID,
-                             train=TrainConfig(epochs=args.epochs, precision=args.cnn_precision))
+                             train=TrainConfig(protocol=args.training, epochs=args.epochs,
+                                               precision=args.cnn_precision))
     t1 = time.perf_counter()
     plan = al.plan_rows(df, cfg.rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     store = al.feature_store_for(model, df, plan.samples, args.out / "features", cfg, dist=dist)
