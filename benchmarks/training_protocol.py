@@ -94,7 +94,7 @@ def main() -> None:
                 out = train_cnn_tasks(features, store.pooling, [Task(lab, tr, ev) for _, lab, tr, ev in group],
                                       n_classes, configs, train, progress=False)
                 dt = time.perf_counter() - t0
-                for (row, labels, tr, ev), cnns in zip(group, out):
+                for (row, labels, _, ev), cnns in zip(group, out):
                     s = alignment_summary(cnns, labels[ev], n_boot=1)
                     records.append({"variant": name, "row": row.name, "seed": seed, "min_f1": s["min_f1"],
                                     "epochs": float(np.mean([c.epochs_run for c in cnns])),

@@ -62,7 +62,7 @@ def _has_row(run: Path, taxonomy: str | None) -> bool:
         return False
 
 
-def train_row(args, out: Path, log=print) -> Path:
+def train_row(args, out: Path) -> Path:
     """Train the quick CNN grid on the one taxonomy localization needs; returns the run folder."""
     from dataclasses import asdict
 
@@ -82,11 +82,11 @@ def train_row(args, out: Path, log=print) -> Path:
     (out / "config.json").write_text(json.dumps(
         {"argv": sys.argv[1:], "model": model_name, "revision": None, "data": args.data, "config": asdict(cfg)},
         indent=1, default=str))
-    log(f"training the quick CNN grid on {name!r} ({args.train_per_class}+{args.eval_per_class} a class) into {out}")
+    print(f"training the quick CNN grid on {name!r} ({args.train_per_class}+{args.eval_per_class} a class) into {out}")
     df = load_memorization_data(args.data)
     model = load_model(model_name, device=args.device)
     check_vocab(df, model.cfg.d_vocab)
-    al.run_alignment(model, df, cfg, out, progress=not args.quiet, log=log)
+    al.run_alignment(model, df, cfg, out, progress=not args.quiet)
     return out
 
 

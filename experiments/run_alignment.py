@@ -92,17 +92,12 @@ def _configs(names, grid):
         return QUICK_GRID if grid == "quick" else PAPER_GRID
     if names in (["quick"], ["paper"]):
         return QUICK_GRID if names == ["quick"] else PAPER_GRID
-    known = {c.name: c for c in PAPER_GRID}
     out = []
     for name in names:
-        if name in known:
-            out.append(known[name])
-            continue
-        try:  # k{kernel}_c{channels}_{pooling}
-            k, c, pool = name.split("_")
-            out.append(CNNConfig(int(k.removeprefix("k")), int(c.removeprefix("c")), pool))
+        try:
+            out.append(CNNConfig.from_name(name))
         except ValueError:
-            raise cli.CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'")
+            raise cli.CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'") from None
     return tuple(out)
 
 
@@ -127,7 +122,7 @@ def _rows(args, grid_rows):
         try:
             tax_id, t = tx.parse_name(name)
         except ValueError as err:
-            raise cli.CliError(f"unknown taxonomy {name!r}: {err}")
+            raise cli.CliError(f"unknown taxonomy {name!r}: {err}") from None
         rows.append(al.Row(tax_id, t, args.rouge, args.rouge_threshold))
     return tuple(dict.fromkeys(rows))
 

@@ -13,10 +13,11 @@ rank 0 writes the results.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
 from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401  (atomic_json: re-exported)
-from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
+from mechmem.cnn import (PAPER_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, train_cnn_tasks, write_cnn_index)
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
@@ -43,6 +44,8 @@ QUICK_ROWS: tuple[str, ...] = (
     "Non-Memo, Recollect[5], Others",
     "Non-Memo, Recite[5], Guess, Others",
 )
+
+logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "mean_prec", "min_rec",
                  "mean_rec", "mean_eval_loss", "min_f1_ci_low", "min_f1_ci_high"]
@@ -193,19 +196,20 @@ def check_resume(out: Path, cfg: AlignmentConfig) -> None:
 
 
 def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.PathLike, *,
-                  progress: bool = True, log=print, dist: Dist = Dist()) -> pd.DataFrame:
+                  progress: bool = True, dist: Dist = Dist()) -> pd.DataFrame:
     """Run every row of `cfg` on `df` with `model`; write into `out` and return the table.
 
     Under torchrun pass `dist` (`mechmem.distributed.init_from_env()`): every rank returns the table.
     """
     out = Path(out)
     main = dist.is_main
-    progress, log = progress and main, log if main else (lambda message: None)
+    progress = progress and main
     check_resume(out, cfg)
     all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
     plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     for row, reason in plan.skipped.items():
-        log(f"skipped {row.name}: {reason}")
+        if main:
+            logger.info("skipped %s: %s", row.name, reason)
     if not plan.splits:
         raise ValueError("no taxonomy row has enough samples in every class; lower --train-per-class/--eval-per-class")
     todo = [row for row in plan.splits if not (out / "rows" / f"{row.slug}.json").exists()]
@@ -240,7 +244,8 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
                                 for row, row_cnns in zip(rows, mine[len(tasks):])]
         for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
-                probe = train_probe(statistics, task.labels, task.train_idx, task.eval_idx, n_classes,
+                probe = train_probe(statistics, np.asarray(task.labels), np.asarray(task.train_idx),
+                                    np.asarray(task.eval_idx), n_classes,
                                     seed=cfg.seed).eval_logits if statistics is not None else None
                 _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
                            control_cnns[i] if control_cnns else None, probe, task, plan.splits[row], cfg)
@@ -422,7 +427,7 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
     lines = [f"Ranking: min F1 % [95% bootstrap interval]{seeds} | probe | shuffled-label control | chance | "
              "paper Pythia-12B; '~ n' lists the ranks whose intervals overlap.", ""]
     for rank, (r, ties) in enumerate(zip(t.to_dict("records"), overlapping_ranks(t)), 1):
-        def get(key, fmt="5.1f", missing="  -  "):
+        def get(key, fmt="5.1f", missing="  -  ", r=r):
             v = r.get(key)
             return missing if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 

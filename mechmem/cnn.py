@@ -23,15 +23,18 @@ Randomness is chosen so that a config's training never depends on which configs 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import warnings
+import re
 import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,6 +51,10 @@ PRECISIONS = ("float32", "bf16")
 
 
 # ----------------------------------------------------------------------------- configs
+
+
+logger = logging.getLogger(__name__)
+_NAME = re.compile(r"k(\d+)_c(\d+)_([a-z]+)(?:_fc(\d+))?(?:_d(\d*\.?\d+(?:e-?\d+)?))?")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,15 @@ class CNNConfig:
         if self.dropout != 0.5:
             name += f"_d{self.dropout:g}"
         return name
+
+    @classmethod
+    def from_name(cls, name: str) -> CNNConfig:
+        """The inverse of `name` ("k6_c10_mean", "k8_c16_max_fc32_d0.3"); ValueError on anything else."""
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"not a CNN config name: {name!r} (k<kernel>_c<channels>_<pooling>[_fc<n>][_d<dropout>])")
+        k, c, pooling, fc, dropout = match.groups()
+        return cls(int(k), int(c), pooling, int(fc) if fc else 64, float(dropout) if dropout else 0.5)
 
     @property
     def shape_key(self) -> tuple[int, int, int, float]:
@@ -157,7 +173,7 @@ class TrainConfig:
 
     @property
     def early_stopping(self) -> bool:
-        return self.val_fraction > 0 and self.patience > 0
+        return (self.val_fraction or 0) > 0 and (self.patience or 0) > 0  # both set by __post_init__
 
 
 def _config_seed(seed: int, config: CNNConfig, purpose: str) -> int:
@@ -184,6 +200,9 @@ def scaling_shape(scaling: str, n_layers: int, seq_len: int) -> tuple[int, int, 
 
 class InputScaling(nn.Module):
     """x -> (f(x) - mean) / std with fixed statistics of the training split; f = log(x + LOG_EPS) or identity."""
+
+    mean: Tensor  # buffers, declared for the type checker
+    std: Tensor
 
     def __init__(self, scaling: str, n_layers: int, seq_len: int):
         super().__init__()
@@ -239,6 +258,15 @@ class AttentionCNN(nn.Module):
     def forward(self, x: Float[Tensor, "batch layer query key"]) -> Float[Tensor, "batch class"]:
         return self.layers(x)
 
+    @property
+    def fc_in_features(self) -> int:
+        return self.layers.get_submodule("fc1").in_features  # type: ignore[return-value]
+
+    @property
+    def scale(self) -> InputScaling:
+        """The input scaling layer (absent, KeyError, for "raw")."""
+        return self.layers.get_submodule("scale")  # type: ignore[return-value]
+
 
 _TRAINED = ("conv1", "conv2", "fc1", "fc2")  # the layers with weights; the scaling's statistics are fixed
 
@@ -251,6 +279,9 @@ class _CNNStack(nn.Module):
     are drawn per member from the member's own generator, with the shapes a lone member would draw,
     so a member trains the same whether it is stacked with others or alone.
     """
+
+    scale_mean: Tensor  # buffers (with input scaling), declared for the type checker
+    scale_std: Tensor
 
     def __init__(self, members: Sequence[AttentionCNN]):
         super().__init__()
@@ -266,14 +297,14 @@ class _CNNStack(nn.Module):
         self.n_members, self.p = G, first.config.dropout
         self.conv1 = nn.Conv2d(G * L, G * C, k, groups=G)
         self.conv2 = nn.Conv2d(G * C, G * C, k, groups=G)
-        self.fc1_w = nn.Parameter(torch.empty(G, first.config.n_feat_fc, first.layers.fc1.in_features))
+        self.fc1_w = nn.Parameter(torch.empty(G, first.config.n_feat_fc, first.fc_in_features))
         self.fc1_b = nn.Parameter(torch.empty(G, first.config.n_feat_fc))
         self.fc2_w = nn.Parameter(torch.empty(G, first.n_classes, first.config.n_feat_fc))
         self.fc2_b = nn.Parameter(torch.empty(G, first.n_classes))
         self.log = self.input_scaling.startswith("log")
         if self.input_scaling != "raw":  # members' statistics side by side: "(member layer) query key"
-            self.register_buffer("scale_mean", torch.cat([m.layers.scale.mean for m in members]).clone())
-            self.register_buffer("scale_std", torch.cat([m.layers.scale.std for m in members]).clone())
+            self.register_buffer("scale_mean", torch.cat([m.scale.mean for m in members]).clone())
+            self.register_buffer("scale_std", torch.cat([m.scale.std for m in members]).clone())
         for g, m in enumerate(members):
             self.load_member_state(g, m.state_dict())
         self.generators: list[torch.Generator] | None = None  # per-member dropout RNGs, set to train
@@ -485,7 +516,8 @@ def input_statistics(
     """Mean and standard deviation of the samples `idx` (the training split only), per pool and
     `scaling` granularity, floored at SCALE_EPS; float64 sums, so their order does not matter."""
     read = _batch_reader(features, pool_ids, device)
-    total = total_sq = None
+    total: Tensor | None = None
+    total_sq: Tensor | None = None
     for start in range(0, len(idx), chunk):
         part = idx[start:start + chunk]
         x = read(part, torch.from_numpy(part).to(device)).double()
@@ -493,6 +525,7 @@ def input_statistics(
             x = torch.log(x + LOG_EPS)
         s, s2 = x.sum(0), (x * x).sum(0)
         total, total_sq = (s, s2) if total is None else (total + s, total_sq + s2)
+    assert total is not None and total_sq is not None, "no samples"
     count = len(idx)
     if scaling == "layer":
         count *= total.shape[-1] * total.shape[-2]
@@ -509,8 +542,8 @@ def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int,
         torch.manual_seed(_config_seed(seed, config, "init"))
         model = AttentionCNN(n_layers, n_classes, config, seq_len, scaling)
     if stats is not None:
-        model.layers.scale.mean.copy_(stats[0])
-        model.layers.scale.std.copy_(stats[1])
+        model.scale.mean.copy_(stats[0])
+        model.scale.std.copy_(stats[1])
     return model
 
 
@@ -541,7 +574,7 @@ def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, confi
     train_idx = _as_indices(train_idx, n_samples, "train_idx")
     eval_idx = _as_indices(eval_idx, n_samples, "eval_idx")
     if np.intersect1d(train_idx, eval_idx).size:
-        warnings.warn("train_idx and eval_idx overlap: eval metrics are not held-out", stacklevel=3)
+        logger.warning("train_idx and eval_idx overlap: eval metrics are not held-out")
     if train.epochs < 1 or train.batch_size < 1 or train.eval_batch_size < 1:
         raise ValueError(f"epochs and batch sizes must be >= 1, got {train}")
     for c in configs:
@@ -634,13 +667,13 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         try:
             features = features.to(device)
         except torch.OutOfMemoryError:
-            warnings.warn(f"features do not fit on {device}; reading them from {features.device}", stacklevel=2)
+            logger.warning("features do not fit on %s; reading them from %s", device, features.device)
     used_pools = sorted({pools.index(c.pooling) for c in configs})
 
     # Input statistics per task, from its whole training split (fit and validation parts); tasks with
     # the same split (a row and its shuffled-label control) share them.
     stats: dict[bytes, tuple[Tensor, Tensor]] = {}
-    task_stats = []
+    task_stats: list[tuple[Tensor, Tensor] | None] = []
     for c in checked:
         key = c[3].tobytes()
         if train.input_scaling != "raw" and key not in stats:
@@ -660,13 +693,22 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         stack_members = [[(t, i)] for t in range(n_tasks) for i in range(len(configs))]
     # On CPU, channels-last convolutions run 2-8x faster for these shapes (benchmarks/README.md).
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    stacks, member_task, member_pool = [], [], []
+    def member_stats(t: int, i: int) -> tuple[Tensor, Tensor] | None:
+        """Task t's input statistics for the pool config i reads."""
+        both = task_stats[t]
+        if both is None:
+            return None
+        k = used_pools.index(pools.index(configs[i].pooling))
+        return both[0][k], both[1][k]
+
+    stacks: list[_CNNStack] = []
+    member_task: list[Tensor] = []
+    member_pool: list[Tensor] = []
     for members in stack_members:
         stack = _CNNStack([
-            _init_member(configs[i], n_layers, n_classes, seq_len, train.seed, train.input_scaling,
-                         None if task_stats[t] is None else
-                         tuple(s[used_pools.index(pools.index(configs[i].pooling))] for s in task_stats[t]))
-            for t, i in members]).to(device=device, memory_format=memory_format)
+            _init_member(configs[i], n_layers, n_classes, seq_len, train.seed, train.input_scaling, member_stats(t, i))
+            for t, i in members])
+        stack = stack.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
         stack.generators = [torch.Generator(device=device).manual_seed(_config_seed(train.seed, configs[i], "dropout"))
                             for _, i in members]
         stacks.append(stack)
@@ -695,7 +737,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         n = max(len(e) for e in idx_per_task)
         mat = np.stack([e[np.minimum(np.arange(n), len(e) - 1)] for e in idx_per_task])
         mat_dev = torch.from_numpy(mat).to(device)
-        out = {s: [] for s in which}
+        out: dict[int, list[Tensor]] = {s: [] for s in which}
         with torch.no_grad():
             for s in which:
                 stacks[s].eval()
@@ -707,7 +749,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         return {s: torch.cat(o) for s, o in out.items()}
 
     # Per member (stack s, slot g): losses, and with validation the best epoch's weights so far.
-    history = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
+    history: dict[tuple[int, int], dict[str, Any]] = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
                for s, members in enumerate(stack_members) for g in range(len(members))}
     order = torch.Generator().manual_seed(train.seed)
     val_labels = labels[np.arange(n_tasks)[:, None], val_idx]  # (task, val)
@@ -725,7 +767,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
             x = read_tasks(idx, idx_dev)
             y = labels_dev.gather(1, idx_dev)  # (task, batch)
-            loss = 0.0
+            loss = torch.zeros((), device=device)
             for s in active:
                 logits = run(stacks[s], member_task[s], member_pool[s], x)  # (b, g, class)
                 member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[member_task[s]].T,
@@ -767,7 +809,8 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             trained[t][i] = TrainedCNN(configs[i], model, lg, metrics, h["train"], h["val"],
                                        epochs_run=h["stopped"] or epochs_done,
                                        best_epoch=h["best_epoch"] if h["state"] is not None else epochs_done)
-    return trained
+    assert all(t is not None for row in trained for t in row)
+    return trained  # type: ignore[return-value]  # (every slot filled above)
 
 
 def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: np.ndarray, member_task: list[Tensor],
@@ -855,9 +898,9 @@ def score_summary(
         cells = cells + (np.arange(n_cfg * b) * K * K).reshape(n_cfg, b, 1)
         conf = np.bincount(cells.ravel(), minlength=n_cfg * b * K * K).reshape(n_cfg, b, K, K)
         stats.append(_prf(conf)[2].min(-1).mean(0))  # config-averaged min F1 per resample
-    stats = 100 * np.concatenate(stats)
+    boot = 100 * np.concatenate(stats)
     alpha = (1 - confidence) / 2
-    out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(stats, [100 * alpha, 100 * (1 - alpha)]))
+    out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(boot, [100 * alpha, 100 * (1 - alpha)]))
     out["n_configs"], out["n_eval"] = n_cfg, n
     return out
 
@@ -868,11 +911,19 @@ def score_summary(
 INDEX_FILE = "cnns.json"
 
 
+def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
 def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: bool = True) -> Path:
     """Write {name}.safetensors (weights, eval logits) and {name}.json (config, metrics) per CNN, then
     the index cnns.json (`index=False`: not, when several ranks each save part of one row's CNNs)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     names = [t.config.name for t in trained]
     if len(set(names)) != len(names):
@@ -885,8 +936,8 @@ def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: b
                 "seq_len": t.model.seq_len, "input_scaling": t.model.input_scaling,
                 "train_losses": list(t.train_losses), "val_losses": list(t.val_losses),
                 "epochs_run": t.epochs_run, "best_epoch": t.best_epoch, "eval_metrics": t.eval_metrics.to_dict()}
-        atomic_write(folder / f"{t.config.name}.safetensors", lambda p: save_file(tensors, str(p)))
-        atomic_write(folder / f"{t.config.name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        atomic_write(folder / f"{t.config.name}.safetensors", partial(_save_safetensors, tensors))
+        atomic_write(folder / f"{t.config.name}.json", partial(_write_json, meta))
     if index:
         write_cnn_index(folder, names)
     return folder

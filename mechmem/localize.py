@@ -25,7 +25,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -225,7 +225,7 @@ class Localization:
         if not 0 <= k <= self.n_layers * self.n_heads:
             raise ValueError(f"k must be in [0, {self.n_layers * self.n_heads}], got {k}")
         order = np.argsort(-self.head_scores[c], axis=None, kind="stable")[:k]
-        return [tuple(int(i) for i in np.unravel_index(f, self.head_scores[c].shape)) for f in order]
+        return [(int(layer), int(head)) for layer, head in zip(*np.unravel_index(order, self.head_scores[c].shape))]
 
     # ---- save / load
     ARRAYS = "localization.npz"

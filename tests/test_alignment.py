@@ -51,7 +51,7 @@ def small_config(**kw):
 
 def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatch):
     df = synthetic_frame()
-    table = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    table = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
     assert list(pd.read_csv(tmp_path / "alignment.csv").columns) == al.TABLE_COLUMNS + al.CONTROL_COLUMNS
     assert set(table["tax_name"]) == {"Non-Memo, Guess, Others", "Non-Memo, Recite[5], Others"}
     for name in ("alignment.md", "min_f1.png", "confusion_best.png", "confusion_worst.png"):
@@ -67,18 +67,18 @@ def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatc
     # A second run resumes: no extraction, no training.
     monkeypatch.setattr(al, "train_cnn_tasks", lambda *a, **k: pytest.fail("retrained a finished row"))
     monkeypatch.setattr(F, "_extract", lambda *a, **k: pytest.fail("re-extracted features"))
-    again = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    again = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
     pd.testing.assert_frame_equal(again[al.TABLE_COLUMNS], table[al.TABLE_COLUMNS])
 
 
 def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_path, tiny_model):
     df = synthetic_frame()
-    al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     other = al.AlignmentConfig(**{**small_config().__dict__, "train": TrainConfig(protocol="paper", epochs=2, device="cpu",
                                                                                  precision="bf16")})
     with pytest.raises(ValueError, match="train.epochs 1 -> 2; train.precision 'float32' -> 'bf16'") as err:
-        al.run_alignment(tiny_model, df, other, tmp_path, progress=False, log=lambda m: None)
+        al.run_alignment(tiny_model, df, other, tmp_path, progress=False)
     assert "\n" not in str(err.value)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
     # Where the run executes is not a result setting: another device, fusing or batch size resumes.
@@ -89,9 +89,8 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_
 
 def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tiny_model):
     df = synthetic_frame()
-    one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False, log=lambda m: None)
-    two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False,
-                           log=lambda m: None)
+    one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False)
+    two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False)
     for row in small_config().rows:
         record = json.loads((tmp_path / "two" / "rows" / f"{row.slug}.json").read_text())
         first, second = record["min_f1_per_seed"]
@@ -126,15 +125,15 @@ def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_m
     np.testing.assert_array_equal(view[[0, 2], 32:], np.asarray(expected))
 
 
-def test_rows_short_of_samples_are_skipped_with_the_reason(tmp_path, tiny_model):
+def test_rows_short_of_samples_are_skipped_with_the_reason(tmp_path, tiny_model, caplog):
     df = synthetic_frame()
     cfg = small_config()
     cfg = al.AlignmentConfig(**{**cfg.__dict__, "rows": cfg.rows + (al.Row("merge_2_other_recite_guess_recollect", 1000),)})
-    logs = []
-    al.run_alignment(tiny_model, df, cfg, tmp_path, progress=False, log=logs.append)
+    with caplog.at_level("INFO", logger="mechmem"):
+        al.run_alignment(tiny_model, df, cfg, tmp_path, progress=False)
     skipped = json.loads((tmp_path / "skipped.json").read_text())
     assert list(skipped) == ["Non-Memo, Recite[1k], Others"]
-    assert any("Recite[1k]" in line for line in logs)
+    assert any("Recite[1k]" in r.getMessage() and r.name == "mechmem.alignment" for r in caplog.records)
 
 
 def test_rouge_sweep_reuses_one_feature_extraction(tmp_path, tiny_model, monkeypatch):
@@ -143,7 +142,7 @@ def test_rouge_sweep_reuses_one_feature_extraction(tmp_path, tiny_model, monkeyp
     real = F.build_feature_store
     monkeypatch.setattr(al, "build_feature_store", lambda *a, **k: calls.append(1) or real(*a, **k))
     sweep = tuple(r for r in al.sweep_rows((0.3, 0.6)))
-    al.run_alignment(tiny_model, df, small_config(sweep=sweep), tmp_path, progress=False, log=lambda m: None)
+    al.run_alignment(tiny_model, df, small_config(sweep=sweep), tmp_path, progress=False)
     assert len(calls) == 1
     rouge = pd.read_csv(tmp_path / "rouge_sweep.csv")
     assert list(rouge.columns[:3]) == ["Rouge-L", "Rouge-3", "Threshold"]
@@ -176,6 +175,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_chec
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_cli_takes_every_config_name_the_configs_produce():
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=32), CNNConfig(5, 4, "max", dropout=0.25))
+    assert run_alignment_cli._configs([c.name for c in configs], "quick") == configs
 
 
 def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoint):

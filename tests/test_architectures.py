@@ -144,7 +144,7 @@ def test_alignment_runs_end_to_end(name, tmp_path):
     cfg = al.AlignmentConfig(rows=(al.Row("merge_2_other_guess_recollect_recite", 5),), train_per_class=8,
                              eval_per_class=4, configs=(CNNConfig(6, 4, "mean"),),
                              train=TrainConfig(epochs=1, device="cpu"), n_boot=20)
-    table = al.run_alignment(model, df, cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    table = al.run_alignment(model, df, cfg, tmp_path / "run", progress=False)
     assert table["tax_name"].tolist() == ["Non-Memo, Guess, Others"]
     assert 0 <= table["min_f1"].iloc[0] <= 100
     row = json.loads((tmp_path / "run" / "rows" / "merge_2_other_guess_recollect_recite_t5.json").read_text())

@@ -382,11 +382,12 @@ def test_train_bad_inputs(change):
         train_cnns(**kw, progress=False)
 
 
-def test_overlapping_split_warns():
+def test_overlapping_split_warns(caplog):
     feats, labels = diagonal_toy(12, seq_len=32)
-    with pytest.warns(UserWarning, match="overlap"):
+    with caplog.at_level("WARNING", logger="mechmem"):
         train_cnns(feats, POOLS, labels, np.arange(10), np.arange(8, 12), 3, QUICK_GRID[:1],
                    TrainConfig(protocol="paper", epochs=1), progress=False)
+    assert [r.name for r in caplog.records if "overlap" in r.getMessage()] == ["mechmem.cnn"]
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -514,3 +515,17 @@ def test_fused_stack_equals_members_with_input_scaling():
         for a, b in zip(a_row, b_row):
             torch.testing.assert_close(a.eval_logits, b.eval_logits, atol=1e-4, rtol=1e-4)
             assert a.epochs_run == b.epochs_run and a.best_epoch == b.best_epoch
+
+
+# ----------------------------------------------------------------------------- config names
+
+@pytest.mark.parametrize("config", [*PAPER_GRID, CNNConfig(3, 4, "max", n_feat_fc=32), CNNConfig(5, 2, "mean", dropout=0.3),
+                                    CNNConfig(7, 8, "max", n_feat_fc=16, dropout=0.0), CNNConfig(6, 10, "mean", dropout=1e-5)])
+def test_config_name_round_trips(config):
+    assert CNNConfig.from_name(config.name) == config
+
+
+@pytest.mark.parametrize("name", ["k6_c10", "k6_c10_median", "k6_c10_mean_fc", "x6_c10_mean", "k6_c10_mean_d0.5x", ""])
+def test_config_from_a_bad_name_is_a_value_error(name):
+    with pytest.raises(ValueError):
+        CNNConfig.from_name(name)

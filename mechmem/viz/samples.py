@@ -14,9 +14,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import torch
 from einops import reduce
@@ -157,7 +158,7 @@ def class_map(region_maps: Mapping | None, class_names: Sequence[str], label: in
     return None
 
 
-def pick_samples(labels: Sequence[int], sequence_ids: Sequence[int], n_classes: int, per_class: int,
+def pick_samples(labels: npt.ArrayLike, sequence_ids: npt.ArrayLike, n_classes: int, per_class: int,
                  seed: int = 0, among: Sequence[int] | None = None) -> dict[int, list[int]]:
     """A few sequence ids per class (seeded), drawn from `among` (e.g. the CNNs' eval split) when given."""
     labels, ids = np.asarray(labels), np.asarray(sequence_ids)
@@ -293,7 +294,7 @@ def read_run(folder: str | os.PathLike | None, taxonomy: str, model=None) -> Run
         if result.get("tax_name") == taxonomy:
             run.result, run.slug = result, path.stem
             break
-    if run.result is None:
+    if run.result is None or run.slug is None:
         run.missing.append(f"CNN probabilities: {folder} has no row for {taxonomy!r}")
     elif (folder / "cnns" / run.slug).is_dir():
         run.cnns = load_cnns(folder / "cnns" / run.slug)
