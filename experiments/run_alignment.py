@@ -15,7 +15,6 @@ interrupted run resumes from --out.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,6 +153,7 @@ def run(args) -> int:
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
+    from mechmem.run import RunFolder
 
     _check_inputs(args)
     grid_rows, grid_configs, train_pc, eval_pc, seeds = PRESETS[args.grid]
@@ -189,11 +189,8 @@ def run(args) -> int:
                        compatibility_mode=not args.no_compatibility_mode)
     check_vocab(df, model.cfg.d_vocab)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
-                  "compatibility_mode": not args.no_compatibility_mode, "world_size": dist.world_size,
-                  "config": asdict(cfg)}
-        al.atomic_json(out / "config.json", record, default=str)
+        RunFolder(out).write_config(args.model, args.data, cfg, revision=args.revision, argv=sys.argv[1:],
+                                    compatibility_mode=not args.no_compatibility_mode, world_size=dist.world_size)
     say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row x {seeds} "
         f"seed(s), {args.training} training; {train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); "
         f"writing to {out}")

@@ -10,7 +10,8 @@ import torch
 
 import mechmem.alignment as al
 import mechmem.features as F
-from mechmem.cnn import CNNConfig, TrainConfig, load_cnns
+from mechmem.cnn import CNNConfig, TrainConfig
+from mechmem.run import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = (CNNConfig(6, 4, "mean"),)
@@ -97,8 +98,8 @@ def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tin
         # the first seed is the single-seed run, CNN for CNN; the second trains other CNNs
         alone = json.loads((tmp_path / "one" / "rows" / f"{row.slug}.json").read_text())
         assert first == pytest.approx(alone["min_f1"])
-        a, b = (load_cnns(al.cnn_folder(tmp_path / "two", row, k)) for k in (0, 1))
-        c = load_cnns(al.cnn_folder(tmp_path / "one", row))
+        a, b = (RunFolder(tmp_path / "two").load_cnns(row.slug, k) for k in (0, 1))
+        c = RunFolder(tmp_path / "one").load_cnns(row.slug)
         assert torch.equal(a[0].model.layers.fc2.weight, c[0].model.layers.fc2.weight)
         assert not torch.equal(a[0].model.layers.fc2.weight, b[0].model.layers.fc2.weight)
         assert record["min_f1"] == pytest.approx((first + second) / 2)
@@ -117,7 +118,7 @@ def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_m
 
     df = synthetic_frame(30)
     positions = np.array([0, 1, 3])  # kinds 0 (non-memo), 1 (memorized), 0
-    view = al.model_view_tokens(tiny_model, df, positions)
+    view = al.generate_model_view(tiny_model, df, positions)
     original = np.stack(df["tokens"].to_numpy()[positions])
     np.testing.assert_array_equal(view[1], original[1])
     np.testing.assert_array_equal(view[:, :32], original[:, :32])

@@ -289,7 +289,7 @@ def test_read_run_refuses_another_models_run(run_folder, tmp_path):
         viz.read_run(run_folder[0], TAXONOMY, other)
 
 
-def test_model_view_tokens_from_the_store_else_greedy(run_folder, tiny_model, monkeypatch):
+def test_lookup_model_view_from_the_store_else_greedy(run_folder, tiny_model, monkeypatch):
     import mechmem.memorization
 
     folder, df, shown = run_folder
@@ -304,7 +304,7 @@ def test_model_view_tokens_from_the_store_else_greedy(run_folder, tiny_model, mo
 
     monkeypatch.setattr(mechmem.memorization, "free_generation", fake_free_generation)
     positions = np.array([3, 9, 10])  # 503 is in the store (non-memo); 509 (non-memo) and 510 are not
-    tokens = viz.model_view_tokens(tiny_model, df, positions, store)
+    tokens = viz.lookup_model_view(tiny_model, df, positions, store)
     np.testing.assert_array_equal(tokens[0], shown[3])
     assert len(calls) == 1 and calls[0][1] == [0.25, 1.0]
     np.testing.assert_array_equal(calls[0][0].numpy(), np.stack(df["tokens"].to_numpy()[[9, 10]]))
