@@ -217,12 +217,47 @@ class InputScaling(nn.Module):
         return ((torch.log(x + LOG_EPS) if self.log else x) - self.mean) / self.std
 
 
+# The CNN, layer by layer: one definition that both the single network (AttentionCNN, a module per
+# entry, named so that localization can hook the ReLUs) and the fused stack (_CNNStack: the same
+# sequence over G members at once, grouped convolutions and batched linears) are built from.
+LAYERS: tuple[tuple[str, str], ...] = (
+    ("conv1", "conv"), ("relu1", "relu"), ("drop1", "dropout"), ("pool1", "pool"),
+    ("conv2", "conv"), ("relu2", "relu"), ("drop2", "dropout"), ("pool2", "pool"),
+    ("flatten", "flatten"),  # (c h w) order
+    ("fc1", "linear"), ("relu3", "relu"), ("drop3", "dropout"),
+    ("fc2", "linear"),
+)
+
+
+def _layer_shapes(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each trained layer."""
+    c, fc, side = config.channels, config.n_feat_fc, feature_side(seq_len, config.kernel_size)
+    return {"conv1": (n_layers, c), "conv2": (c, c), "fc1": (c * side * side, fc), "fc2": (fc, n_classes)}
+
+
+def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Dropout's keep-mask drawn from `generator`: a CNN's masks come from its own generator, so it
+    trains the same alone, in a stack, or in the plain loop."""
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+class SeededDropout(nn.Dropout):
+    """nn.Dropout whose masks come from `generator` when one is set (training sets it); else torch's own."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or self.generator is None:
+            return super().forward(x)
+        return x * dropout_mask(x.shape, self.p, self.generator, x.device) / (1 - self.p)
+
+
 class AttentionCNN(nn.Module):
     """[input scaling ->] conv -> ReLU -> dropout -> maxpool, twice, then linear -> ReLU -> dropout -> linear.
 
-    Layers are modules in one `nn.Sequential` (not functional calls) so that localization can hook
-    the ReLUs by name for guided backpropagation. The input scaling (absent for "raw") holds the
-    training split's statistics, so the CNN always reads raw pooled attention.
+    Layers are modules in one `nn.Sequential` (not functional calls), built from LAYERS, so that
+    localization can hook the ReLUs by name for guided backpropagation. The input scaling (absent
+    for "raw") holds the training split's statistics, so the CNN always reads raw pooled attention.
     """
 
     def __init__(self, n_layers: int, n_classes: int, config: CNNConfig = CNNConfig(), seq_len: int = 64,
@@ -232,31 +267,26 @@ class AttentionCNN(nn.Module):
             raise ValueError(f"need n_layers >= 1 and n_classes >= 2, got {n_layers}, {n_classes}")
         self.config, self.n_layers, self.n_classes, self.seq_len = config, n_layers, n_classes, seq_len
         self.input_scaling = input_scaling
-        k, c, p = config.kernel_size, config.channels, config.dropout
-        side = feature_side(seq_len, k)
+        shapes = _layer_shapes(config, n_layers, n_classes, seq_len)
+        make = {
+            "conv": lambda name: nn.Conv2d(*shapes[name], config.kernel_size),
+            "linear": lambda name: nn.Linear(*shapes[name]),
+            "relu": lambda name: nn.ReLU(),
+            "dropout": lambda name: SeededDropout(config.dropout),
+            "pool": lambda name: nn.MaxPool2d(2),
+            "flatten": lambda name: nn.Flatten(),
+        }
         scale = [] if input_scaling == "raw" else [("scale", InputScaling(input_scaling, n_layers, seq_len))]
-        self.layers = nn.Sequential(
-            OrderedDict(
-                scale + [
-                    ("conv1", nn.Conv2d(n_layers, c, k)),
-                    ("relu1", nn.ReLU()),
-                    ("drop1", nn.Dropout(p)),
-                    ("pool1", nn.MaxPool2d(2)),
-                    ("conv2", nn.Conv2d(c, c, k)),
-                    ("relu2", nn.ReLU()),
-                    ("drop2", nn.Dropout(p)),
-                    ("pool2", nn.MaxPool2d(2)),
-                    ("flatten", nn.Flatten()),  # (c h w) order
-                    ("fc1", nn.Linear(c * side * side, config.n_feat_fc)),
-                    ("relu3", nn.ReLU()),
-                    ("drop3", nn.Dropout(p)),
-                    ("fc2", nn.Linear(config.n_feat_fc, n_classes)),
-                ]
-            )
-        )
+        self.layers = nn.Sequential(OrderedDict(scale + [(name, make[kind](name)) for name, kind in LAYERS]))
 
     def forward(self, x: Float[Tensor, "batch layer query key"]) -> Float[Tensor, "batch class"]:
         return self.layers(x)
+
+    def set_dropout_generator(self, generator: torch.Generator | None) -> None:
+        """Draw every dropout mask from `generator` (None: torch's global generator)."""
+        for name, kind in LAYERS:
+            if kind == "dropout":
+                self.layers.get_submodule(name).generator = generator  # type: ignore[assignment]
 
     @property
     def fc_in_features(self) -> int:
@@ -268,11 +298,8 @@ class AttentionCNN(nn.Module):
         return self.layers.get_submodule("scale")  # type: ignore[return-value]
 
 
-_TRAINED = ("conv1", "conv2", "fc1", "fc2")  # the layers with weights; the scaling's statistics are fixed
-
-
 class _CNNStack(nn.Module):
-    """G same-shaped AttentionCNNs run as one network.
+    """G same-shaped AttentionCNNs run as one network: LAYERS over a member axis.
 
     Input channels are the members' inputs side by side, "(member layer)"; grouped convolutions keep
     the members apart, and the linear layers are batched matmuls over a member axis. Dropout masks
@@ -293,14 +320,16 @@ class _CNNStack(nn.Module):
         self.configs = [m.config for m in members]
         self.n_layers, self.n_classes, self.seq_len = first.n_layers, first.n_classes, first.seq_len
         self.input_scaling = first.input_scaling
-        G, L, C, k = len(members), first.n_layers, first.config.channels, first.config.kernel_size
+        G, k = len(members), first.config.kernel_size
         self.n_members, self.p = G, first.config.dropout
-        self.conv1 = nn.Conv2d(G * L, G * C, k, groups=G)
-        self.conv2 = nn.Conv2d(G * C, G * C, k, groups=G)
-        self.fc1_w = nn.Parameter(torch.empty(G, first.config.n_feat_fc, first.fc_in_features))
-        self.fc1_b = nn.Parameter(torch.empty(G, first.config.n_feat_fc))
-        self.fc2_w = nn.Parameter(torch.empty(G, first.n_classes, first.config.n_feat_fc))
-        self.fc2_b = nn.Parameter(torch.empty(G, first.n_classes))
+        shapes = _layer_shapes(first.config, first.n_layers, first.n_classes, first.seq_len)
+        for name, kind in LAYERS:
+            n_in, n_out = shapes.get(name, (0, 0))
+            if kind == "conv":
+                setattr(self, name, nn.Conv2d(G * n_in, G * n_out, k, groups=G))
+            elif kind == "linear":
+                setattr(self, f"{name}_w", nn.Parameter(torch.empty(G, n_out, n_in)))
+                setattr(self, f"{name}_b", nn.Parameter(torch.empty(G, n_out)))
         self.log = self.input_scaling.startswith("log")
         if self.input_scaling != "raw":  # members' statistics side by side: "(member layer) query key"
             self.register_buffer("scale_mean", torch.cat([m.scale.mean for m in members]).clone())
@@ -311,11 +340,16 @@ class _CNNStack(nn.Module):
 
     def _member_views(self, g: int) -> dict[str, Tensor]:
         """Member g's trained parameters as views into the stack, named as in an AttentionCNN."""
-        C = self.conv1.out_channels // self.n_members
-        views = {f"layers.{name}.{p}": getattr(conv, p)[g * C:(g + 1) * C]
-                 for conv, name in ((self.conv1, "conv1"), (self.conv2, "conv2")) for p in ("weight", "bias")}
-        return views | {"layers.fc1.weight": self.fc1_w[g], "layers.fc1.bias": self.fc1_b[g],
-                        "layers.fc2.weight": self.fc2_w[g], "layers.fc2.bias": self.fc2_b[g]}
+        views: dict[str, Tensor] = {}
+        for name, kind in LAYERS:
+            if kind == "conv":
+                conv = getattr(self, name)
+                C = conv.out_channels // self.n_members
+                views |= {f"layers.{name}.{p}": getattr(conv, p)[g * C:(g + 1) * C] for p in ("weight", "bias")}
+            elif kind == "linear":
+                views |= {f"layers.{name}.weight": getattr(self, f"{name}_w")[g],
+                          f"layers.{name}.bias": getattr(self, f"{name}_b")[g]}
+        return views
 
     def member_state(self, g: int) -> dict[str, Tensor]:
         """A copy of member g's trained parameters (what early stopping keeps of its best epoch)."""
@@ -332,18 +366,27 @@ class _CNNStack(nn.Module):
             return x
         if self.generators is None:
             raise RuntimeError("set _CNNStack.generators before training")
-        masks = [torch.rand(chunk.shape, generator=g, device=x.device) >= self.p
+        masks = [dropout_mask(chunk.shape, self.p, g, x.device)
                  for chunk, g in zip(x.chunk(self.n_members, dim=1), self.generators)]
         return x * torch.cat(masks, dim=1) / (1 - self.p)
 
     def forward(self, x: Float[Tensor, "batch member_layer query key"]) -> Float[Tensor, "batch member class"]:
         if self.input_scaling != "raw":
             x = ((torch.log(x + LOG_EPS) if self.log else x) - self.scale_mean) / self.scale_std
-        x = F.max_pool2d(self._dropout(F.relu(self.conv1(x))), 2)
-        x = F.max_pool2d(self._dropout(F.relu(self.conv2(x))), 2)
-        x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
-        x = self._dropout(F.relu(einsum(x, self.fc1_w, "b g i, g o i -> b g o") + self.fc1_b))
-        return einsum(x, self.fc2_w, "b g i, g o i -> b g o") + self.fc2_b
+        for name, kind in LAYERS:
+            if kind == "conv":
+                x = getattr(self, name)(x)
+            elif kind == "linear":
+                x = einsum(x, getattr(self, f"{name}_w"), "b g i, g o i -> b g o") + getattr(self, f"{name}_b")
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "dropout":
+                x = self._dropout(x)
+            elif kind == "pool":
+                x = F.max_pool2d(x, 2)
+            elif kind == "flatten":
+                x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
+        return x
 
     def unstack(self) -> list[AttentionCNN]:
         """The members as standalone AttentionCNNs (copies, on this stack's device)."""
@@ -356,7 +399,7 @@ class _CNNStack(nn.Module):
                 state |= {"layers.scale.mean": self.scale_mean[g * L:(g + 1) * L].clone(),
                           "layers.scale.std": self.scale_std[g * L:(g + 1) * L].clone()}
             model.load_state_dict(state)
-            out.append(model.to(self.fc1_w.device).eval())
+            out.append(model.to(next(self.parameters()).device).eval())
         return out
 
 
@@ -548,7 +591,8 @@ def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int,
 
 
 
-def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, configs, train):
+def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, configs, train
+                  ) -> tuple[tuple[CNNConfig, ...], tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
     """Validate train_cnns' arguments; return them normalised (tuples, int64 numpy arrays)."""
     configs = tuple(configs)
     if not configs or not all(isinstance(c, CNNConfig) for c in configs):
@@ -602,6 +646,86 @@ def train_cnns(
     """
     return train_cnn_tasks(features, pools, [Task(labels, train_idx, eval_idx)], n_classes, configs, train,
                            progress)[0]
+
+
+def train_cnn(
+    features: Float[Tensor, "sample pool layer query key"] | np.ndarray,
+    pools: Sequence[str],
+    labels: Int[Tensor, " sample"] | Int[np.ndarray, " sample"],
+    train_idx: Sequence[int] | np.ndarray | Tensor,
+    eval_idx: Sequence[int] | np.ndarray | Tensor,
+    n_classes: int,
+    config: CNNConfig,
+    train: TrainConfig = TrainConfig(),
+) -> TrainedCNN:
+    """One CNN, trained in a plain loop that reads top to bottom.
+
+    This is the reference: `train_cnn_tasks` trains many CNNs and tasks in lockstep (one pass over
+    the data, same-shaped CNNs fused into one grouped network on a GPU) and is tested to give what
+    this loop gives. Same seeds, same data order, same dropout masks, same early stopping.
+    """
+    _, pools, labels, train_idx, eval_idx = _check_inputs(features, pools, labels, train_idx, eval_idx,
+                                                          n_classes, [config], train)
+    assert train.epochs and train.batch_size and train.input_scaling and train.val_fraction is not None  # __post_init__
+    device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pool = np.array([pools.index(config.pooling)])
+    read = _batch_reader(features, pool, device)
+
+    def batch(idx: np.ndarray) -> Float[Tensor, "batch layer query key"]:
+        return read(idx, torch.from_numpy(idx).to(device))[:, 0]
+
+    def predict(model: AttentionCNN, idx: np.ndarray) -> Float[Tensor, "sample class"]:
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model(batch(idx[s:s + train.eval_batch_size])).float().cpu()
+                              for s in range(0, len(idx), train.eval_batch_size)])
+
+    # The validation part (early stopping) comes out of the training split; input statistics from all of it.
+    fit_idx, val_idx = split_validation(labels, train_idx, train.val_fraction, train.seed)
+    stats = None
+    if train.input_scaling != "raw":
+        mean, std = input_statistics(features, pool, train_idx, train.input_scaling, device)
+        stats = (mean[0], std[0])
+    _, _, n_layers, seq_len, _ = features.shape
+    model = _init_member(config, n_layers, n_classes, seq_len, train.seed, train.input_scaling, stats).to(device)
+    model.set_dropout_generator(torch.Generator(device=device).manual_seed(_config_seed(train.seed, config, "dropout")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                  fused=device.type == "cuda")
+    order = torch.Generator().manual_seed(train.seed)  # the data order: from the seed alone
+    y = torch.from_numpy(labels).to(device)
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    best, best_epoch, best_state, epoch = math.inf, 0, None, 0
+    with _cudnn_deterministic(train.deterministic):
+        for epoch in range(1, train.epochs + 1):
+            model.train()
+            perm = fit_idx[torch.randperm(len(fit_idx), generator=order).numpy()]
+            total = torch.zeros((), device=device)
+            for start in range(0, len(perm), train.batch_size):
+                idx = perm[start:start + train.batch_size]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+                    logits = model(batch(idx)).float()
+                loss = F.cross_entropy(logits, y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(idx)
+            train_losses.append(float(total / len(perm)))
+            if len(val_idx):
+                val_loss = float(F.cross_entropy(predict(model, val_idx).double(), torch.from_numpy(labels[val_idx])))
+                val_losses.append(val_loss)
+                if val_loss < best:
+                    best, best_epoch = val_loss, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                elif train.patience and epoch - best_epoch >= train.patience:
+                    break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        eval_logits = predict(model, eval_idx)
+    metrics = classification_metrics(labels[eval_idx], eval_logits.argmax(-1), n_classes, eval_logits)
+    model.set_dropout_generator(None)
+    return TrainedCNN(config, model.eval(), eval_logits, metrics, train_losses, val_losses, epochs_run=epoch,
+                      best_epoch=best_epoch if best_state is not None else epoch)
 
 
 @dataclass

@@ -529,3 +529,48 @@ def test_config_name_round_trips(config):
 def test_config_from_a_bad_name_is_a_value_error(name):
     with pytest.raises(ValueError):
         CNNConfig.from_name(name)
+
+
+# ----------------------------------------------------------------------------- the plain loop
+
+@pytest.mark.parametrize("train, stops", [
+    (TrainConfig(protocol="paper", epochs=2, device="cpu"), False),
+    (TrainConfig(protocol="converged", epochs=12, patience=2, batch_size=8, lr=3e-3, device="cpu"), True),
+    (TrainConfig(protocol="converged", epochs=3, input_scaling="log-pixel", device="cpu"), False),
+], ids=["paper", "converged-early-stopping", "log-pixel"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_plain_loop_equals_lockstep_and_fused_training(train, stops, fuse):
+    """train_cnn (one CNN, a plain loop) is what train_cnns gives for each config, trained beside
+    others, fused or not: same weights, eval logits, losses, epochs and best epoch."""
+    from dataclasses import replace
+
+    from mechmem.cnn import train_cnn
+
+    feats, labels = diagonal_toy(60, seq_len=32)
+    labels = labels.numpy().copy()
+    labels[::4] = (labels[::4] + 1) % 3  # noise, so that validation loss turns and early stopping acts
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(6, 4, "max", n_feat_fc=16), CNNConfig(5, 2, "max"))
+    train_idx, eval_idx = np.arange(44), np.arange(44, 60)
+    together = train_cnns(feats, POOLS, labels, train_idx, eval_idx, 3, configs, replace(train, fuse=fuse),
+                          progress=False)
+    for config, t in zip(configs, together):
+        plain = train_cnn(feats, POOLS, labels, train_idx, eval_idx, 3, config, train)
+        assert (plain.epochs_run, plain.best_epoch) == (t.epochs_run, t.best_epoch)
+        assert plain.train_losses == pytest.approx(t.train_losses, rel=1e-5)
+        assert plain.val_losses == pytest.approx(t.val_losses, rel=1e-5)
+        assert_same_weights(state(plain.model), state(t.model))
+        torch.testing.assert_close(plain.eval_logits, t.eval_logits, rtol=1e-4, atol=1e-5)
+    if stops:  # early stopping was exercised, at different epochs for different CNNs
+        assert any(t.epochs_run < train.epochs for t in together)
+
+
+def test_dropout_masks_come_from_the_cnns_own_generator():
+    model = AttentionCNN(3, 3, CNNConfig(6, 4, "mean"), seq_len=32).train()
+    x = torch.rand(4, 3, 32, 32)
+    outs = []
+    for _ in range(2):
+        model.set_dropout_generator(torch.Generator().manual_seed(5))
+        outs.append(model(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    model.set_dropout_generator(torch.Generator().manual_seed(6))
+    assert not torch.equal(model(x), outs[0])
