@@ -23,7 +23,7 @@ from mechmem.run import RunFolder
 def compare(a: Path, b: Path) -> dict:
     run_a, run_b = RunFolder(a), RunFolder(b)
     fa, fb = run_a.feature_store().features, run_b.feature_store().features
-    ta, tb = pd.read_csv(a / "alignment.csv"), pd.read_csv(b / "alignment.csv")
+    ta, tb = pd.read_csv(run_a.table_file), pd.read_csv(run_b.table_file)
     if list(ta["tax_name"]) != list(tb["tax_name"]):
         ta, tb = ta.sort_values("tax_name").reset_index(drop=True), tb.sort_values("tax_name").reset_index(drop=True)
     logits_diff, confusion_differs = 0.0, 0

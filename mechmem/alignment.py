@@ -257,7 +257,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         write_outputs(table, out)
     if main and cfg.sweep:
         sweep = rouge_table(collect_table(out, [r for r in cfg.sweep if r in plan.splits]))
-        atomic_write(out / "rouge_sweep.csv", lambda tmp: sweep.round(4).to_csv(tmp, index=False))
+        atomic_write(RunFolder(out).rouge_sweep_file, lambda tmp: sweep.round(4).to_csv(tmp, index=False))
     return table
 
 
@@ -384,8 +384,9 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     from mechmem.plots import confusion_png, min_f1_bar_png
 
     csv = table[table_columns(table)].round(4)
-    atomic_write(out / "alignment.csv", lambda tmp: csv.to_csv(tmp, index=False))
-    atomic_text(out / "alignment.md", markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
+    run = RunFolder(out)
+    atomic_write(run.table_file, lambda tmp: csv.to_csv(tmp, index=False))
+    atomic_text(run.table_md_file, markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
     for tag, r in (("best", best), ("worst", worst)):

@@ -10,7 +10,7 @@ benchmarks, tests) goes through `RunFolder`, so the layout is written down once:
     cnns/<slug>/             its CNNs (first training seed), seed<k>/ further seeds, control/ shuffled labels
     features/                the FeatureStore of every sample any row needs
     model_view_tokens.npz    the tokens the model was shown (free generation is the slow half of a resume)
-    alignment.csv/.md, *.png the table and figures
+    alignment.csv/.md        the table (rouge_sweep.csv: the ROUGE sweep); min_f1.png, confusion_{best,worst}.png
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ ROWS = "rows"
 CNNS = "cnns"
 FEATURES = "features"
 MODEL_VIEW = "model_view_tokens.npz"
+TABLE = "alignment.csv"
+TABLE_MD = "alignment.md"
+ROUGE_SWEEP = "rouge_sweep.csv"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,18 @@ class RunFolder:
     @property
     def model_view_file(self) -> Path:
         return self.path / MODEL_VIEW
+
+    @property
+    def table_file(self) -> Path:
+        return self.path / TABLE
+
+    @property
+    def table_md_file(self) -> Path:
+        return self.path / TABLE_MD
+
+    @property
+    def rouge_sweep_file(self) -> Path:
+        return self.path / ROUGE_SWEEP
 
     def row_file(self, slug: str) -> Path:
         return self.rows_dir / f"{slug}.json"

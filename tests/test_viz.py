@@ -16,6 +16,7 @@ from PIL import Image
 from mechmem import viz
 from mechmem.cnn import AttentionCNN, ClassMetrics, CNNConfig, TrainedCNN, save_cnns
 from mechmem.features import build_feature_store, extract_attention
+from mechmem.run import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["Non-Memo", "Guess", "Others"]
@@ -258,14 +259,14 @@ def run_folder(tiny_model, tmp_path_factory):
     in_store = df.iloc[:9]
     shown = np.stack(in_store["tokens"].to_numpy())
     shown[0::3, 32:] = 3  # stand-in "greedy" suffixes: the pages must show the store's tokens
-    build_feature_store(folder / "features", tiny_model, in_store["sequence_id"].to_numpy(), shown, progress=False)
-    save_cnns(random_cnns(), folder / "cnns" / "merge_2_other_guess_recollect_recite_t5")
-    (folder / "rows").mkdir()
-    (folder / "rows" / "merge_2_other_guess_recollect_recite_t5.json").write_text(json.dumps({
+    run = RunFolder(folder)
+    build_feature_store(run.features_dir, tiny_model, in_store["sequence_id"].to_numpy(), shown, progress=False)
+    save_cnns(random_cnns(), run.cnn_folder("merge_2_other_guess_recollect_recite_t5"))
+    run.write_row("merge_2_other_guess_recollect_recite_t5", {
         "tax_name": TAXONOMY, "class_names": CLASSES,
         "row": {"tax_id": "merge_2_other_guess_recollect_recite", "threshold": 5, "rouge": "either",
                 "rouge_threshold": 0.5},
-        "train_sequence_ids": [500, 501, 502, 503, 504, 505], "eval_sequence_ids": [506, 507, 508]}))
+        "train_sequence_ids": [500, 501, 502, 503, 504, 505], "eval_sequence_ids": [506, 507, 508]})
     return folder, df, shown
 
 
@@ -361,7 +362,7 @@ def _main(argv, monkeypatch, model):
 
 def test_cli_defaults_to_the_run_localization_used(tmp_path):
     script = load_experiment("inspect_samples")
-    (tmp_path / "run" / "rows").mkdir(parents=True)
+    RunFolder(tmp_path / "run").rows_dir.mkdir(parents=True)
     (tmp_path / "loc").mkdir()
     assert script._localizations_run(tmp_path / "loc") is None
     (tmp_path / "loc" / "localization.json").write_text(json.dumps({"meta": {"run": str(tmp_path / "run")}}))
