@@ -59,9 +59,10 @@ def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatc
         assert (tmp_path / name).stat().st_size > 0
     row = table.iloc[0]
     assert 0 <= row.min_f1_ci_low <= row.min_f1 <= row.min_f1_ci_high <= 100
-    assert (tmp_path / "cnns" / "merge_2_other_guess_recollect_recite_t5" / "cnns.json").exists()
+    run = RunFolder(tmp_path)
+    assert (run.cnn_folder("merge_2_other_guess_recollect_recite_t5") / "cnns.json").exists()
     # Guess is perfectly visible in attention (the suffix copies the prefix): better than chance.
-    guess = json.loads((tmp_path / "rows" / "merge_2_other_guess_recollect_recite_t5.json").read_text())
+    guess = run.read_row("merge_2_other_guess_recollect_recite_t5")
     assert guess["class_names"] == ["Non-Memo", "Guess", "Others"]
     assert len(guess["eval_sequence_ids"]) == 3 * 8
 
@@ -93,10 +94,10 @@ def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tin
     one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False)
     two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False)
     for row in small_config().rows:
-        record = json.loads((tmp_path / "two" / "rows" / f"{row.slug}.json").read_text())
+        record = RunFolder(tmp_path / "two").read_row(row.slug)
         first, second = record["min_f1_per_seed"]
         # the first seed is the single-seed run, CNN for CNN; the second trains other CNNs
-        alone = json.loads((tmp_path / "one" / "rows" / f"{row.slug}.json").read_text())
+        alone = RunFolder(tmp_path / "one").read_row(row.slug)
         assert first == pytest.approx(alone["min_f1"])
         a, b = (RunFolder(tmp_path / "two").load_cnns(row.slug, k) for k in (0, 1))
         c = RunFolder(tmp_path / "one").load_cnns(row.slug)
@@ -195,6 +196,10 @@ def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoin
     assert pd.read_csv(out / "alignment.csv").shape[0] == 1
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == str(data) and config["config"]["train"]["precision"] == "bf16"
+    # ...which reads back into the dataclasses: the settings the script checks on resume
+    saved = RunFolder(out).read_config()
+    assert saved.config.configs == (CNNConfig(6, 4, "mean"),) and saved.config.train.epochs == 1
+    assert al.result_settings(saved.config) == json.loads((out / "settings.json").read_text())
     # Resuming into it with other settings: one line, exit 2, the folder as it was.
     result = _cli("--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
                   "--configs", "k6_c4_mean", "--train-per-class", "10", "--eval-per-class", "5", "--epochs", "2",
