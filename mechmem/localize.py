@@ -345,8 +345,10 @@ def localize(
 # --------------------------------------------------------------------------------------------
 # From a run_alignment output folder
 # --------------------------------------------------------------------------------------------
-def run_labels(run: RunFolder, row: dict, sequence_ids: np.ndarray, df: pd.DataFrame | None = None) -> np.ndarray:
+def run_labels(run: RunFolder | str | os.PathLike, row: dict, sequence_ids: np.ndarray,
+               df: pd.DataFrame | None = None) -> np.ndarray:
     """Class of each sample of a row: stored in the row if it has `eval_labels`, else recomputed from the data."""
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
     sequence_ids = np.asarray(sequence_ids)
     if "eval_labels" in row:
         known = dict(zip(row["eval_sequence_ids"], row["eval_labels"]))
