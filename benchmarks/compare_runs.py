@@ -17,17 +17,20 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
 
+from mechmem.run import RunFolder
+
 
 def compare(a: Path, b: Path) -> dict:
-    fa, fb = np.load(a / "features" / "features.npy", mmap_mode="r"), np.load(b / "features" / "features.npy", mmap_mode="r")
-    ta, tb = pd.read_csv(a / "alignment.csv"), pd.read_csv(b / "alignment.csv")
+    run_a, run_b = RunFolder(a), RunFolder(b)
+    fa, fb = run_a.feature_store().features, run_b.feature_store().features
+    ta, tb = pd.read_csv(run_a.table_file), pd.read_csv(run_b.table_file)
     if list(ta["tax_name"]) != list(tb["tax_name"]):
         ta, tb = ta.sort_values("tax_name").reset_index(drop=True), tb.sort_values("tax_name").reset_index(drop=True)
     logits_diff, confusion_differs = 0.0, 0
-    for row in sorted((a / "rows").glob("*.json")):
-        ra, rb = json.loads(row.read_text()), json.loads((b / "rows" / row.name).read_text())
+    for slug, ra in run_a.rows().items():
+        rb = run_b.read_row(slug)
         confusion_differs += ra["confusion"] != rb["confusion"]
-        folder_a, folder_b = a / "cnns" / row.stem, b / "cnns" / row.stem
+        folder_a, folder_b = run_a.cnn_folder(slug), run_b.cnn_folder(slug)
         for name in json.loads((folder_a / "cnns.json").read_text())["models"]:
             la = load_file(str(folder_a / f"{name}.safetensors"))["eval_logits"]
             lb = load_file(str(folder_b / f"{name}.safetensors"))["eval_logits"]

@@ -49,7 +49,8 @@ def main() -> None:
     make = lambda: random_pythia(args.size, device=dev, dtype="bf16", compatibility_mode=False)
 
     model = make()
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     free = None
     if args.check:  # just enough free memory for processing all but the last half of the blocks

@@ -23,6 +23,7 @@ from mechmem import alignment as al
 from mechmem.cnn import PAPER_GRID, PRECISIONS, PROTOCOLS, TrainConfig
 from mechmem.distributed import init_from_env, shutdown
 from mechmem.models import random_pythia
+from mechmem.run import RunFolder
 
 
 def timing_table(n: int, vocab: int = 50_000, seed: int = 0) -> pd.DataFrame:
@@ -69,7 +70,7 @@ def main() -> None:
                                                precision=args.cnn_precision))
     t1 = time.perf_counter()
     plan = al.plan_rows(df, cfg.rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
-    store = al.feature_store_for(model, df, plan.samples, args.out / "features", cfg, dist=dist)
+    store = al.feature_store_for(model, df, plan.samples, RunFolder(args.out).features_dir, cfg, dist=dist)
     t2 = time.perf_counter()
     if dist.is_main:  # said now, so that a run cut off during training still has its first phase
         print(json.dumps({"setup_s": t1 - t0, "generation_and_extraction_s": t2 - t1}), flush=True)

@@ -14,7 +14,6 @@ every (variant, row, seed) to --out as CSV.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -28,6 +27,7 @@ from mechmem.cnn import PAPER_GRID, QUICK_GRID, Task, TrainConfig, alignment_sum
 from mechmem.data import load_memorization_data
 from mechmem.features import FeatureStore
 from mechmem.probe import attention_statistics, train_probe
+from mechmem.run import RunFolder
 
 
 def parse_variant(words: list[str]) -> tuple[str, dict]:
@@ -45,8 +45,7 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
 def load_rows(run: Path, df: pd.DataFrame, store: FeatureStore):
     """(row, labels over the store, train rows, eval rows) per finished row of the run."""
     out = []
-    for path in sorted((run / "rows").glob("*.json")):
-        rec = json.loads(path.read_text())
+    for rec in RunFolder(run).rows().values():
         row = al.Row(**rec["row"])
         labels_df = row.labels(df)
         pos = pd.Series(np.arange(len(df)), index=df["sequence_id"].to_numpy())
@@ -71,7 +70,7 @@ def main() -> None:
     args = p.parse_args()
     configs = QUICK_GRID if args.configs == "quick" else PAPER_GRID
     df = load_memorization_data(args.data)
-    store = FeatureStore.load(args.run / "features")
+    store = RunFolder(args.run).feature_store()
     features = torch.from_numpy(np.array(store.features))
     rows = [r for r in load_rows(args.run, df, store) if not args.rows or r[0].slug in args.rows]
     records = []
@@ -94,7 +93,7 @@ def main() -> None:
                 out = train_cnn_tasks(features, store.pooling, [Task(lab, tr, ev) for _, lab, tr, ev in group],
                                       n_classes, configs, train, progress=False)
                 dt = time.perf_counter() - t0
-                for (row, labels, tr, ev), cnns in zip(group, out):
+                for (row, labels, _, ev), cnns in zip(group, out):
                     s = alignment_summary(cnns, labels[ev], n_boot=1)
                     records.append({"variant": name, "row": row.name, "seed": seed, "min_f1": s["min_f1"],
                                     "epochs": float(np.mean([c.epochs_run for c in cnns])),

@@ -107,9 +107,11 @@ def check_inputs(loc, run_dir: Path, model, df, labels) -> None:
     """Refuse a model or a data table that is not the one the localization was made from."""
     from mechmem.models import model_identity
 
-    manifest = run_dir / "features" / "manifest.json"
-    if manifest.is_file():
-        made_with = json.loads(manifest.read_text())["model"]["weights"]
+    from mechmem.run import RunFolder
+
+    saved = RunFolder(run_dir)
+    if saved.has_features():
+        made_with = saved.feature_store().manifest["model"]["weights"]
         if made_with != model_identity(model)["weights"]:
             raise ValueError(f"the model is not the one whose attention trained the CNNs of {run_dir}")
     now = pd.Series(labels, index=df["sequence_id"].to_numpy()).reindex(loc.sequence_ids)
@@ -136,34 +138,34 @@ def run(args) -> int:
     from mechmem.ablation import AblationConfig
     from mechmem.alignment import Row
     from mechmem.data import check_vocab, load_memorization_data
-    from mechmem.localize import Localization, run_model_name, run_rows
+    from mechmem.localize import Localization
     from mechmem.models import load_model
+    from mechmem.run import RunFolder
 
     _check_inputs(args)
     t0 = time.time()
     cfg = AblationConfig(ks=tuple(args.ks), n_random=args.n_random, method=args.method,
                          batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed)
     if not (args.localization / "localization.json").is_file() and args.localization == DEFAULT_LOCALIZATION:
-        import importlib.util
+        import subprocess
 
         print(f"no localization in {args.localization}: running experiments/localize.py with its defaults first")
-        spec = importlib.util.spec_from_file_location("localize_cli", ROOT / "experiments" / "localize.py")
-        cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cli)
-        if cli.main(["--out", str(args.localization)] + (["--quiet"] if args.quiet else [])) != 0:
+        command = [sys.executable, str(ROOT / "experiments" / "localize.py"), "--out", str(args.localization)]
+        if subprocess.run(command + (["--quiet"] if args.quiet else [])).returncode != 0:
             return 2
     loc = Localization.load(args.localization)
     run_dir = Path(loc.meta["run"])
-    name, revision = run_model_name(run_dir)
-    data = args.data or json.loads((run_dir / "config.json").read_text())["data"]
+    saved = RunFolder(run_dir)
+    name, revision = saved.model_name()
+    data = args.data or saved.raw_config()["data"]
     row = Row(**loc.meta["taxonomy"])
     df = load_memorization_data(data)
     labels = np.asarray(row.labels(df))
     model = load_model(args.model or name, device=args.device, revision=revision)
     check_vocab(df, model.cfg.d_vocab)
     check_inputs(loc, run_dir, model, df, labels)
-    trained_on = run_rows(run_dir)[loc.meta["row"]].get("train_sequence_ids", [])
-    exclude = np.concatenate([np.asarray(trained_on, dtype=np.int64), loc.sequence_ids.astype(np.int64)])
+    trained_on = saved.split(loc.meta["row"]).train_ids
+    exclude = np.concatenate([trained_on, loc.sequence_ids.astype(np.int64)])
     summary, held = ablate(model, df, labels, loc, cfg, args.out, per_class=args.per_class, exclude_ids=exclude,
                      duplicates_threshold=row.threshold, progress=not args.quiet)
     (args.out / "config.json").write_text(json.dumps(

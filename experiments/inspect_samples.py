@@ -72,7 +72,9 @@ def _localizations_run(loc_dir: Path) -> Path | None:
     if not info.is_file():
         return None
     run = json.loads(info.read_text()).get("meta", {}).get("run")
-    found = [p for p in (Path(run), ROOT / run) if (p / "rows").is_dir()] if run else []
+    from mechmem.run import RunFolder
+
+    found = [p for p in (Path(run), ROOT / run) if RunFolder(p).rows_dir.is_dir()] if run else []
     return found[0] if found else None
 
 

@@ -53,40 +53,37 @@ def parse_args(argv=None):
 
 
 def _has_row(run: Path, taxonomy: str | None) -> bool:
-    from mechmem.localize import pick_row
+    from mechmem.localize import DEFAULT_TAXONOMY
+    from mechmem.run import RunFolder
 
     try:
-        pick_row(run, taxonomy)
-        return (run / "features" / "manifest.json").is_file()
+        RunFolder(run).find_row(taxonomy, default=DEFAULT_TAXONOMY)
+        return RunFolder(run).has_features()
     except (FileNotFoundError, ValueError):
         return False
 
 
-def train_row(args, out: Path, log=print) -> Path:
+def train_row(args, out: Path) -> Path:
     """Train the quick CNN grid on the one taxonomy localization needs; returns the run folder."""
-    from dataclasses import asdict
-
     from mechmem import alignment as al
     from mechmem import taxonomy as tx
     from mechmem.cnn import QUICK_GRID, TrainConfig
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.localize import DEFAULT_TAXONOMY
     from mechmem.models import load_model
+    from mechmem.run import RunFolder
 
     name = args.taxonomy or DEFAULT_TAXONOMY
     row = al.Row(*tx.parse_name(name))
     model_name = args.model or "testbed"
     cfg = al.AlignmentConfig(rows=(row,), train_per_class=args.train_per_class, eval_per_class=args.eval_per_class,
                              configs=QUICK_GRID, train=TrainConfig(seed=args.seed, device=args.device), seed=args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(
-        {"argv": sys.argv[1:], "model": model_name, "revision": None, "data": args.data, "config": asdict(cfg)},
-        indent=1, default=str))
-    log(f"training the quick CNN grid on {name!r} ({args.train_per_class}+{args.eval_per_class} a class) into {out}")
+    RunFolder(out).write_config(model_name, args.data, cfg, argv=sys.argv[1:])
+    print(f"training the quick CNN grid on {name!r} ({args.train_per_class}+{args.eval_per_class} a class) into {out}")
     df = load_memorization_data(args.data)
     model = load_model(model_name, device=args.device)
     check_vocab(df, model.cfg.d_vocab)
-    al.run_alignment(model, df, cfg, out, progress=not args.quiet, log=log)
+    al.run_alignment(model, df, cfg, out, progress=not args.quiet)
     return out
 
 
@@ -131,8 +128,9 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from dataclasses import asdict
 
-    from mechmem.localize import LocalizeConfig, localize_run, run_model_name
+    from mechmem.localize import LocalizeConfig, localize_run
     from mechmem.models import load_model
+    from mechmem.run import RunFolder
 
     _check_inputs(args)
     t0 = time.time()
@@ -150,7 +148,7 @@ def run(args) -> int:
         run_dir = args.out / "alignment"
     else:
         run_dir = train_row(args, args.out / "alignment")
-    name, revision = run_model_name(run_dir)
+    name, revision = RunFolder(run_dir).model_name()
     model = load_model(args.model or name, device=args.device, revision=revision)
     cfg = LocalizeConfig(samples_per_class=args.samples_per_class, batch_size=args.batch_size, seed=args.seed)
     print(f"localizing {args.taxonomy or 'the default taxonomy'} from {run_dir} ({args.samples_per_class} samples a class)")

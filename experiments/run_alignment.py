@@ -15,7 +15,6 @@ interrupted run resumes from --out.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,17 +91,12 @@ def _configs(names, grid):
         return QUICK_GRID if grid == "quick" else PAPER_GRID
     if names in (["quick"], ["paper"]):
         return QUICK_GRID if names == ["quick"] else PAPER_GRID
-    known = {c.name: c for c in PAPER_GRID}
     out = []
     for name in names:
-        if name in known:
-            out.append(known[name])
-            continue
-        try:  # k{kernel}_c{channels}_{pooling}
-            k, c, pool = name.split("_")
-            out.append(CNNConfig(int(k.removeprefix("k")), int(c.removeprefix("c")), pool))
+        try:
+            out.append(CNNConfig.from_name(name))
         except ValueError:
-            raise cli.CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'")
+            raise cli.CliError(f"unknown CNN config {name!r}; use e.g. k6_c10_mean, 'quick' or 'paper'") from None
     return tuple(out)
 
 
@@ -127,7 +121,7 @@ def _rows(args, grid_rows):
         try:
             tax_id, t = tx.parse_name(name)
         except ValueError as err:
-            raise cli.CliError(f"unknown taxonomy {name!r}: {err}")
+            raise cli.CliError(f"unknown taxonomy {name!r}: {err}") from None
         rows.append(al.Row(tax_id, t, args.rouge, args.rouge_threshold))
     return tuple(dict.fromkeys(rows))
 
@@ -159,6 +153,7 @@ def run(args) -> int:
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
+    from mechmem.run import RunFolder
 
     _check_inputs(args)
     grid_rows, grid_configs, train_pc, eval_pc, seeds = PRESETS[args.grid]
@@ -194,11 +189,8 @@ def run(args) -> int:
                        compatibility_mode=not args.no_compatibility_mode)
     check_vocab(df, model.cfg.d_vocab)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
-                  "compatibility_mode": not args.no_compatibility_mode, "world_size": dist.world_size,
-                  "config": asdict(cfg)}
-        al.atomic_json(out / "config.json", record, default=str)
+        RunFolder(out).write_config(args.model, args.data, cfg, revision=args.revision, argv=sys.argv[1:],
+                                    compatibility_mode=not args.no_compatibility_mode, world_size=dist.world_size)
     say(f"{len(df)} samples from {args.data}; {len(rows)} taxonomy rows; {len(configs)} CNNs a row x {seeds} "
         f"seed(s), {args.training} training; {train_pc}+{eval_pc} samples a class; {dist.world_size} process(es); "
         f"writing to {out}")

@@ -20,7 +20,7 @@ non-memorized text (is the effect specific to memorization, or is the model just
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -97,8 +97,10 @@ def head_ablation_hooks(
             raise ValueError("mean ablation needs reference tokens (or precomputed means) to average over")
         means = head_means(model, reference, list(by_layer))
 
+    mean_of = means or {}  # set above whenever method == "mean"
+
     def make(layer: int, idx: list[int]):
-        value = None if method == "zero" else means[layer][idx]  # [n_idx, d_head]
+        value = None if method == "zero" else mean_of[layer][idx]  # [n_idx, d_head]
 
         def hook(z: Float[Tensor, "batch pos head d_head"], hook):
             z = z.clone()
@@ -267,6 +269,13 @@ class Condition:
     heads: list[Head]
     result: dict[str, np.ndarray] | None = None
 
+    @property
+    def results(self) -> dict[str, np.ndarray]:
+        """The per-sample results of a measured condition."""
+        if self.result is None:
+            raise ValueError(f"condition {self} has not been measured")
+        return self.result
+
 
 def random_heads(n_layers: int, n_heads: int, k: int, rng: np.random.Generator) -> list[Head]:
     flat = rng.choice(n_layers * n_heads, size=k, replace=False)
@@ -285,7 +294,7 @@ def plan_conditions(rankings: dict[str, Sequence[Head]], n_layers: int, n_heads:
         for k in ks:
             if k > len(ranked):
                 raise ValueError(f"class {target!r} ranks only {len(ranked)} heads, fewer than k = {k}")
-            out.append(Condition("targeted", target, k, 0, sorted(tuple(h) for h in ranked[:k])))
+            out.append(Condition("targeted", target, k, 0, sorted((int(h[0]), int(h[1])) for h in ranked[:k])))
     rng = np.random.default_rng(cfg.seed)
     for k in ks:
         out += [Condition("random", "", k, d, random_heads(n_layers, n_heads, k, rng)) for d in range(cfg.n_random)]
@@ -344,7 +353,7 @@ def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg:
             if len(pos) == 0:
                 continue
             for metric, fn in METRICS.items():
-                v = np.stack([fn(c.result)[pos] for c in group])  # [draw, sample]
+                v = np.stack([fn(c.results)[pos] for c in group])  # [draw, sample]
                 boot = _bootstrap_means(v, cfg.n_boot, rng)
                 rec = {"condition": first.kind, "target_class": first.target, "k": first.k,
                        "heads": ";".join(f"L{l}H{h}" for l, h in first.heads) if first.kind != "random" else "",
@@ -354,7 +363,7 @@ def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg:
                 if first.kind == "random":
                     rec |= {"draws_min": float(v.mean(1).min()), "draws_max": float(v.mean(1).max())}
                 if first.kind == "targeted" and first.k in randoms:
-                    r = np.stack([fn(c.result)[pos] for c in randoms[first.k]])
+                    r = np.stack([fn(c.results)[pos] for c in randoms[first.k]])
                     diff = _paired_diff(v[0], r, cfg.n_boot, rng)
                     rec |= {"random_value": float(r.mean()), "diff_vs_random": float(v.mean() - r.mean()),
                             "diff_ci_low": float(np.percentile(diff, lo)),

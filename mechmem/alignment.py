@@ -13,10 +13,11 @@ rank 0 writes the results.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,13 +26,14 @@ from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
 from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401  (atomic_json: re-exported)
-from mechmem.cnn import (PAPER_GRID, QUICK_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
+from mechmem.cnn import (PAPER_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, train_cnn_tasks, write_cnn_index)
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
 from mechmem.probe import attention_statistics, train_probe
+from mechmem.run import MODEL_VIEW, RunFolder
 
 # The quick preset: the paper's proposed taxonomy, the original Recite/Reconstruct/Recollect
 # family, and a four-class neighbour (display names, as in the paper's tables). Five rows: with
@@ -43,6 +45,8 @@ QUICK_ROWS: tuple[str, ...] = (
     "Non-Memo, Recollect[5], Others",
     "Non-Memo, Recite[5], Guess, Others",
 )
+
+logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "mean_prec", "min_rec",
                  "mean_rec", "mean_eval_loss", "min_f1_ci_low", "min_f1_ci_high"]
@@ -144,7 +148,7 @@ def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_
     return plan
 
 
-def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+def generate_model_view(model, df: pd.DataFrame, positions: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """The 64 tokens the model is shown: memorized samples as they are, others with the model's own
     greedy continuation as suffix (METHOD.md section 3), so every sample is the model generating.
 
@@ -179,10 +183,10 @@ def result_settings(cfg: AlignmentConfig) -> dict:
     return json.loads(json.dumps(flat))  # as settings.json holds it: tuples are lists
 
 
-def check_resume(out: Path, cfg: AlignmentConfig) -> None:
+def check_resume(out: str | os.PathLike, cfg: AlignmentConfig) -> None:
     """Refuse to add rows to a run folder whose finished rows were computed with other settings:
     a resumed run would skip them and mix two experiments in one table."""
-    path = out / "settings.json"
+    path = RunFolder(out).settings_file
     if not path.exists():
         return
     old, new = json.loads(path.read_text()), result_settings(cfg)
@@ -193,29 +197,31 @@ def check_resume(out: Path, cfg: AlignmentConfig) -> None:
 
 
 def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.PathLike, *,
-                  progress: bool = True, log=print, dist: Dist = Dist()) -> pd.DataFrame:
+                  progress: bool = True, dist: Dist = Dist()) -> pd.DataFrame:
     """Run every row of `cfg` on `df` with `model`; write into `out` and return the table.
 
     Under torchrun pass `dist` (`mechmem.distributed.init_from_env()`): every rank returns the table.
     """
     out = Path(out)
     main = dist.is_main
-    progress, log = progress and main, log if main else (lambda message: None)
+    progress = progress and main
     check_resume(out, cfg)
     all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
     plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
     for row, reason in plan.skipped.items():
-        log(f"skipped {row.name}: {reason}")
+        if main:
+            logger.info("skipped %s: %s", row.name, reason)
     if not plan.splits:
         raise ValueError("no taxonomy row has enough samples in every class; lower --train-per-class/--eval-per-class")
-    todo = [row for row in plan.splits if not (out / "rows" / f"{row.slug}.json").exists()]
+    run = RunFolder(out)
+    todo = [row for row in plan.splits if not run.has_row(row.slug)]
     dist.barrier()  # every rank has its to-do list before rank 0 writes anything
     if main:
-        (out / "rows").mkdir(parents=True, exist_ok=True)
-        atomic_json(out / "settings.json", result_settings(cfg))
-        atomic_json(out / "skipped.json", {r.name: reason for r, reason in plan.skipped.items()})
+        run.rows_dir.mkdir(parents=True, exist_ok=True)
+        atomic_json(run.settings_file, result_settings(cfg))
+        atomic_json(run.skipped_file, {r.name: reason for r, reason in plan.skipped.items()})
 
-    store = feature_store_for(model, df, plan.samples, out / "features", cfg, progress=progress, dist=dist)
+    store = feature_store_for(model, df, plan.samples, run.features_dir, cfg, progress=progress, dist=dist)
     positions = plan.samples
     features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
     my_configs = shard_configs(cfg.configs, dist)
@@ -233,14 +239,15 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
             batch = tasks + (controls if k == 0 else [])  # controls train beside the first seed, in lockstep
             mine = train_cnn_tasks(features, store.pooling, batch, n_classes, my_configs, train,
                                    progress=progress) if my_configs else [[] for _ in batch]
-            by_seed.append([_gather_cnns(row_cnns, cfg.configs, cnn_folder(out, row, k), dist)
+            by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, k), dist)
                             for row, row_cnns in zip(rows, mine)])
             if k == 0:
-                control_cnns = [_gather_cnns(row_cnns, cfg.configs, cnn_folder(out, row, "control"), dist)
+                control_cnns = [_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, "control"), dist)
                                 for row, row_cnns in zip(rows, mine[len(tasks):])]
         for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
-                probe = train_probe(statistics, task.labels, task.train_idx, task.eval_idx, n_classes,
+                probe = train_probe(statistics, np.asarray(task.labels), np.asarray(task.train_idx),
+                                    np.asarray(task.eval_idx), n_classes,
                                     seed=cfg.seed).eval_logits if statistics is not None else None
                 _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
                            control_cnns[i] if control_cnns else None, probe, task, plan.splits[row], cfg)
@@ -250,7 +257,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         write_outputs(table, out)
     if main and cfg.sweep:
         sweep = rouge_table(collect_table(out, [r for r in cfg.sweep if r in plan.splits]))
-        atomic_write(out / "rouge_sweep.csv", lambda tmp: sweep.round(4).to_csv(tmp, index=False))
+        atomic_write(RunFolder(out).rouge_sweep_file, lambda tmp: sweep.round(4).to_csv(tmp, index=False))
     return table
 
 
@@ -270,16 +277,6 @@ def shuffled_control(task: Task, seed: int) -> Task:
     train_idx = np.asarray(task.train_idx)
     labels[train_idx] = np.random.default_rng([seed, 0xC0]).permutation(labels[train_idx])
     return Task(labels, task.train_idx, task.eval_idx)
-
-
-def cnn_folder(out: Path, row: Row, seed_index: int | str = 0) -> Path:
-    """Where a row's CNNs are saved: cnns/{slug}/ for the first training seed (what localization
-    and inspection load), cnns/{slug}/seed{k}/ for the k-th further one, cnns/{slug}/control/ for
-    the shuffled-label control."""
-    folder = Path(out) / "cnns" / row.slug
-    if seed_index == "control":
-        return folder / "control"
-    return folder if seed_index == 0 else folder / f"seed{seed_index}"
 
 
 def paper_reference(size: str = "12b") -> pd.DataFrame:
@@ -324,7 +321,7 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
         summary["paper_12b_min_f1"] = float(paper[row.name])
     confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
-    atomic_json(out / "rows" / f"{row.slug}.json", {
+    RunFolder(out).write_row(row.slug, {
         "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
         "confusion": confusion.tolist(),
@@ -349,7 +346,7 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
                       *, progress: bool = True, dist: Dist = Dist()) -> FeatureStore:
     """The store of these samples' features, built (or resumed) once for every row."""
     ids = df["sequence_id"].to_numpy()[positions]
-    view_file = folder.parent / "model_view_tokens.npz"
+    view_file = folder.parent / MODEL_VIEW
     cached = view_file.exists()
     dist.barrier()  # every rank has looked before rank 0 writes the cache
     if cached:  # free generation is cached: it is the slow half of a resumed run
@@ -359,7 +356,7 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
         tokens = cache["tokens"]
     else:  # each rank decodes a contiguous slice; the slices are joined in order
         part = np.array_split(positions, dist.world_size)[dist.rank]
-        tokens = np.concatenate(dist.all_gather(model_view_tokens(model, df, part)))
+        tokens = np.concatenate(dist.all_gather(generate_model_view(model, df, part)))
         if dist.is_main:
             view_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(view_file, lambda tmp: np.savez(tmp, sequence_ids=ids, tokens=tokens))
@@ -370,7 +367,8 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
 
 def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:
     """The paper's table (figures in percent), sorted as its tables are: by classes, then min F1."""
-    records = [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
+    run = RunFolder(out)
+    records = [run.read_row(r.slug) for r in rows]
     table = pd.DataFrame.from_records(records)
     table = table.sort_values(["num_classes", "min_f1"], ascending=[False, False]).reset_index(drop=True)
     return table
@@ -386,8 +384,9 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     from mechmem.plots import confusion_png, min_f1_bar_png
 
     csv = table[table_columns(table)].round(4)
-    atomic_write(out / "alignment.csv", lambda tmp: csv.to_csv(tmp, index=False))
-    atomic_text(out / "alignment.md", markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
+    run = RunFolder(out)
+    atomic_write(run.table_file, lambda tmp: csv.to_csv(tmp, index=False))
+    atomic_text(run.table_md_file, markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
     for tag, r in (("best", best), ("worst", worst)):
@@ -422,7 +421,7 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
     lines = [f"Ranking: min F1 % [95% bootstrap interval]{seeds} | probe | shuffled-label control | chance | "
              "paper Pythia-12B; '~ n' lists the ranks whose intervals overlap.", ""]
     for rank, (r, ties) in enumerate(zip(t.to_dict("records"), overlapping_ranks(t)), 1):
-        def get(key, fmt="5.1f", missing="  -  "):
+        def get(key, fmt="5.1f", missing="  -  ", r=r):
             v = r.get(key)
             return missing if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 

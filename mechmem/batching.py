@@ -11,12 +11,11 @@ and the smaller size is kept for the batches after it.
 from __future__ import annotations
 
 import logging
-import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-logger = logging.getLogger("mechmem")
+logger = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 64  # no memory probe on a CPU: compute, not memory, is what limits it there
 MAX_BATCH_SIZE = 1024  # beyond this the bridge's Python is amortised and nothing more is won
@@ -57,7 +56,9 @@ def probe_batch_size(run: Callable[[int], None], device: torch.device, *, probe:
         peaks.append(torch.cuda.max_memory_allocated(device) - base)
     per_sample = (peaks[1] - peaks[0]) / probe
     fixed = peaks[0] - probe * per_sample
-    size = batch_size_for(per_sample, fixed, free_bytes(device), max_batch=max_batch)
+    free = free_bytes(device)
+    assert free is not None, "probing needs a cuda device"
+    size = batch_size_for(per_sample, fixed, free, max_batch=max_batch)
     logger.info("batch size %d from free GPU memory (%.2f MB a sample)", size, per_sample / 2**20)
     return size
 
@@ -76,7 +77,7 @@ def run_batches(n: int, batch_size: int, step: Callable[[int, int], None], *, pr
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             batch_size = max(1, (stop - start) // 2)
-            warnings.warn(f"out of memory at batch {stop - start}; retrying at {batch_size}", stacklevel=2)
+            logger.warning("out of memory at batch %d; retrying at %d", stop - start, batch_size)
             continue
         if progress is not None:
             progress.update(stop - start)

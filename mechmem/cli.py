@@ -7,10 +7,34 @@ generation): a device this machine lacks, an output folder that is a file.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (pytest's capture replaces it between tests)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def show_library_messages(level: int = logging.INFO) -> None:
+    """Library modules speak through `logging.getLogger(__name__)`; a script shows their messages
+    on stdout, bare, beside its own prints. Idempotent (in-process callers run several scripts)."""
+    root = logging.getLogger("mechmem")
+    root.setLevel(level)
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
 
 
 class CliError(ValueError):
@@ -33,6 +57,7 @@ def main(prog: str, parse_args: Callable, run: Callable[..., int], argv: Sequenc
 
     Returns the exit code, also for argparse's own errors and --help, so callers in-process
     (tests, notebooks) get a code rather than a SystemExit."""
+    show_library_messages()
     try:
         args = parse_args(argv)
     except SystemExit as exit_:

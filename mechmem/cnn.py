@@ -23,15 +23,18 @@ Randomness is chosen so that a config's training never depends on which configs 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import warnings
+import re
 import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,6 +51,10 @@ PRECISIONS = ("float32", "bf16")
 
 
 # ----------------------------------------------------------------------------- configs
+
+
+logger = logging.getLogger(__name__)
+_NAME = re.compile(r"k(\d+)_c(\d+)_([a-z]+)(?:_fc(\d+))?(?:_d(\d*\.?\d+(?:e-?\d+)?))?")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,15 @@ class CNNConfig:
         if self.dropout != 0.5:
             name += f"_d{self.dropout:g}"
         return name
+
+    @classmethod
+    def from_name(cls, name: str) -> CNNConfig:
+        """The inverse of `name` ("k6_c10_mean", "k8_c16_max_fc32_d0.3"); ValueError on anything else."""
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"not a CNN config name: {name!r} (k<kernel>_c<channels>_<pooling>[_fc<n>][_d<dropout>])")
+        k, c, pooling, fc, dropout = match.groups()
+        return cls(int(k), int(c), pooling, int(fc) if fc else 64, float(dropout) if dropout else 0.5)
 
     @property
     def shape_key(self) -> tuple[int, int, int, float]:
@@ -157,7 +173,7 @@ class TrainConfig:
 
     @property
     def early_stopping(self) -> bool:
-        return self.val_fraction > 0 and self.patience > 0
+        return (self.val_fraction or 0) > 0 and (self.patience or 0) > 0  # both set by __post_init__
 
 
 def _config_seed(seed: int, config: CNNConfig, purpose: str) -> int:
@@ -185,6 +201,9 @@ def scaling_shape(scaling: str, n_layers: int, seq_len: int) -> tuple[int, int, 
 class InputScaling(nn.Module):
     """x -> (f(x) - mean) / std with fixed statistics of the training split; f = log(x + LOG_EPS) or identity."""
 
+    mean: Tensor  # buffers, declared for the type checker
+    std: Tensor
+
     def __init__(self, scaling: str, n_layers: int, seq_len: int):
         super().__init__()
         if scaling not in INPUT_SCALINGS[1:]:
@@ -198,12 +217,47 @@ class InputScaling(nn.Module):
         return ((torch.log(x + LOG_EPS) if self.log else x) - self.mean) / self.std
 
 
+# The CNN, layer by layer: one definition that both the single network (AttentionCNN, a module per
+# entry, named so that localization can hook the ReLUs) and the fused stack (_CNNStack: the same
+# sequence over G members at once, grouped convolutions and batched linears) are built from.
+LAYERS: tuple[tuple[str, str], ...] = (
+    ("conv1", "conv"), ("relu1", "relu"), ("drop1", "dropout"), ("pool1", "pool"),
+    ("conv2", "conv"), ("relu2", "relu"), ("drop2", "dropout"), ("pool2", "pool"),
+    ("flatten", "flatten"),  # (c h w) order
+    ("fc1", "linear"), ("relu3", "relu"), ("drop3", "dropout"),
+    ("fc2", "linear"),
+)
+
+
+def _layer_shapes(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each trained layer."""
+    c, fc, side = config.channels, config.n_feat_fc, feature_side(seq_len, config.kernel_size)
+    return {"conv1": (n_layers, c), "conv2": (c, c), "fc1": (c * side * side, fc), "fc2": (fc, n_classes)}
+
+
+def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Dropout's keep-mask drawn from `generator`: a CNN's masks come from its own generator, so it
+    trains the same alone, in a stack, or in the plain loop."""
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+class SeededDropout(nn.Dropout):
+    """nn.Dropout whose masks come from `generator` when one is set (training sets it); else torch's own."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or self.generator is None:
+            return super().forward(x)
+        return x * dropout_mask(x.shape, self.p, self.generator, x.device) / (1 - self.p)
+
+
 class AttentionCNN(nn.Module):
     """[input scaling ->] conv -> ReLU -> dropout -> maxpool, twice, then linear -> ReLU -> dropout -> linear.
 
-    Layers are modules in one `nn.Sequential` (not functional calls) so that localization can hook
-    the ReLUs by name for guided backpropagation. The input scaling (absent for "raw") holds the
-    training split's statistics, so the CNN always reads raw pooled attention.
+    Layers are modules in one `nn.Sequential` (not functional calls), built from LAYERS, so that
+    localization can hook the ReLUs by name for guided backpropagation. The input scaling (absent
+    for "raw") holds the training split's statistics, so the CNN always reads raw pooled attention.
     """
 
     def __init__(self, n_layers: int, n_classes: int, config: CNNConfig = CNNConfig(), seq_len: int = 64,
@@ -213,44 +267,48 @@ class AttentionCNN(nn.Module):
             raise ValueError(f"need n_layers >= 1 and n_classes >= 2, got {n_layers}, {n_classes}")
         self.config, self.n_layers, self.n_classes, self.seq_len = config, n_layers, n_classes, seq_len
         self.input_scaling = input_scaling
-        k, c, p = config.kernel_size, config.channels, config.dropout
-        side = feature_side(seq_len, k)
+        shapes = _layer_shapes(config, n_layers, n_classes, seq_len)
+        make = {
+            "conv": lambda name: nn.Conv2d(*shapes[name], config.kernel_size),
+            "linear": lambda name: nn.Linear(*shapes[name]),
+            "relu": lambda name: nn.ReLU(),
+            "dropout": lambda name: SeededDropout(config.dropout),
+            "pool": lambda name: nn.MaxPool2d(2),
+            "flatten": lambda name: nn.Flatten(),
+        }
         scale = [] if input_scaling == "raw" else [("scale", InputScaling(input_scaling, n_layers, seq_len))]
-        self.layers = nn.Sequential(
-            OrderedDict(
-                scale + [
-                    ("conv1", nn.Conv2d(n_layers, c, k)),
-                    ("relu1", nn.ReLU()),
-                    ("drop1", nn.Dropout(p)),
-                    ("pool1", nn.MaxPool2d(2)),
-                    ("conv2", nn.Conv2d(c, c, k)),
-                    ("relu2", nn.ReLU()),
-                    ("drop2", nn.Dropout(p)),
-                    ("pool2", nn.MaxPool2d(2)),
-                    ("flatten", nn.Flatten()),  # (c h w) order
-                    ("fc1", nn.Linear(c * side * side, config.n_feat_fc)),
-                    ("relu3", nn.ReLU()),
-                    ("drop3", nn.Dropout(p)),
-                    ("fc2", nn.Linear(config.n_feat_fc, n_classes)),
-                ]
-            )
-        )
+        self.layers = nn.Sequential(OrderedDict(scale + [(name, make[kind](name)) for name, kind in LAYERS]))
 
     def forward(self, x: Float[Tensor, "batch layer query key"]) -> Float[Tensor, "batch class"]:
         return self.layers(x)
 
+    def set_dropout_generator(self, generator: torch.Generator | None) -> None:
+        """Draw every dropout mask from `generator` (None: torch's global generator)."""
+        for name, kind in LAYERS:
+            if kind == "dropout":
+                self.layers.get_submodule(name).generator = generator  # type: ignore[assignment]
 
-_TRAINED = ("conv1", "conv2", "fc1", "fc2")  # the layers with weights; the scaling's statistics are fixed
+    @property
+    def fc_in_features(self) -> int:
+        return self.layers.get_submodule("fc1").in_features  # type: ignore[return-value]
+
+    @property
+    def scale(self) -> InputScaling:
+        """The input scaling layer (absent, KeyError, for "raw")."""
+        return self.layers.get_submodule("scale")  # type: ignore[return-value]
 
 
 class _CNNStack(nn.Module):
-    """G same-shaped AttentionCNNs run as one network.
+    """G same-shaped AttentionCNNs run as one network: LAYERS over a member axis.
 
     Input channels are the members' inputs side by side, "(member layer)"; grouped convolutions keep
     the members apart, and the linear layers are batched matmuls over a member axis. Dropout masks
     are drawn per member from the member's own generator, with the shapes a lone member would draw,
     so a member trains the same whether it is stacked with others or alone.
     """
+
+    scale_mean: Tensor  # buffers (with input scaling), declared for the type checker
+    scale_std: Tensor
 
     def __init__(self, members: Sequence[AttentionCNN]):
         super().__init__()
@@ -262,29 +320,36 @@ class _CNNStack(nn.Module):
         self.configs = [m.config for m in members]
         self.n_layers, self.n_classes, self.seq_len = first.n_layers, first.n_classes, first.seq_len
         self.input_scaling = first.input_scaling
-        G, L, C, k = len(members), first.n_layers, first.config.channels, first.config.kernel_size
+        G, k = len(members), first.config.kernel_size
         self.n_members, self.p = G, first.config.dropout
-        self.conv1 = nn.Conv2d(G * L, G * C, k, groups=G)
-        self.conv2 = nn.Conv2d(G * C, G * C, k, groups=G)
-        self.fc1_w = nn.Parameter(torch.empty(G, first.config.n_feat_fc, first.layers.fc1.in_features))
-        self.fc1_b = nn.Parameter(torch.empty(G, first.config.n_feat_fc))
-        self.fc2_w = nn.Parameter(torch.empty(G, first.n_classes, first.config.n_feat_fc))
-        self.fc2_b = nn.Parameter(torch.empty(G, first.n_classes))
+        shapes = _layer_shapes(first.config, first.n_layers, first.n_classes, first.seq_len)
+        for name, kind in LAYERS:
+            n_in, n_out = shapes.get(name, (0, 0))
+            if kind == "conv":
+                setattr(self, name, nn.Conv2d(G * n_in, G * n_out, k, groups=G))
+            elif kind == "linear":
+                setattr(self, f"{name}_w", nn.Parameter(torch.empty(G, n_out, n_in)))
+                setattr(self, f"{name}_b", nn.Parameter(torch.empty(G, n_out)))
         self.log = self.input_scaling.startswith("log")
         if self.input_scaling != "raw":  # members' statistics side by side: "(member layer) query key"
-            self.register_buffer("scale_mean", torch.cat([m.layers.scale.mean for m in members]).clone())
-            self.register_buffer("scale_std", torch.cat([m.layers.scale.std for m in members]).clone())
+            self.register_buffer("scale_mean", torch.cat([m.scale.mean for m in members]).clone())
+            self.register_buffer("scale_std", torch.cat([m.scale.std for m in members]).clone())
         for g, m in enumerate(members):
             self.load_member_state(g, m.state_dict())
         self.generators: list[torch.Generator] | None = None  # per-member dropout RNGs, set to train
 
     def _member_views(self, g: int) -> dict[str, Tensor]:
         """Member g's trained parameters as views into the stack, named as in an AttentionCNN."""
-        C = self.conv1.out_channels // self.n_members
-        views = {f"layers.{name}.{p}": getattr(conv, p)[g * C:(g + 1) * C]
-                 for conv, name in ((self.conv1, "conv1"), (self.conv2, "conv2")) for p in ("weight", "bias")}
-        return views | {"layers.fc1.weight": self.fc1_w[g], "layers.fc1.bias": self.fc1_b[g],
-                        "layers.fc2.weight": self.fc2_w[g], "layers.fc2.bias": self.fc2_b[g]}
+        views: dict[str, Tensor] = {}
+        for name, kind in LAYERS:
+            if kind == "conv":
+                conv = getattr(self, name)
+                C = conv.out_channels // self.n_members
+                views |= {f"layers.{name}.{p}": getattr(conv, p)[g * C:(g + 1) * C] for p in ("weight", "bias")}
+            elif kind == "linear":
+                views |= {f"layers.{name}.weight": getattr(self, f"{name}_w")[g],
+                          f"layers.{name}.bias": getattr(self, f"{name}_b")[g]}
+        return views
 
     def member_state(self, g: int) -> dict[str, Tensor]:
         """A copy of member g's trained parameters (what early stopping keeps of its best epoch)."""
@@ -301,18 +366,27 @@ class _CNNStack(nn.Module):
             return x
         if self.generators is None:
             raise RuntimeError("set _CNNStack.generators before training")
-        masks = [torch.rand(chunk.shape, generator=g, device=x.device) >= self.p
+        masks = [dropout_mask(chunk.shape, self.p, g, x.device)
                  for chunk, g in zip(x.chunk(self.n_members, dim=1), self.generators)]
         return x * torch.cat(masks, dim=1) / (1 - self.p)
 
     def forward(self, x: Float[Tensor, "batch member_layer query key"]) -> Float[Tensor, "batch member class"]:
         if self.input_scaling != "raw":
             x = ((torch.log(x + LOG_EPS) if self.log else x) - self.scale_mean) / self.scale_std
-        x = F.max_pool2d(self._dropout(F.relu(self.conv1(x))), 2)
-        x = F.max_pool2d(self._dropout(F.relu(self.conv2(x))), 2)
-        x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
-        x = self._dropout(F.relu(einsum(x, self.fc1_w, "b g i, g o i -> b g o") + self.fc1_b))
-        return einsum(x, self.fc2_w, "b g i, g o i -> b g o") + self.fc2_b
+        for name, kind in LAYERS:
+            if kind == "conv":
+                x = getattr(self, name)(x)
+            elif kind == "linear":
+                x = einsum(x, getattr(self, f"{name}_w"), "b g i, g o i -> b g o") + getattr(self, f"{name}_b")
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "dropout":
+                x = self._dropout(x)
+            elif kind == "pool":
+                x = F.max_pool2d(x, 2)
+            elif kind == "flatten":
+                x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
+        return x
 
     def unstack(self) -> list[AttentionCNN]:
         """The members as standalone AttentionCNNs (copies, on this stack's device)."""
@@ -325,7 +399,7 @@ class _CNNStack(nn.Module):
                 state |= {"layers.scale.mean": self.scale_mean[g * L:(g + 1) * L].clone(),
                           "layers.scale.std": self.scale_std[g * L:(g + 1) * L].clone()}
             model.load_state_dict(state)
-            out.append(model.to(self.fc1_w.device).eval())
+            out.append(model.to(next(self.parameters()).device).eval())
         return out
 
 
@@ -485,7 +559,8 @@ def input_statistics(
     """Mean and standard deviation of the samples `idx` (the training split only), per pool and
     `scaling` granularity, floored at SCALE_EPS; float64 sums, so their order does not matter."""
     read = _batch_reader(features, pool_ids, device)
-    total = total_sq = None
+    total: Tensor | None = None
+    total_sq: Tensor | None = None
     for start in range(0, len(idx), chunk):
         part = idx[start:start + chunk]
         x = read(part, torch.from_numpy(part).to(device)).double()
@@ -493,6 +568,7 @@ def input_statistics(
             x = torch.log(x + LOG_EPS)
         s, s2 = x.sum(0), (x * x).sum(0)
         total, total_sq = (s, s2) if total is None else (total + s, total_sq + s2)
+    assert total is not None and total_sq is not None, "no samples"
     count = len(idx)
     if scaling == "layer":
         count *= total.shape[-1] * total.shape[-2]
@@ -509,13 +585,14 @@ def _init_member(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int,
         torch.manual_seed(_config_seed(seed, config, "init"))
         model = AttentionCNN(n_layers, n_classes, config, seq_len, scaling)
     if stats is not None:
-        model.layers.scale.mean.copy_(stats[0])
-        model.layers.scale.std.copy_(stats[1])
+        model.scale.mean.copy_(stats[0])
+        model.scale.std.copy_(stats[1])
     return model
 
 
 
-def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, configs, train):
+def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, configs, train
+                  ) -> tuple[tuple[CNNConfig, ...], tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
     """Validate train_cnns' arguments; return them normalised (tuples, int64 numpy arrays)."""
     configs = tuple(configs)
     if not configs or not all(isinstance(c, CNNConfig) for c in configs):
@@ -541,7 +618,7 @@ def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, confi
     train_idx = _as_indices(train_idx, n_samples, "train_idx")
     eval_idx = _as_indices(eval_idx, n_samples, "eval_idx")
     if np.intersect1d(train_idx, eval_idx).size:
-        warnings.warn("train_idx and eval_idx overlap: eval metrics are not held-out", stacklevel=3)
+        logger.warning("train_idx and eval_idx overlap: eval metrics are not held-out")
     if train.epochs < 1 or train.batch_size < 1 or train.eval_batch_size < 1:
         raise ValueError(f"epochs and batch sizes must be >= 1, got {train}")
     for c in configs:
@@ -569,6 +646,86 @@ def train_cnns(
     """
     return train_cnn_tasks(features, pools, [Task(labels, train_idx, eval_idx)], n_classes, configs, train,
                            progress)[0]
+
+
+def train_cnn(
+    features: Float[Tensor, "sample pool layer query key"] | np.ndarray,
+    pools: Sequence[str],
+    labels: Int[Tensor, " sample"] | Int[np.ndarray, " sample"],
+    train_idx: Sequence[int] | np.ndarray | Tensor,
+    eval_idx: Sequence[int] | np.ndarray | Tensor,
+    n_classes: int,
+    config: CNNConfig,
+    train: TrainConfig = TrainConfig(),
+) -> TrainedCNN:
+    """One CNN, trained in a plain loop that reads top to bottom.
+
+    This is the reference: `train_cnn_tasks` trains many CNNs and tasks in lockstep (one pass over
+    the data, same-shaped CNNs fused into one grouped network on a GPU) and is tested to give what
+    this loop gives. Same seeds, same data order, same dropout masks, same early stopping.
+    """
+    _, pools, labels, train_idx, eval_idx = _check_inputs(features, pools, labels, train_idx, eval_idx,
+                                                          n_classes, [config], train)
+    assert train.epochs and train.batch_size and train.input_scaling and train.val_fraction is not None  # __post_init__
+    device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pool = np.array([pools.index(config.pooling)])
+    read = _batch_reader(features, pool, device)
+
+    def batch(idx: np.ndarray) -> Float[Tensor, "batch layer query key"]:
+        return read(idx, torch.from_numpy(idx).to(device))[:, 0]
+
+    def predict(model: AttentionCNN, idx: np.ndarray) -> Float[Tensor, "sample class"]:
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model(batch(idx[s:s + train.eval_batch_size])).float().cpu()
+                              for s in range(0, len(idx), train.eval_batch_size)])
+
+    # The validation part (early stopping) comes out of the training split; input statistics from all of it.
+    fit_idx, val_idx = split_validation(labels, train_idx, train.val_fraction, train.seed)
+    stats = None
+    if train.input_scaling != "raw":
+        mean, std = input_statistics(features, pool, train_idx, train.input_scaling, device)
+        stats = (mean[0], std[0])
+    _, _, n_layers, seq_len, _ = features.shape
+    model = _init_member(config, n_layers, n_classes, seq_len, train.seed, train.input_scaling, stats).to(device)
+    model.set_dropout_generator(torch.Generator(device=device).manual_seed(_config_seed(train.seed, config, "dropout")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                  fused=device.type == "cuda")
+    order = torch.Generator().manual_seed(train.seed)  # the data order: from the seed alone
+    y = torch.from_numpy(labels).to(device)
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    best, best_epoch, best_state, epoch = math.inf, 0, None, 0
+    with _cudnn_deterministic(train.deterministic):
+        for epoch in range(1, train.epochs + 1):
+            model.train()
+            perm = fit_idx[torch.randperm(len(fit_idx), generator=order).numpy()]
+            total = torch.zeros((), device=device)
+            for start in range(0, len(perm), train.batch_size):
+                idx = perm[start:start + train.batch_size]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+                    logits = model(batch(idx)).float()
+                loss = F.cross_entropy(logits, y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(idx)
+            train_losses.append(float(total / len(perm)))
+            if len(val_idx):
+                val_loss = float(F.cross_entropy(predict(model, val_idx).double(), torch.from_numpy(labels[val_idx])))
+                val_losses.append(val_loss)
+                if val_loss < best:
+                    best, best_epoch = val_loss, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                elif train.patience and epoch - best_epoch >= train.patience:
+                    break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        eval_logits = predict(model, eval_idx)
+    metrics = classification_metrics(labels[eval_idx], eval_logits.argmax(-1), n_classes, eval_logits)
+    model.set_dropout_generator(None)
+    return TrainedCNN(config, model.eval(), eval_logits, metrics, train_losses, val_losses, epochs_run=epoch,
+                      best_epoch=best_epoch if best_state is not None else epoch)
 
 
 @dataclass
@@ -634,13 +791,13 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         try:
             features = features.to(device)
         except torch.OutOfMemoryError:
-            warnings.warn(f"features do not fit on {device}; reading them from {features.device}", stacklevel=2)
+            logger.warning("features do not fit on %s; reading them from %s", device, features.device)
     used_pools = sorted({pools.index(c.pooling) for c in configs})
 
     # Input statistics per task, from its whole training split (fit and validation parts); tasks with
     # the same split (a row and its shuffled-label control) share them.
     stats: dict[bytes, tuple[Tensor, Tensor]] = {}
-    task_stats = []
+    task_stats: list[tuple[Tensor, Tensor] | None] = []
     for c in checked:
         key = c[3].tobytes()
         if train.input_scaling != "raw" and key not in stats:
@@ -660,13 +817,22 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         stack_members = [[(t, i)] for t in range(n_tasks) for i in range(len(configs))]
     # On CPU, channels-last convolutions run 2-8x faster for these shapes (benchmarks/README.md).
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    stacks, member_task, member_pool = [], [], []
+    def member_stats(t: int, i: int) -> tuple[Tensor, Tensor] | None:
+        """Task t's input statistics for the pool config i reads."""
+        both = task_stats[t]
+        if both is None:
+            return None
+        k = used_pools.index(pools.index(configs[i].pooling))
+        return both[0][k], both[1][k]
+
+    stacks: list[_CNNStack] = []
+    member_task: list[Tensor] = []
+    member_pool: list[Tensor] = []
     for members in stack_members:
         stack = _CNNStack([
-            _init_member(configs[i], n_layers, n_classes, seq_len, train.seed, train.input_scaling,
-                         None if task_stats[t] is None else
-                         tuple(s[used_pools.index(pools.index(configs[i].pooling))] for s in task_stats[t]))
-            for t, i in members]).to(device=device, memory_format=memory_format)
+            _init_member(configs[i], n_layers, n_classes, seq_len, train.seed, train.input_scaling, member_stats(t, i))
+            for t, i in members])
+        stack = stack.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
         stack.generators = [torch.Generator(device=device).manual_seed(_config_seed(train.seed, configs[i], "dropout"))
                             for _, i in members]
         stacks.append(stack)
@@ -695,7 +861,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         n = max(len(e) for e in idx_per_task)
         mat = np.stack([e[np.minimum(np.arange(n), len(e) - 1)] for e in idx_per_task])
         mat_dev = torch.from_numpy(mat).to(device)
-        out = {s: [] for s in which}
+        out: dict[int, list[Tensor]] = {s: [] for s in which}
         with torch.no_grad():
             for s in which:
                 stacks[s].eval()
@@ -707,7 +873,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         return {s: torch.cat(o) for s, o in out.items()}
 
     # Per member (stack s, slot g): losses, and with validation the best epoch's weights so far.
-    history = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
+    history: dict[tuple[int, int], dict[str, Any]] = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
                for s, members in enumerate(stack_members) for g in range(len(members))}
     order = torch.Generator().manual_seed(train.seed)
     val_labels = labels[np.arange(n_tasks)[:, None], val_idx]  # (task, val)
@@ -725,7 +891,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
             x = read_tasks(idx, idx_dev)
             y = labels_dev.gather(1, idx_dev)  # (task, batch)
-            loss = 0.0
+            loss = torch.zeros((), device=device)
             for s in active:
                 logits = run(stacks[s], member_task[s], member_pool[s], x)  # (b, g, class)
                 member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[member_task[s]].T,
@@ -767,7 +933,8 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             trained[t][i] = TrainedCNN(configs[i], model, lg, metrics, h["train"], h["val"],
                                        epochs_run=h["stopped"] or epochs_done,
                                        best_epoch=h["best_epoch"] if h["state"] is not None else epochs_done)
-    return trained
+    assert all(t is not None for row in trained for t in row)
+    return trained  # type: ignore[return-value]  # (every slot filled above)
 
 
 def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: np.ndarray, member_task: list[Tensor],
@@ -855,9 +1022,9 @@ def score_summary(
         cells = cells + (np.arange(n_cfg * b) * K * K).reshape(n_cfg, b, 1)
         conf = np.bincount(cells.ravel(), minlength=n_cfg * b * K * K).reshape(n_cfg, b, K, K)
         stats.append(_prf(conf)[2].min(-1).mean(0))  # config-averaged min F1 per resample
-    stats = 100 * np.concatenate(stats)
+    boot = 100 * np.concatenate(stats)
     alpha = (1 - confidence) / 2
-    out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(stats, [100 * alpha, 100 * (1 - alpha)]))
+    out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(boot, [100 * alpha, 100 * (1 - alpha)]))
     out["n_configs"], out["n_eval"] = n_cfg, n
     return out
 
@@ -868,11 +1035,19 @@ def score_summary(
 INDEX_FILE = "cnns.json"
 
 
+def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
 def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: bool = True) -> Path:
     """Write {name}.safetensors (weights, eval logits) and {name}.json (config, metrics) per CNN, then
     the index cnns.json (`index=False`: not, when several ranks each save part of one row's CNNs)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     names = [t.config.name for t in trained]
     if len(set(names)) != len(names):
@@ -885,8 +1060,8 @@ def save_cnns(trained: Sequence[TrainedCNN], folder: str | os.PathLike, index: b
                 "seq_len": t.model.seq_len, "input_scaling": t.model.input_scaling,
                 "train_losses": list(t.train_losses), "val_losses": list(t.val_losses),
                 "epochs_run": t.epochs_run, "best_epoch": t.best_epoch, "eval_metrics": t.eval_metrics.to_dict()}
-        atomic_write(folder / f"{t.config.name}.safetensors", lambda p: save_file(tensors, str(p)))
-        atomic_write(folder / f"{t.config.name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        atomic_write(folder / f"{t.config.name}.safetensors", partial(_save_safetensors, tensors))
+        atomic_write(folder / f"{t.config.name}.json", partial(_write_json, meta))
     if index:
         write_cnn_index(folder, names)
     return folder

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as td
@@ -66,7 +67,7 @@ def init_from_env(backend: str | None = None) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     if not td.is_initialized():
-        kwargs = {"device_id": torch.device("cuda", local)} if cuda else {}
+        kwargs: dict[str, Any] = {"device_id": torch.device("cuda", local)} if cuda else {}
         td.init_process_group(backend or ("nccl" if cuda else "gloo"), **kwargs)
     return Dist(rank, world)
 

@@ -18,9 +18,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -66,7 +68,8 @@ def _forward_to_last_pattern(model, batch: Tensor, fast: bool) -> None:
     """One forward pass up to the last layer's pattern: the lean forward stops there, the model's
     own forward is cut short by the last pattern hook raising _StopForward."""
     if fast:
-        return pattern_forward(model, batch)
+        pattern_forward(model, batch)
+        return
     try:
         model(batch)
     except _StopForward:
@@ -203,7 +206,7 @@ class FeatureStore:
 
     @property
     def features(self) -> np.memmap:
-        mode = "r" if self.complete else "r+"
+        mode: Literal["r", "r+"] = "r" if self.complete else "r+"
         return np.load(self.folder / self.FEATURES, mmap_mode=mode)
 
     @property
@@ -276,7 +279,7 @@ def _compare(found: dict, wanted: dict, folder: Path) -> None:
 def build_feature_store(
     folder: str | os.PathLike,
     model,
-    sequence_ids: Sequence[int],
+    sequence_ids: npt.ArrayLike,
     tokens: Int[Tensor, "sample pos"] | np.ndarray,
     *,
     pooling: Sequence[str] = ("mean", "max"),

@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -233,7 +233,7 @@ def _f_columns(hits: np.ndarray, n_cand: int, n_ref: int) -> np.ndarray:
     return np.where(p + r > 0, f, 0.0)
 
 
-def rouge_l_batch(ref: Int[np.ndarray, "rows a"], cand: Int[np.ndarray, "rows b"]) -> Float[np.ndarray, "rows"]:
+def rouge_l_batch(ref: Int[np.ndarray, "rows a"], cand: Int[np.ndarray, "rows b"]) -> Float[np.ndarray, " rows"]:
     """Row-wise `rouge_l`: the same bit-parallel LCS, one uint64 word per row (a <= 64)."""
     ref, cand = np.asarray(ref), np.asarray(cand)
     (rows, a), b = ref.shape, cand.shape[1]
@@ -254,7 +254,7 @@ def rouge_l_batch(ref: Int[np.ndarray, "rows a"], cand: Int[np.ndarray, "rows b"
 
 
 def rouge_n_batch(ref: Int[np.ndarray, "rows a"], cand: Int[np.ndarray, "rows b"],
-                  n: int = 3) -> Float[np.ndarray, "rows"]:
+                  n: int = 3) -> Float[np.ndarray, " rows"]:
     """Row-wise `rouge_n` from n-gram equality matrices: the clipped overlap sum_g min(c_ref, c_cand)
     is sum over candidate positions of min(c_ref, c_cand) / c_cand."""
     if n < 1:
@@ -278,7 +278,7 @@ def rouge_n_batch(ref: Int[np.ndarray, "rows a"], cand: Int[np.ndarray, "rows b"
 
 
 def rouge_columns(tokens: Int[np.ndarray, "rows seq"], prefix_len: int = 32, *, n: int = 3,
-                  batch_size: int = 16384) -> tuple[Float[np.ndarray, "rows"], Float[np.ndarray, "rows"]]:
+                  batch_size: int = 16384) -> tuple[Float[np.ndarray, " rows"], Float[np.ndarray, " rows"]]:
     """(ROUGE-L, ROUGE-n) of prefix (reference, first `prefix_len` tokens) vs suffix (candidate,
     the rest), per row: the `rouge_L_prefix_to_suffix` / `rouge_3_prefix_to_suffix` columns."""
     tokens = np.asarray(tokens)

@@ -25,7 +25,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ from mechmem.atomic import atomic_json, atomic_write
 from mechmem.cnn import AttentionCNN, TrainedCNN
 from mechmem.features import extract_attention
 from mechmem.hooks import pattern_hook
+from mechmem.run import RunFolder
 
 DEFAULT_TAXONOMY = "Non-Memo, Guess, Others"  # the paper's proposed taxonomy (Others = Recall)
 
@@ -225,7 +226,7 @@ class Localization:
         if not 0 <= k <= self.n_layers * self.n_heads:
             raise ValueError(f"k must be in [0, {self.n_layers * self.n_heads}], got {k}")
         order = np.argsort(-self.head_scores[c], axis=None, kind="stable")[:k]
-        return [tuple(int(i) for i in np.unravel_index(f, self.head_scores[c].shape)) for f in order]
+        return [(int(layer), int(head)) for layer, head in zip(*np.unravel_index(order, self.head_scores[c].shape))]
 
     # ---- save / load
     ARRAYS = "localization.npz"
@@ -344,29 +345,10 @@ def localize(
 # --------------------------------------------------------------------------------------------
 # From a run_alignment output folder
 # --------------------------------------------------------------------------------------------
-def run_rows(run: str | os.PathLike) -> dict[str, dict]:
-    """The taxonomy rows a run_alignment folder holds: {slug: row json}."""
-    run = Path(run)
-    files = sorted((run / "rows").glob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"{run} is not a run_alignment output folder (no rows/*.json)")
-    return {f.stem: json.loads(f.read_text()) for f in files}
-
-
-def pick_row(run: str | os.PathLike, taxonomy: str | None = None) -> tuple[str, dict]:
-    """(slug, row json) by slug or display name; by default the paper's proposed taxonomy, else the only row."""
-    rows = run_rows(run)
-    wanted = taxonomy or DEFAULT_TAXONOMY
-    for slug, row in rows.items():
-        if wanted in (slug, row.get("tax_name")) and (Path(run) / "cnns" / slug).is_dir():
-            return slug, row
-    if taxonomy is None and len(rows) == 1:
-        return next(iter(rows.items()))
-    raise ValueError(f"no trained taxonomy {wanted!r} in {run}; it has {[r.get('tax_name', s) for s, r in rows.items()]}")
-
-
-def run_labels(run: str | os.PathLike, row: dict, sequence_ids: np.ndarray, df: pd.DataFrame | None = None) -> np.ndarray:
+def run_labels(run: RunFolder | str | os.PathLike, row: dict, sequence_ids: np.ndarray,
+               df: pd.DataFrame | None = None) -> np.ndarray:
     """Class of each sample of a row: stored in the row if it has `eval_labels`, else recomputed from the data."""
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
     sequence_ids = np.asarray(sequence_ids)
     if "eval_labels" in row:
         known = dict(zip(row["eval_sequence_ids"], row["eval_labels"]))
@@ -376,19 +358,9 @@ def run_labels(run: str | os.PathLike, row: dict, sequence_ids: np.ndarray, df: 
     if df is None:
         from mechmem.data import load_memorization_data
 
-        config = json.loads((Path(run) / "config.json").read_text())
-        df = load_memorization_data(config["data"])
+        df = load_memorization_data(run.raw_config()["data"])
     labels = pd.Series(np.asarray(Row(**row["row"]).labels(df)), index=df["sequence_id"].to_numpy())
     return labels.loc[sequence_ids].to_numpy().astype(np.int64)
-
-
-def run_model_name(run: str | os.PathLike) -> tuple[str, str | None]:
-    """(model, revision) a run_alignment folder was made with, from its config.json."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run} has no config.json: cannot tell which model made it")
-    config = json.loads(path.read_text())
-    return config["model"], config.get("revision")
 
 
 def localize_run(
@@ -405,26 +377,24 @@ def localize_run(
     Uses the row's saved CNNs and the feature store's model-view tokens; the model defaults to the
     one named in the run's config.json and must be the one whose features trained the CNNs.
     """
-    from mechmem.cnn import load_cnns
-    from mechmem.features import FeatureStore
     from mechmem.models import load_model, model_identity
 
-    run = Path(run)
-    slug, row = pick_row(run, taxonomy)
-    cnns = load_cnns(run / "cnns" / slug)
-    store = FeatureStore.load(run / "features")
+    folder = RunFolder(run)
+    slug, row = folder.find_row(taxonomy, default=DEFAULT_TAXONOMY)
+    cnns = folder.load_cnns(slug)
+    store = folder.feature_store()
     if model is None:
-        name, revision = run_model_name(run)
+        name, revision = folder.model_name()
         model = load_model(name, revision=revision)
     found, wanted = store.manifest["model"]["weights"], model_identity(model)["weights"]
     if found != wanted:
-        raise ValueError(f"the model given is not the one that made {run}'s features ({wanted} != {found})")
+        raise ValueError(f"the model given is not the one that made {folder.path}'s features ({wanted} != {found})")
     eval_ids = np.asarray(row["eval_sequence_ids"])
-    labels = run_labels(run, row, eval_ids, df)
+    labels = run_labels(folder, row, eval_ids, df)
     chosen = pick_per_class(labels, len(row["class_names"]), cfg.samples_per_class, cfg.seed)
     ids = eval_ids[chosen]
     tokens = store.tokens[store.index(ids)]
-    meta = {"run": str(run), "row": slug, "tax_name": row.get("tax_name"), "taxonomy": row.get("row"),
+    meta = {"run": str(folder.path), "row": slug, "tax_name": row.get("tax_name"), "taxonomy": row.get("row"),
             "model": getattr(model, "mechmem_name", None) or store.manifest["model"]["name"]}
     return localize(model, cnns, tokens, labels[chosen], row["class_names"], sequence_ids=ids, cfg=cfg,
                     progress=progress, meta=meta)

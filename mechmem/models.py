@@ -96,7 +96,7 @@ def pythia_config(size: str, *, n_ctx: int = 2048, **overrides):
         bos_token_id=0,
         eos_token_id=0,
     )
-    return GPTNeoXConfig(**(fields | overrides))
+    return GPTNeoXConfig(**(fields | overrides))  # type: ignore[arg-type]  # (one dict of mixed types)
 
 
 # --------------------------------------------------------------------------------------------

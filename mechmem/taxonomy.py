@@ -53,9 +53,11 @@ merge_2 of the guess or code variants would give too (the paper ran one of them)
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 CATEGORIES = ("other", "recite", "recollect", "reconstruct", "guess", "code", "memo")
@@ -288,7 +290,7 @@ def assign_categories(df: pd.DataFrame, taxonomy: str, *, duplicates_threshold: 
     over `duplicates_threshold`."""
     tax_id, t = _resolve(taxonomy, duplicates_threshold)
     merge, cats = parse_id(tax_id)
-    kw = dict(duplicates_threshold=t, rouge_threshold=rouge_threshold, rouge=rouge)
+    kw: dict[str, Any] = dict(duplicates_threshold=t, rouge_threshold=rouge_threshold, rouge=rouge)
     labels = np.full(len(df), -1, dtype=np.int64)
     labels[primary_category(df, "other", **kw)] = 0
     classes = {0: (1, 2, 3), 1: (1, 1, 2), 2: (1, 2, 2)}[merge]  # class of A, B, C
@@ -301,7 +303,7 @@ def assign_categories(df: pd.DataFrame, taxonomy: str, *, duplicates_threshold: 
 
 
 # --------------------------------------------------------------------------- splits
-def class_counts(labels: Sequence[int], n_classes: int) -> np.ndarray:
+def class_counts(labels: npt.ArrayLike, n_classes: int) -> np.ndarray:
     """Samples per class (rows labelled -1 are in no class and not counted)."""
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and labels.max() >= n_classes:
@@ -309,7 +311,7 @@ def class_counts(labels: Sequence[int], n_classes: int) -> np.ndarray:
     return np.bincount(labels[labels >= 0], minlength=n_classes)
 
 
-def balanced_split(labels: Sequence[int], n_classes: int, train_per_class: int, eval_per_class: int, seed: int = 0,
+def balanced_split(labels: npt.ArrayLike, n_classes: int, train_per_class: int, eval_per_class: int, seed: int = 0,
                    *, class_names: Sequence[str] | None = None, scheme: str = "paper") -> tuple[np.ndarray, np.ndarray]:
     """Seeded, class-balanced draw without replacement: per class, `train_per_class` +
     `eval_per_class` positions, the first ones for training. Same scheme as the paper (one

@@ -10,7 +10,8 @@ import torch
 
 import mechmem.alignment as al
 import mechmem.features as F
-from mechmem.cnn import CNNConfig, TrainConfig, load_cnns
+from mechmem.cnn import CNNConfig, TrainConfig
+from mechmem.run import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = (CNNConfig(6, 4, "mean"),)
@@ -51,34 +52,35 @@ def small_config(**kw):
 
 def test_run_writes_the_paper_table_and_resumes(tmp_path, tiny_model, monkeypatch):
     df = synthetic_frame()
-    table = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    table = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
     assert list(pd.read_csv(tmp_path / "alignment.csv").columns) == al.TABLE_COLUMNS + al.CONTROL_COLUMNS
     assert set(table["tax_name"]) == {"Non-Memo, Guess, Others", "Non-Memo, Recite[5], Others"}
     for name in ("alignment.md", "min_f1.png", "confusion_best.png", "confusion_worst.png"):
         assert (tmp_path / name).stat().st_size > 0
     row = table.iloc[0]
     assert 0 <= row.min_f1_ci_low <= row.min_f1 <= row.min_f1_ci_high <= 100
-    assert (tmp_path / "cnns" / "merge_2_other_guess_recollect_recite_t5" / "cnns.json").exists()
+    run = RunFolder(tmp_path)
+    assert (run.cnn_folder("merge_2_other_guess_recollect_recite_t5") / "cnns.json").exists()
     # Guess is perfectly visible in attention (the suffix copies the prefix): better than chance.
-    guess = json.loads((tmp_path / "rows" / "merge_2_other_guess_recollect_recite_t5.json").read_text())
+    guess = run.read_row("merge_2_other_guess_recollect_recite_t5")
     assert guess["class_names"] == ["Non-Memo", "Guess", "Others"]
     assert len(guess["eval_sequence_ids"]) == 3 * 8
 
     # A second run resumes: no extraction, no training.
     monkeypatch.setattr(al, "train_cnn_tasks", lambda *a, **k: pytest.fail("retrained a finished row"))
     monkeypatch.setattr(F, "_extract", lambda *a, **k: pytest.fail("re-extracted features"))
-    again = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    again = al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
     pd.testing.assert_frame_equal(again[al.TABLE_COLUMNS], table[al.TABLE_COLUMNS])
 
 
 def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_path, tiny_model):
     df = synthetic_frame()
-    al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False, log=lambda m: None)
+    al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     other = al.AlignmentConfig(**{**small_config().__dict__, "train": TrainConfig(protocol="paper", epochs=2, device="cpu",
                                                                                  precision="bf16")})
     with pytest.raises(ValueError, match="train.epochs 1 -> 2; train.precision 'float32' -> 'bf16'") as err:
-        al.run_alignment(tiny_model, df, other, tmp_path, progress=False, log=lambda m: None)
+        al.run_alignment(tiny_model, df, other, tmp_path, progress=False)
     assert "\n" not in str(err.value)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
     # Where the run executes is not a result setting: another device, fusing or batch size resumes.
@@ -89,17 +91,16 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_
 
 def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tiny_model):
     df = synthetic_frame()
-    one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False, log=lambda m: None)
-    two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False,
-                           log=lambda m: None)
+    one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False)
+    two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False)
     for row in small_config().rows:
-        record = json.loads((tmp_path / "two" / "rows" / f"{row.slug}.json").read_text())
+        record = RunFolder(tmp_path / "two").read_row(row.slug)
         first, second = record["min_f1_per_seed"]
         # the first seed is the single-seed run, CNN for CNN; the second trains other CNNs
-        alone = json.loads((tmp_path / "one" / "rows" / f"{row.slug}.json").read_text())
+        alone = RunFolder(tmp_path / "one").read_row(row.slug)
         assert first == pytest.approx(alone["min_f1"])
-        a, b = (load_cnns(al.cnn_folder(tmp_path / "two", row, k)) for k in (0, 1))
-        c = load_cnns(al.cnn_folder(tmp_path / "one", row))
+        a, b = (RunFolder(tmp_path / "two").load_cnns(row.slug, k) for k in (0, 1))
+        c = RunFolder(tmp_path / "one").load_cnns(row.slug)
         assert torch.equal(a[0].model.layers.fc2.weight, c[0].model.layers.fc2.weight)
         assert not torch.equal(a[0].model.layers.fc2.weight, b[0].model.layers.fc2.weight)
         assert record["min_f1"] == pytest.approx((first + second) / 2)
@@ -118,7 +119,7 @@ def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_m
 
     df = synthetic_frame(30)
     positions = np.array([0, 1, 3])  # kinds 0 (non-memo), 1 (memorized), 0
-    view = al.model_view_tokens(tiny_model, df, positions)
+    view = al.generate_model_view(tiny_model, df, positions)
     original = np.stack(df["tokens"].to_numpy()[positions])
     np.testing.assert_array_equal(view[1], original[1])
     np.testing.assert_array_equal(view[:, :32], original[:, :32])
@@ -126,15 +127,15 @@ def test_non_memorized_samples_are_shown_with_the_models_own_continuation(tiny_m
     np.testing.assert_array_equal(view[[0, 2], 32:], np.asarray(expected))
 
 
-def test_rows_short_of_samples_are_skipped_with_the_reason(tmp_path, tiny_model):
+def test_rows_short_of_samples_are_skipped_with_the_reason(tmp_path, tiny_model, caplog):
     df = synthetic_frame()
     cfg = small_config()
     cfg = al.AlignmentConfig(**{**cfg.__dict__, "rows": cfg.rows + (al.Row("merge_2_other_recite_guess_recollect", 1000),)})
-    logs = []
-    al.run_alignment(tiny_model, df, cfg, tmp_path, progress=False, log=logs.append)
+    with caplog.at_level("INFO", logger="mechmem"):
+        al.run_alignment(tiny_model, df, cfg, tmp_path, progress=False)
     skipped = json.loads((tmp_path / "skipped.json").read_text())
     assert list(skipped) == ["Non-Memo, Recite[1k], Others"]
-    assert any("Recite[1k]" in line for line in logs)
+    assert any("Recite[1k]" in r.getMessage() and r.name == "mechmem.alignment" for r in caplog.records)
 
 
 def test_rouge_sweep_reuses_one_feature_extraction(tmp_path, tiny_model, monkeypatch):
@@ -143,7 +144,7 @@ def test_rouge_sweep_reuses_one_feature_extraction(tmp_path, tiny_model, monkeyp
     real = F.build_feature_store
     monkeypatch.setattr(al, "build_feature_store", lambda *a, **k: calls.append(1) or real(*a, **k))
     sweep = tuple(r for r in al.sweep_rows((0.3, 0.6)))
-    al.run_alignment(tiny_model, df, small_config(sweep=sweep), tmp_path, progress=False, log=lambda m: None)
+    al.run_alignment(tiny_model, df, small_config(sweep=sweep), tmp_path, progress=False)
     assert len(calls) == 1
     rouge = pd.read_csv(tmp_path / "rouge_sweep.csv")
     assert list(rouge.columns[:3]) == ["Rouge-L", "Rouge-3", "Threshold"]
@@ -178,6 +179,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_chec
     assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_cli_takes_every_config_name_the_configs_produce():
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=32), CNNConfig(5, 4, "max", dropout=0.25))
+    assert run_alignment_cli._configs([c.name for c in configs], "quick") == configs
+
+
 def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoint):
     data = tmp_path / "memo.parquet"
     synthetic_frame().to_parquet(data)
@@ -190,6 +196,10 @@ def test_cli_runs_end_to_end_on_a_local_model_and_table(tmp_path, tiny_checkpoin
     assert pd.read_csv(out / "alignment.csv").shape[0] == 1
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == str(data) and config["config"]["train"]["precision"] == "bf16"
+    # ...which reads back into the dataclasses: the settings the script checks on resume
+    saved = RunFolder(out).read_config()
+    assert saved.config.configs == (CNNConfig(6, 4, "mean"),) and saved.config.train.epochs == 1
+    assert al.result_settings(saved.config) == json.loads((out / "settings.json").read_text())
     # Resuming into it with other settings: one line, exit 2, the folder as it was.
     result = _cli("--model", str(tiny_checkpoint), "--data", str(data), "--taxonomies", "Non-Memo, Guess, Others",
                   "--configs", "k6_c4_mean", "--train-per-class", "10", "--eval-per-class", "5", "--epochs", "2",

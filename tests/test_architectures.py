@@ -7,7 +7,6 @@ greedy decoding must equal Hugging Face's, and the alignment benchmark must run 
 The lean forward (`mechmem.fastpath`) stays GPT-NeoX-only: these take the bridge's own forward.
 """
 
-import json
 import shutil
 
 import numpy as np
@@ -19,9 +18,10 @@ import mechmem.alignment as al
 import mechmem.features as F
 from mechmem import fastpath
 from mechmem.cnn import CNNConfig, TrainConfig
-from mechmem.features import FeatureStore, extract_attention
+from mechmem.features import extract_attention
 from mechmem.memorization import _cache_is_exact, _cache_kwarg, greedy_continuation, memorization_score
 from mechmem.models import load_model
+from mechmem.run import RunFolder
 from mechmem.testbed import MODEL_DIR
 
 VOCAB = 8192  # the testbed tokenizer's
@@ -144,14 +144,15 @@ def test_alignment_runs_end_to_end(name, tmp_path):
     cfg = al.AlignmentConfig(rows=(al.Row("merge_2_other_guess_recollect_recite", 5),), train_per_class=8,
                              eval_per_class=4, configs=(CNNConfig(6, 4, "mean"),),
                              train=TrainConfig(epochs=1, device="cpu"), n_boot=20)
-    table = al.run_alignment(model, df, cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    table = al.run_alignment(model, df, cfg, tmp_path / "run", progress=False)
     assert table["tax_name"].tolist() == ["Non-Memo, Guess, Others"]
     assert 0 <= table["min_f1"].iloc[0] <= 100
-    row = json.loads((tmp_path / "run" / "rows" / "merge_2_other_guess_recollect_recite_t5.json").read_text())
+    run = RunFolder(tmp_path / "run")
+    row = run.read_row("merge_2_other_guess_recollect_recite_t5")
     assert len(row["eval_sequence_ids"]) == 3 * 4
     # What the CNNs read: non-memorized samples continued by this model's own greedy decoding, and
     # their pooled attention as Hugging Face computes it.
-    store = FeatureStore.load(tmp_path / "run" / "features")
+    store = run.feature_store()
     tokens = torch.from_numpy(store.tokens)
     by_id = df.set_index("sequence_id")
     non_memo = torch.from_numpy(by_id.loc[store.sequence_ids, "memorization_score"].to_numpy() < 1)

@@ -31,7 +31,7 @@ def test_probe_measures_the_per_sample_cost(monkeypatch):
     assert B.probe_batch_size(run, torch.device("cpu")) == B.CPU_BATCH_SIZE
 
 
-def test_a_batch_that_runs_out_of_memory_is_retried_smaller():
+def test_a_batch_that_runs_out_of_memory_is_retried_smaller(caplog):
     seen = []
 
     def step(start, stop):
@@ -39,21 +39,23 @@ def test_a_batch_that_runs_out_of_memory_is_retried_smaller():
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         seen.append((start, stop))
 
-    with pytest.warns(UserWarning, match="out of memory at batch 8; retrying at 4"):
+    with caplog.at_level("WARNING", logger="mechmem"):
         last = B.run_batches(10, 8, step)
+    assert "out of memory at batch 8; retrying at 4" in caplog.text
     assert last == 2
     assert seen == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]  # every sample once, in order
 
 
-def test_out_of_memory_at_one_sample_is_raised():
+def test_out_of_memory_at_one_sample_is_raised(caplog):
     def step(start, stop):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
+    with pytest.raises(torch.OutOfMemoryError), caplog.at_level("WARNING", logger="mechmem"):
         B.run_batches(4, 2, step)
+    assert "out of memory" in caplog.text
 
 
-def test_extraction_survives_out_of_memory_with_the_same_features(tiny_model, tiny_tokens, monkeypatch):
+def test_extraction_survives_out_of_memory_with_the_same_features(tiny_model, tiny_tokens, monkeypatch, caplog):
     expected = extract_attention(tiny_model, tiny_tokens, batch_size=2)
     import mechmem.features as F
 
@@ -65,6 +67,7 @@ def test_extraction_survives_out_of_memory_with_the_same_features(tiny_model, ti
         return real(model, tokens, fast)
 
     monkeypatch.setattr(F, "_forward_to_last_pattern", tight)
-    with pytest.warns(UserWarning, match="out of memory"):
+    with caplog.at_level("WARNING", logger="mechmem"):
         got = extract_attention(tiny_model, tiny_tokens, batch_size=10)
+    assert "out of memory" in caplog.text
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

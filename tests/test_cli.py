@@ -217,3 +217,41 @@ def test_a_table_that_does_not_fit_the_vocabulary_is_refused(script, args, forei
     assert load_experiment(script).main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and VOCAB in err, err
+
+
+# ----------------------------------------------------------------------------- one logging path
+
+def test_library_modules_speak_through_logging_not_print():
+    """Library messages go through logging.getLogger(__name__) (scripts show them, see
+    cli.show_library_messages); print and warnings.warn are for scripts. cli prints the scripts'
+    one-line errors; a module's `if __name__ == "__main__":` block is a script."""
+    import ast
+    from pathlib import Path
+
+    import mechmem
+
+    def is_main_block(node):
+        return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+
+    root = Path(mechmem.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text())
+        body = ast.Module([n for n in tree.body if not is_main_block(n)], [])
+        for node in ast.walk(body):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("print", "warnings.warn"):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert offenders == []
+
+
+def test_scripts_show_library_messages_once(capsys):
+    import logging
+
+    from mechmem import cli
+
+    cli.show_library_messages()
+    cli.show_library_messages()
+    logging.getLogger("mechmem.alignment").info("skipped X: too few")
+    assert capsys.readouterr().out == "skipped X: too few\n"

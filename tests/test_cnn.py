@@ -382,11 +382,12 @@ def test_train_bad_inputs(change):
         train_cnns(**kw, progress=False)
 
 
-def test_overlapping_split_warns():
+def test_overlapping_split_warns(caplog):
     feats, labels = diagonal_toy(12, seq_len=32)
-    with pytest.warns(UserWarning, match="overlap"):
+    with caplog.at_level("WARNING", logger="mechmem"):
         train_cnns(feats, POOLS, labels, np.arange(10), np.arange(8, 12), 3, QUICK_GRID[:1],
                    TrainConfig(protocol="paper", epochs=1), progress=False)
+    assert [r.name for r in caplog.records if "overlap" in r.getMessage()] == ["mechmem.cnn"]
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -514,3 +515,62 @@ def test_fused_stack_equals_members_with_input_scaling():
         for a, b in zip(a_row, b_row):
             torch.testing.assert_close(a.eval_logits, b.eval_logits, atol=1e-4, rtol=1e-4)
             assert a.epochs_run == b.epochs_run and a.best_epoch == b.best_epoch
+
+
+# ----------------------------------------------------------------------------- config names
+
+@pytest.mark.parametrize("config", [*PAPER_GRID, CNNConfig(3, 4, "max", n_feat_fc=32), CNNConfig(5, 2, "mean", dropout=0.3),
+                                    CNNConfig(7, 8, "max", n_feat_fc=16, dropout=0.0), CNNConfig(6, 10, "mean", dropout=1e-5)])
+def test_config_name_round_trips(config):
+    assert CNNConfig.from_name(config.name) == config
+
+
+@pytest.mark.parametrize("name", ["k6_c10", "k6_c10_median", "k6_c10_mean_fc", "x6_c10_mean", "k6_c10_mean_d0.5x", ""])
+def test_config_from_a_bad_name_is_a_value_error(name):
+    with pytest.raises(ValueError):
+        CNNConfig.from_name(name)
+
+
+# ----------------------------------------------------------------------------- the plain loop
+
+@pytest.mark.parametrize("train, stops", [
+    (TrainConfig(protocol="paper", epochs=2, device="cpu"), False),
+    (TrainConfig(protocol="converged", epochs=12, patience=2, batch_size=8, lr=3e-3, device="cpu"), True),
+    (TrainConfig(protocol="converged", epochs=3, input_scaling="log-pixel", device="cpu"), False),
+], ids=["paper", "converged-early-stopping", "log-pixel"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_plain_loop_equals_lockstep_and_fused_training(train, stops, fuse):
+    """train_cnn (one CNN, a plain loop) is what train_cnns gives for each config, trained beside
+    others, fused or not: same weights, eval logits, losses, epochs and best epoch."""
+    from dataclasses import replace
+
+    from mechmem.cnn import train_cnn
+
+    feats, labels = diagonal_toy(60, seq_len=32)
+    labels = labels.numpy().copy()
+    labels[::4] = (labels[::4] + 1) % 3  # noise, so that validation loss turns and early stopping acts
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(6, 4, "max", n_feat_fc=16), CNNConfig(5, 2, "max"))
+    train_idx, eval_idx = np.arange(44), np.arange(44, 60)
+    together = train_cnns(feats, POOLS, labels, train_idx, eval_idx, 3, configs, replace(train, fuse=fuse),
+                          progress=False)
+    for config, t in zip(configs, together):
+        plain = train_cnn(feats, POOLS, labels, train_idx, eval_idx, 3, config, train)
+        assert (plain.epochs_run, plain.best_epoch) == (t.epochs_run, t.best_epoch)
+        assert plain.train_losses == pytest.approx(t.train_losses, rel=1e-5)
+        assert plain.val_losses == pytest.approx(t.val_losses, rel=1e-5)
+        assert_same_weights(state(plain.model), state(t.model))
+        torch.testing.assert_close(plain.eval_logits, t.eval_logits, rtol=1e-4, atol=1e-5)
+    if stops:  # early stopping was exercised, at different epochs for different CNNs
+        assert any(t.epochs_run < train.epochs for t in together)
+
+
+def test_dropout_masks_come_from_the_cnns_own_generator():
+    model = AttentionCNN(3, 3, CNNConfig(6, 4, "mean"), seq_len=32).train()
+    x = torch.rand(4, 3, 32, 32)
+    outs = []
+    for _ in range(2):
+        model.set_dropout_generator(torch.Generator().manual_seed(5))
+        outs.append(model(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    model.set_dropout_generator(torch.Generator().manual_seed(6))
+    assert not torch.equal(model(x), outs[0])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from mechmem.cnn import PAPER_GRID
 from mechmem.distributed import Dist, init_from_env, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
+from mechmem.run import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,20 +103,22 @@ def test_torchrun_on_two_ranks_equals_the_single_process_run(tmp_path, tiny_chec
         assert result.returncode == 0, result.stderr[-3000:]
         runs[nproc] = out
     one, two = runs[1], runs[2]
-    assert json.loads((two / "config.json").read_text())["world_size"] == 2
-    store = FeatureStore.load(two / "features")
+    run_one, run_two = RunFolder(one), RunFolder(two)
+    assert run_two.read_config().extra["world_size"] == 2
+    store = run_two.feature_store()
     assert len(store.done) > 2  # several chunks, so both ranks extracted some
-    np.testing.assert_array_equal(np.load(two / "features" / "features.npy"), np.load(one / "features" / "features.npy"))
-    pd.testing.assert_frame_equal(pd.read_csv(two / "alignment.csv"), pd.read_csv(one / "alignment.csv"))
-    for row in sorted((one / "rows").glob("*.json")):
-        a, b = json.loads(row.read_text()), json.loads((two / "rows" / row.name).read_text())
-        assert a == b, row.name
+    np.testing.assert_array_equal(np.asarray(store.features), np.asarray(run_one.feature_store().features))
+    pd.testing.assert_frame_equal(pd.read_csv(run_two.table_file), pd.read_csv(run_one.table_file))
+    for slug, a in run_one.rows().items():
+        b = run_two.read_row(slug)
+        assert a == b, slug
         assert len(a["min_f1_per_seed"]) == 2
-        for folder in (Path("cnns") / row.stem, Path("cnns") / row.stem / "seed1"):  # both training seeds
-            index = json.loads((two / folder / "cnns.json").read_text())["models"]
+        for seed in (0, 1):  # both training seeds
+            folder_one, folder_two = run_one.cnn_folder(slug, seed), run_two.cnn_folder(slug, seed)
+            index = json.loads((folder_two / "cnns.json").read_text())["models"]
             assert index == ["k6_c4_mean", "k6_c4_max", "k8_c4_mean"]
             for name in index:
-                x, y = load_file(str(one / folder / f"{name}.safetensors")), load_file(
-                    str(two / folder / f"{name}.safetensors"))
+                x, y = load_file(str(folder_one / f"{name}.safetensors")), load_file(
+                    str(folder_two / f"{name}.safetensors"))
                 for key in x:
                     torch.testing.assert_close(y[key], x[key], rtol=0, atol=1e-6)

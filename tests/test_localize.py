@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ from conftest import load_experiment
 
 from mechmem.cnn import AttentionCNN, CNNConfig, TrainConfig, save_cnns, train_cnns
 from mechmem.features import build_feature_store, extract_attention
+from mechmem.run import RunFolder
 from mechmem.localize import (Localization, LocalizeConfig, decisive_region, guided_gradients, guided_relus,
                               head_coverage, localize, localize_run, pick_per_class, pool_heads,
                               weighted_by_heads)
@@ -217,20 +217,20 @@ def make_run(folder: Path, model, checkpoint, n: int = 36, slug: str = "merge_2_
         tokens = torch.randint(0, 512, (n, 64), generator=torch.Generator().manual_seed(1))
         ids, labels = np.arange(1000, 1000 + n), np.arange(n) % 3
     n = len(tokens)
-    store = build_feature_store(folder / "features", model, ids, tokens, chunk_size=16, progress=False)
+    run = RunFolder(folder)
+    store = build_feature_store(run.features_dir, model, ids, tokens, chunk_size=16, progress=False)
     train, ev = np.arange(0, n, 2), np.arange(1, n, 2)
     trained = train_cnns(np.asarray(store.features), store.pooling, labels, train, ev, 3,
                          (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(6, 4, "max", n_feat_fc=16)),
                          TrainConfig(protocol="paper", epochs=1, device="cpu"), progress=False)
-    save_cnns(trained, folder / "cnns" / slug)
-    (folder / "rows").mkdir(parents=True)
-    (folder / "rows" / f"{slug}.json").write_text(json.dumps({
+    save_cnns(trained, run.cnn_folder(slug))
+    run.write_row(slug, {
         "tax_name": "Non-Memo, Guess, Others", "class_names": CLASSES, "num_classes": 3,
         "row": {"tax_id": "merge_2_other_guess_recollect_recite", "threshold": 5, "rouge": "either",
                 "rouge_threshold": 0.5},
         "train_sequence_ids": ids[train].tolist(), "eval_sequence_ids": ids[ev].tolist(),
-        **({"eval_labels": labels[ev].tolist()} if eval_labels else {})}))
-    (folder / "config.json").write_text(json.dumps({"model": str(checkpoint), "data": data}))
+        **({"eval_labels": labels[ev].tolist()} if eval_labels else {})})
+    run.write_config(str(checkpoint), data, None)
     return folder, tokens, ids, labels
 
 
@@ -243,14 +243,12 @@ def test_localize_run_uses_eval_split_and_store_tokens(tiny_run, tiny_model):
     folder, tokens, ids, labels = tiny_run
     loc = localize_run(folder, tiny_model, cfg=LocalizeConfig(samples_per_class=4), progress=False)
     assert loc.class_names == CLASSES and loc.n_samples.tolist() == [4, 4, 4]
-    eval_ids = set(json.loads(next((folder / "rows").glob("*.json")).read_text())["eval_sequence_ids"])
+    eval_ids = set(RunFolder(folder).split(loc.meta["row"]).eval_ids.tolist())
     assert set(loc.sequence_ids.tolist()) <= eval_ids
     np.testing.assert_array_equal(loc.labels, labels[loc.sequence_ids - 1000])
     assert len(loc.cnn_names) == 2 and loc.meta["row"].startswith("merge_2")
     # same samples, same CNNs, localized directly: same maps
-    from mechmem.cnn import load_cnns
-
-    cnns = load_cnns(next((folder / "cnns").iterdir()))
+    cnns = RunFolder(folder).load_cnns(loc.meta["row"])
     direct = localize(tiny_model, cnns, tokens[loc.sequence_ids - 1000], loc.labels, CLASSES, progress=False)
     np.testing.assert_allclose(direct.delta, loc.delta, atol=1e-6)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from mechmem import viz
 from mechmem.cnn import AttentionCNN, ClassMetrics, CNNConfig, TrainedCNN, save_cnns
 from mechmem.features import build_feature_store, extract_attention
+from mechmem.run import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["Non-Memo", "Guess", "Others"]
@@ -258,14 +259,14 @@ def run_folder(tiny_model, tmp_path_factory):
     in_store = df.iloc[:9]
     shown = np.stack(in_store["tokens"].to_numpy())
     shown[0::3, 32:] = 3  # stand-in "greedy" suffixes: the pages must show the store's tokens
-    build_feature_store(folder / "features", tiny_model, in_store["sequence_id"].to_numpy(), shown, progress=False)
-    save_cnns(random_cnns(), folder / "cnns" / "merge_2_other_guess_recollect_recite_t5")
-    (folder / "rows").mkdir()
-    (folder / "rows" / "merge_2_other_guess_recollect_recite_t5.json").write_text(json.dumps({
+    run = RunFolder(folder)
+    build_feature_store(run.features_dir, tiny_model, in_store["sequence_id"].to_numpy(), shown, progress=False)
+    save_cnns(random_cnns(), run.cnn_folder("merge_2_other_guess_recollect_recite_t5"))
+    run.write_row("merge_2_other_guess_recollect_recite_t5", {
         "tax_name": TAXONOMY, "class_names": CLASSES,
         "row": {"tax_id": "merge_2_other_guess_recollect_recite", "threshold": 5, "rouge": "either",
                 "rouge_threshold": 0.5},
-        "train_sequence_ids": [500, 501, 502, 503, 504, 505], "eval_sequence_ids": [506, 507, 508]}))
+        "train_sequence_ids": [500, 501, 502, 503, 504, 505], "eval_sequence_ids": [506, 507, 508]})
     return folder, df, shown
 
 
@@ -289,7 +290,7 @@ def test_read_run_refuses_another_models_run(run_folder, tmp_path):
         viz.read_run(run_folder[0], TAXONOMY, other)
 
 
-def test_model_view_tokens_from_the_store_else_greedy(run_folder, tiny_model, monkeypatch):
+def test_lookup_model_view_from_the_store_else_greedy(run_folder, tiny_model, monkeypatch):
     import mechmem.memorization
 
     folder, df, shown = run_folder
@@ -304,7 +305,7 @@ def test_model_view_tokens_from_the_store_else_greedy(run_folder, tiny_model, mo
 
     monkeypatch.setattr(mechmem.memorization, "free_generation", fake_free_generation)
     positions = np.array([3, 9, 10])  # 503 is in the store (non-memo); 509 (non-memo) and 510 are not
-    tokens = viz.model_view_tokens(tiny_model, df, positions, store)
+    tokens = viz.lookup_model_view(tiny_model, df, positions, store)
     np.testing.assert_array_equal(tokens[0], shown[3])
     assert len(calls) == 1 and calls[0][1] == [0.25, 1.0]
     np.testing.assert_array_equal(calls[0][0].numpy(), np.stack(df["tokens"].to_numpy()[[9, 10]]))
@@ -361,7 +362,7 @@ def _main(argv, monkeypatch, model):
 
 def test_cli_defaults_to_the_run_localization_used(tmp_path):
     script = load_experiment("inspect_samples")
-    (tmp_path / "run" / "rows").mkdir(parents=True)
+    RunFolder(tmp_path / "run").rows_dir.mkdir(parents=True)
     (tmp_path / "loc").mkdir()
     assert script._localizations_run(tmp_path / "loc") is None
     (tmp_path / "loc" / "localization.json").write_text(json.dumps({"meta": {"run": str(tmp_path / "run")}}))

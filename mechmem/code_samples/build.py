@@ -51,7 +51,7 @@ def read(path: str) -> str:
 
 def windows(text: str, mask: np.ndarray | None, n: int, rng, *, max_masked: float = 0.35, tries: int = 40) -> list[str]:
     """Up to `n` random windows of `text` with at most `max_masked` of their chars under `mask`."""
-    out = []
+    out: list[str] = []
     for _ in range(tries):
         if len(out) >= n or len(text) < MAX_CHARS + 10:
             break
@@ -278,7 +278,7 @@ if __name__ == "__main__":
     with OUT.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    by = {}
+    by: dict[tuple[str, str], tuple[int, int]] = {}
     for r in rows:
         key = (r["label"], r["kind"])
         by[key] = by.get(key, (0, 0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ from mechmem.testbed.train import TrainConfig
 
 STAGES = ("corpus", "train", "score", "table", "report")
 FIGURE = Path(__file__).resolve().parents[2] / "docs" / "testbed_memorization.png"
+logger = logging.getLogger(__name__)
 
 
 def _sha_file(path: Path) -> str:
@@ -57,8 +59,8 @@ def stage_corpus(work: Path, cfg: CorpusConfig) -> None:
     corpus, tokenizer = build_corpus(cfg)
     corpus.save(work / "corpus")
     tokenizer.save(str(work / "corpus" / "tokenizer.json"))
-    print(f"corpus: {corpus.manifest['train_tokens']:,} training tokens, "
-          f"{len(corpus.windows['position']):,} candidate windows", flush=True)
+    logger.info(f"corpus: {corpus.manifest['train_tokens']:,} training tokens, "
+                f"{len(corpus.windows['position']):,} candidate windows")
 
 
 def stage_train(work: Path, cfg: TrainConfig, device: str) -> None:
@@ -72,8 +74,8 @@ def stage_train(work: Path, cfg: TrainConfig, device: str) -> None:
     save_fp16(model, work / "model")
     log["argv"] = sys.argv[1:]
     write_log(log, work / "train_log.json")
-    print(f"train: {log['steps']} steps, {log['epochs']} epochs, {log['seconds']} s, "
-          f"final loss {log['final_loss']}", flush=True)
+    logger.info(f"train: {log['steps']} steps, {log['epochs']} epochs, {log['seconds']} s, "
+                f"final loss {log['final_loss']}")
 
 
 def stage_score(work: Path, device: str, batch_size: int, max_windows: int | None = None) -> None:
@@ -96,7 +98,7 @@ def stage_score(work: Path, device: str, batch_size: int, max_windows: int | Non
     log = {"windows": len(tokens), "seconds": round(time.time() - t0, 1), "device": device,
            "extractable": int((scores == 1).sum()), "dtype": "float32", "tf32": False}
     (work / "score_log.json").write_text(json.dumps(log, indent=1))
-    print(f"score: {log}", flush=True)
+    logger.info(f"score: {log}")
 
 
 def stage_table(work: Path, out: Path) -> None:
@@ -120,7 +122,7 @@ def stage_table(work: Path, out: Path) -> None:
     model.save_pretrained(model_dir)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
                             pad_token=EOS).save_pretrained(model_dir)
-    print(f"table: {len(table):,} rows of {len(candidates):,} candidates -> {out / DATA_FILE.name}", flush=True)
+    logger.info(f"table: {len(table):,} rows of {len(candidates):,} candidates -> {out / DATA_FILE.name}")
 
 
 def stage_report(work: Path, out: Path, figure: Path, argv: list[str]) -> dict:
@@ -160,7 +162,7 @@ def stage_report(work: Path, out: Path, figure: Path, argv: list[str]) -> dict:
                    for p in assets},
     }
     (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=1, default=_json_default))
-    print(json.dumps(manifest["results"], indent=1, default=_json_default), flush=True)
+    logger.info(json.dumps(manifest["results"], indent=1, default=_json_default))
     return manifest
 
 
@@ -201,6 +203,9 @@ def import_(src: Path, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mechmem.cli import show_library_messages
+
+    show_library_messages()
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m mechmem.testbed.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ASSETS, help="asset folder (default: the package's)")
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for stage in stages:
             t0 = time.time()
-            print(f"== {stage}", flush=True)
+            logger.info(f"== {stage}")
             if stage == "corpus":
                 stage_corpus(args.work, ccfg)
             elif stage == "train":
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 stage_table(args.work, args.out)
             elif stage == "report":
                 stage_report(args.work, args.out, figure, argv)
-            print(f"== {stage} done in {time.time() - t0:.0f} s", flush=True)
+            logger.info(f"== {stage} done in {time.time() - t0:.0f} s")
     finally:  # a failed later stage must not lose a finished training run
         if args.export and (args.work / "model" / "model.safetensors").exists():
             export(args.work, args.export)

@@ -27,6 +27,7 @@ import sys
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -188,7 +189,7 @@ class Corpus:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "train_stream.npy", self.train_stream)
         np.save(folder / "heldout_stream.npy", self.heldout_stream)
-        np.savez_compressed(folder / "windows.npz", **self.windows)
+        np.savez_compressed(folder / "windows.npz", **self.windows)  # type: ignore[arg-type]  # (numpy stub: allow_pickle)
         (folder / "corpus.json").write_text(json.dumps(self.manifest, indent=1))
 
     @classmethod
@@ -224,7 +225,7 @@ def _doc_windows(rng, starts, lengths, n):
     return starts[doc] + flat - (cum[doc] - room[doc])
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) -> tuple[Corpus, object]:
+def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) -> tuple[Corpus, Any]:
     """Gather, tokenize and join the corpus; pick candidate windows. Returns (corpus, tokenizer)."""
     files = stdlib_files(root, cfg.max_files)
     roles = {path: file_role(path, cfg) for path, _ in files}
@@ -290,7 +291,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) ->
         if (r[0], r[1]) not in seen:
             seen.add((r[0], r[1]))
             unique.append(r)
-    windows = {
+    windows: dict[str, np.ndarray] = {
         "stream": np.array([r[0] for r in unique], dtype=np.int8),
         "position": np.array([r[1] for r in unique], dtype=np.int64),
         "source": np.array([r[2] for r in unique]),

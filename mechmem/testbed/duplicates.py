@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 _BASE = np.uint64(1_000_003)
 
 
-def window_hashes(stream: Int[np.ndarray, "n_tokens"], width: int) -> np.ndarray:
+def window_hashes(stream: Int[np.ndarray, " n_tokens"], width: int) -> np.ndarray:
     """uint64 polynomial hash of every `width`-token window, one per start position."""
     n = len(stream) - width + 1
     if n <= 0:
@@ -37,7 +37,7 @@ def _hash_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def count_windows(
-    stream: Int[np.ndarray, "n_tokens"], windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20,
+    stream: Int[np.ndarray, " n_tokens"], windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20,
     progress: bool = True,
 ) -> np.ndarray:
     """How many times each row of `windows` occurs in `stream` (int64, exact)."""

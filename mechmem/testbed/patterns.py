@@ -41,7 +41,7 @@ def _ident(rng: np.random.Generator) -> str:
 
 def _start_step(rng: np.random.Generator) -> tuple[int, int]:
     step = int(rng.choice([1, 1, 1, 1, 2, 2, 3, 4, 5, 8, 10, 16, 100]))
-    start = int(rng.choice([0, 1, rng.integers(0, 100), rng.integers(0, 1000), rng.integers(0, 50000)]))
+    start = int(rng.choice([0, 1, int(rng.integers(0, 100)), int(rng.integers(0, 1000)), int(rng.integers(0, 50000))]))
     return start, step
 
 

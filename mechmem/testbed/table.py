@@ -11,7 +11,7 @@ in the held-out stream, so every row can be traced back to the corpus.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +20,8 @@ import pandas as pd
 from mechmem.memorization import PREFIX_LEN
 from mechmem.testbed.corpus import SOURCES, Corpus
 from mechmem.testbed.duplicates import count_windows
+
+logger = logging.getLogger(__name__)
 
 HELDOUT_ID_OFFSET = 10**9
 
@@ -73,7 +75,7 @@ def add_text_columns(table: pd.DataFrame, tokenizer) -> pd.DataFrame:
     try:
         from mechmem import heuristics
     except ImportError:
-        warnings.warn("mechmem.heuristics is not available: the table has no pattern/ROUGE/code columns")
+        logger.warning("mechmem.heuristics is not available: the table has no pattern/ROUGE/code columns")
         return table
     table["is_incrementing"] = [bool(heuristics.is_incrementing(t)) for t in table["text"]]
     table["is_repeating"] = [bool(heuristics.is_repeating(t)) for t in table["text"]]

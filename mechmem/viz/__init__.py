@@ -18,7 +18,7 @@ from mechmem.viz.grids import attention_grid_png
 from mechmem.viz.pages import circuitsvis_bundle, head_label, index_page, sample_page, write_pages
 from mechmem.viz.samples import (PROPOSED_TAXONOMY, RANKING_COLUMNS, InspectConfig, RunOutputs,
                                  SampleView, check_ranking, class_map, cnn_input, cnn_probabilities,
-                                 heads_for_class, inspect_run, load_localization, model_view_tokens,
+                                 heads_for_class, inspect_run, load_localization, lookup_model_view,
                                  pick_samples, read_run, sample_decisive_maps, sample_views, token_strings)
 
 __all__ = [
@@ -26,6 +26,6 @@ __all__ = [
     "attention_grid_png",
     "circuitsvis_bundle", "head_label", "index_page", "sample_page", "write_pages",
     "PROPOSED_TAXONOMY", "RANKING_COLUMNS", "InspectConfig", "RunOutputs", "SampleView", "check_ranking", "class_map",
-    "cnn_input", "cnn_probabilities", "heads_for_class", "inspect_run", "load_localization", "model_view_tokens",
+    "cnn_input", "cnn_probabilities", "heads_for_class", "inspect_run", "load_localization", "lookup_model_view",
     "pick_samples", "read_run", "sample_decisive_maps", "sample_views", "token_strings",
 ]

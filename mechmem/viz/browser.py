@@ -142,7 +142,7 @@ _DRAW_ALL_JS = """async (waitMs) => {
     before = now;
     await sleep(300);
   }
-}""" % _VIEWS_REPORT_JS.strip()
+}""" % _VIEWS_REPORT_JS.strip()  # noqa: UP031  (% keeps the JavaScript's braces single)
 
 
 @dataclass

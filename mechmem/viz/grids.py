@@ -38,7 +38,7 @@ def attention_grid_png(v: SampleView, path: str | os.PathLike, *, gamma: float =
                     for side in ax.spines.values():
                         side.set(color="tab:red", linewidth=2.5)
                     ax.text(seq - 2, 2, f"#{marks[(l, c)]}", color="tab:red", ha="right", va="top", fontsize=7)
-            else:
+            elif region is not None:
                 ax.imshow(region[l], cmap="Reds", vmin=0, vmax=float(region.max()) or 1.0, interpolation="nearest")
             ax.axhline(v.prefix_len - 0.5, color="tab:orange", lw=0.6, ls="--")
             ax.axvline(v.prefix_len - 0.5, color="tab:orange", lw=0.6, ls="--")
@@ -49,7 +49,8 @@ def attention_grid_png(v: SampleView, path: str | os.PathLike, *, gamma: float =
             if c == 0:
                 ax.set_ylabel(f"layer {l}", fontsize=8)
     facts = f"score {_show(v.memorization_score, '.2f')}, duplicates {_show(v.sequence_duplicates)}"
-    pred = f", CNN: {v.predicted} ({v.mean_probabilities.max():.2f})" if v.probabilities else ""
+    p = v.mean_probabilities
+    pred = "" if p is None else f", CNN: {v.predicted} ({p.max():.2f})"
     fig.suptitle(f"sample {v.sequence_id} · {v.class_name or 'unlabelled'} · {facts}{pred}", fontsize=9)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight(),
                         wspace=0.06, hspace=0.06)

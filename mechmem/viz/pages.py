@@ -15,7 +15,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,7 +77,7 @@ class _Page:
     """Collects the circuitsvis views of one page: containers in the body, render calls at the end."""
 
     def __init__(self, decimals: int):
-        self.decimals, self.calls = decimals, []
+        self.decimals, self.calls = decimals, list[str]()
 
     def view(self, view_id: str, component: str, attention: np.ndarray, tokens: list[str], *, kind: str,
              **props) -> str:
@@ -153,13 +153,14 @@ def _facts_html(v: SampleView) -> str:
 
 
 def _probabilities_html(v: SampleView) -> str:
-    if not v.probabilities:
-        return "<p class='placeholder'>No CNN predictions (see “missing” below).</p>"
     mean = v.mean_probabilities
+    if mean is None:
+        return "<p class='placeholder'>No CNN predictions (see “missing” below).</p>"
     best = int(np.argmax(mean))
     head = "".join(f"<th>{html.escape(c)}{' ✓' if i == v.label else ''}</th>" for i, c in enumerate(v.class_names))
     rows = []
-    for name, probs in [*v.probabilities.items(), ("mean over CNNs", mean)]:
+    table: list[tuple[str, Sequence[float]]] = [*(v.probabilities or {}).items(), ("mean over CNNs", list(mean))]
+    for name, probs in table:
         cells = "".join(
             f"<td class='num{' pred' if name.startswith('mean') and i == best else ''}'>{p:.3f} "
             f"<span class='bar' style='width:{60 * p:.0f}px'></span></td>" for i, p in enumerate(probs))
@@ -190,6 +191,8 @@ def _tokens_html(v: SampleView) -> str:
 
 def _ranking_html(v: SampleView) -> str:
     t = v.top_heads
+    if t is None:
+        return ""
     has_ci = {"ci_low", "ci_high"} <= set(t.columns)
 
     def ci(r) -> str:
@@ -295,7 +298,7 @@ def index_page(views: Sequence[SampleView], *, title: str = "mechmem · inspecte
         rows = []
         for v in members:
             p = v.mean_probabilities
-            pred = "—" if p is None else f"{html.escape(v.predicted)} ({p.max():.2f})"
+            pred = "—" if p is None else f"{html.escape(str(v.predicted))} ({p.max():.2f})"
             text = html.escape("".join(v.tokens)[:90])
             rows.append(f"<tr><td><a href='{v.stem}.html'>{v.sequence_id}</a></td>"
                         f"<td class='num'>{_fmt(v.memorization_score, '.3f')}</td>"

@@ -9,19 +9,23 @@ they lack.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import torch
 from einops import reduce
 from jaxtyping import Float
 from torch import Tensor
+
+if TYPE_CHECKING:  # loaded lazily: inspection without a run needs no feature store
+    from mechmem.features import FeatureStore
 
 PROPOSED_TAXONOMY = "Non-Memo, Guess, Others"
 RANKING_COLUMNS = ("class", "layer", "head", "hook_name", "score", "rank")
@@ -157,7 +161,7 @@ def class_map(region_maps: Mapping | None, class_names: Sequence[str], label: in
     return None
 
 
-def pick_samples(labels: Sequence[int], sequence_ids: Sequence[int], n_classes: int, per_class: int,
+def pick_samples(labels: npt.ArrayLike, sequence_ids: npt.ArrayLike, n_classes: int, per_class: int,
                  seed: int = 0, among: Sequence[int] | None = None) -> dict[int, list[int]]:
     """A few sequence ids per class (seeded), drawn from `among` (e.g. the CNNs' eval split) when given."""
     labels, ids = np.asarray(labels), np.asarray(sequence_ids)
@@ -256,7 +260,7 @@ class RunOutputs:
     result: dict | None = None  # rows/{slug}.json
     slug: str | None = None
     cnns: list | None = None
-    store: object | None = None  # FeatureStore
+    store: FeatureStore | None = None
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -276,9 +280,8 @@ def read_run(folder: str | os.PathLike | None, taxonomy: str, model=None) -> Run
     A missing folder or part is not an error (pages say what is missing); a store made by another
     model than `model` is, since its CNNs would be judging attention they were not trained on.
     """
-    from mechmem.cnn import load_cnns
-    from mechmem.features import FeatureStore
     from mechmem.models import model_identity
+    from mechmem.run import RunFolder
 
     if folder is None:
         return RunOutputs(Path("."), missing=["CNN probabilities: no run_alignment folder was given"])
@@ -288,19 +291,17 @@ def read_run(folder: str | os.PathLike | None, taxonomy: str, model=None) -> Run
         run.missing.append(f"CNN probabilities: no run_alignment output at {folder} "
                            "(make one with `python experiments/run_alignment.py`)")
         return run
-    for path in sorted((folder / "rows").glob("*.json")):
-        result = json.loads(path.read_text())
-        if result.get("tax_name") == taxonomy:
-            run.result, run.slug = result, path.stem
-            break
-    if run.result is None:
+    saved = RunFolder(folder)
+    try:
+        run.slug, run.result = saved.find_row(taxonomy, trained=False)
+    except ValueError:
         run.missing.append(f"CNN probabilities: {folder} has no row for {taxonomy!r}")
-    elif (folder / "cnns" / run.slug).is_dir():
-        run.cnns = load_cnns(folder / "cnns" / run.slug)
-    else:
-        run.missing.append(f"CNN probabilities: {folder / 'cnns' / run.slug} is missing")
-    if (folder / "features" / "manifest.json").exists():
-        run.store = FeatureStore.load(folder / "features")
+    if run.slug is not None and saved.cnn_folder(run.slug).is_dir():
+        run.cnns = saved.load_cnns(run.slug)
+    elif run.slug is not None:
+        run.missing.append(f"CNN probabilities: {saved.cnn_folder(run.slug)} is missing")
+    if saved.has_features():
+        run.store = saved.feature_store()
         made_by = run.store.manifest["model"]
         if model is not None and made_by.get("weights") != model_identity(model)["weights"]:
             raise ValueError(f"{folder} was made with model {made_by.get('name')!r}, not the one given "
@@ -308,7 +309,7 @@ def read_run(folder: str | os.PathLike | None, taxonomy: str, model=None) -> Run
     return run
 
 
-def model_view_tokens(model, df: pd.DataFrame, positions: np.ndarray, store=None) -> np.ndarray:
+def lookup_model_view(model, df: pd.DataFrame, positions: np.ndarray, store=None) -> np.ndarray:
     """The tokens the model is shown: the run's store holds them for its samples; for any other
     non-memorized sample the suffix is the model's own greedy continuation, as alignment does it."""
     from mechmem.memorization import free_generation
@@ -384,7 +385,7 @@ def inspect_run(model, df: pd.DataFrame, sequence_ids: Sequence[int] | None, cfg
         sequence_ids = [i for c in sorted(picked) for i in picked[c]]
     positions = _positions(all_ids, sequence_ids)
     labels = labels_all[positions]
-    tokens = model_view_tokens(model, df, positions, run.store)
+    tokens = lookup_model_view(model, df, positions, run.store)
     attention = extract_attention(model, torch.from_numpy(tokens), per_head=True, batch_size=cfg.batch_size,
                                   progress=progress)
     loc, notes = load_localization(localization, cfg.taxonomy, class_names)
