@@ -815,7 +815,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         stack_members = [[(t, i) for t in range(n_tasks) for i in group] for group in by_shape.values()]
     else:
         stack_members = [[(t, i)] for t in range(n_tasks) for i in range(len(configs))]
-    # On CPU, channels-last convolutions run 2-8x faster for these shapes (benchmarks/README.md).
+    # On CPU, channels-last convolutions run faster for these shapes (1.3x at batch 16, benchmarks/README.md).
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     def member_stats(t: int, i: int) -> tuple[Tensor, Tensor] | None:
         """Task t's input statistics for the pool config i reads."""
