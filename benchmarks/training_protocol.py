@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from mechmem import alignment as al
-from mechmem.cnn import PAPER_GRID, QUICK_GRID, Task, TrainConfig, alignment_summary, train_cnn_tasks
+from mechmem.cnn import PAPER_GRID, QUICK_GRID, Task, TrainConfig, alignment_summary, classification_metrics, train_cnn_tasks
 from mechmem.data import load_memorization_data
 from mechmem.features import FeatureStore
 from mechmem.probe import attention_statistics, train_probe
@@ -45,10 +45,10 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
 def load_rows(run: Path, df: pd.DataFrame, store: FeatureStore):
     """(row, labels over the store, train rows, eval rows) per finished row of the run."""
     out = []
+    pos = pd.Series(np.arange(len(df)), index=df["sequence_id"].to_numpy())  # sequence id -> table row
     for rec in RunFolder(run).rows().values():
         row = al.Row(**rec["row"])
         labels_df = row.labels(df)
-        pos = pd.Series(np.arange(len(df)), index=df["sequence_id"].to_numpy())
         tr_ids, ev_ids = np.array(rec["train_sequence_ids"]), np.array(rec["eval_sequence_ids"])
         labels = np.zeros(len(store.sequence_ids), dtype=np.int64)
         tr, ev = store.index(tr_ids), store.index(ev_ids)
@@ -77,7 +77,6 @@ def main() -> None:
     stats = attention_statistics(features)
     for row, labels, tr, ev in rows:
         probe = train_probe(stats, labels, tr, ev, len(row.class_names()))
-        from mechmem.cnn import classification_metrics
         m = classification_metrics(labels[ev], probe.eval_logits.argmax(-1), len(row.class_names()))
         records.append({"variant": "probe", "row": row.name, "seed": 0, "min_f1": 100 * m.min_f1,
                         "epochs": 0, "seconds": 0.0})

@@ -12,6 +12,7 @@ rank 0 writes the results.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -287,6 +288,12 @@ def paper_reference(size: str = "12b") -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+@functools.cache
+def _paper_min_f1(size: str) -> pd.Series:
+    """The paper's min F1 by display name, read once (every row of a run looks its figure up)."""
+    return paper_reference(size).set_index("tax_name")["min_f1"]
+
+
 def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[TrainedCNN]],
                control: list[TrainedCNN] | None, probe, task: Task, split, cfg) -> None:
     """rows/{slug}.json: the row's alignment score and interval beside its controls, per-class F1,
@@ -316,7 +323,7 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
         p = score_summary([probe], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["probe"])
         summary |= {"min_f1_probe": p["min_f1"], "min_f1_probe_ci_low": p["min_f1_ci_low"],
                     "min_f1_probe_ci_high": p["min_f1_ci_high"]}
-    paper = paper_reference("12b").set_index("tax_name")["min_f1"]
+    paper = _paper_min_f1("12b")
     if row.name in paper.index and (row.rouge, row.rouge_threshold) == ("either", 0.5):
         summary["paper_12b_min_f1"] = float(paper[row.name])
     confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)

@@ -198,6 +198,11 @@ def scaling_shape(scaling: str, n_layers: int, seq_len: int) -> tuple[int, int, 
     return (n_layers, 1, 1) if scaling == "layer" else (n_layers, seq_len, seq_len)
 
 
+def scale_input(x: Tensor, mean: Tensor, std: Tensor, log: bool) -> Tensor:
+    """(f(x) - mean) / std, f = log(x + LOG_EPS) or identity: what InputScaling and the fused stack apply."""
+    return ((torch.log(x + LOG_EPS) if log else x) - mean) / std
+
+
 class InputScaling(nn.Module):
     """x -> (f(x) - mean) / std with fixed statistics of the training split; f = log(x + LOG_EPS) or identity."""
 
@@ -214,7 +219,7 @@ class InputScaling(nn.Module):
         self.register_buffer("std", torch.ones(shape))
 
     def forward(self, x: Float[Tensor, "batch layer query key"]) -> Float[Tensor, "batch layer query key"]:
-        return ((torch.log(x + LOG_EPS) if self.log else x) - self.mean) / self.std
+        return scale_input(x, self.mean, self.std, self.log)
 
 
 # The CNN, layer by layer: one definition that both the single network (AttentionCNN, a module per
@@ -372,7 +377,7 @@ class _CNNStack(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch member_layer query key"]) -> Float[Tensor, "batch member class"]:
         if self.input_scaling != "raw":
-            x = ((torch.log(x + LOG_EPS) if self.log else x) - self.scale_mean) / self.scale_std
+            x = scale_input(x, self.scale_mean, self.scale_std, self.log)
         for name, kind in LAYERS:
             if kind == "conv":
                 x = getattr(self, name)(x)
@@ -619,8 +624,6 @@ def _check_inputs(features, pools, labels, train_idx, eval_idx, n_classes, confi
     eval_idx = _as_indices(eval_idx, n_samples, "eval_idx")
     if np.intersect1d(train_idx, eval_idx).size:
         logger.warning("train_idx and eval_idx overlap: eval metrics are not held-out")
-    if train.epochs < 1 or train.batch_size < 1 or train.eval_batch_size < 1:
-        raise ValueError(f"epochs and batch sizes must be >= 1, got {train}")
     for c in configs:
         feature_side(seq_len, c.kernel_size)  # fail before training if a kernel is too large
     return configs, pools, labels, train_idx, eval_idx
