@@ -36,6 +36,48 @@ def _hash_rows(rows: np.ndarray) -> np.ndarray:
     return h
 
 
+class WindowIndex:
+    """Every `width`-token window of a stream, hashed and sorted once, for many queries.
+
+    A query's count is the number of positions whose window equals it token for token: hash
+    matches are only candidates, so a collision can never make a window occur that does not.
+    """
+
+    def __init__(self, stream: Int[np.ndarray, " n_tokens"], width: int):
+        if width < 1:
+            raise ValueError(f"width must be at least 1, got {width}")
+        self.stream, self.width = np.asarray(stream), width
+        hashes = window_hashes(self.stream, width)
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted_hashes = hashes[self.order]
+
+    def count(self, windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20, progress: bool = True
+              ) -> np.ndarray:
+        """How many times each row of `windows` occurs in the stream (int64, exact)."""
+        windows = np.asarray(windows)
+        if windows.ndim != 2 or windows.shape[1] != self.width:
+            raise ValueError(f"windows must be [n, {self.width}], got shape {windows.shape}")
+        q = _hash_rows(windows)
+        lo = np.searchsorted(self.sorted_hashes, q, side="left")
+        hi = np.searchsorted(self.sorted_hashes, q, side="right")
+        counts = np.zeros(len(windows), dtype=np.int64)
+        # Confirm every candidate position token by token, in chunks of candidate pairs.
+        n_cand = hi - lo
+        query = np.repeat(np.arange(len(windows)), n_cand)
+        starts = np.repeat(lo, n_cand) + (np.arange(n_cand.sum()) - np.repeat(np.cumsum(n_cand) - n_cand, n_cand))
+        offsets = np.arange(self.width)
+        for a in tqdm(range(0, len(query), chunk), desc="confirming duplicates",
+                      disable=not progress or len(query) <= chunk):
+            qi, pos = query[a:a + chunk], self.order[starts[a:a + chunk]]
+            same = (self.stream[pos[:, None] + offsets] == windows[qi]).all(axis=1)
+            np.add.at(counts, qi[same], 1)
+        return counts
+
+    def contains(self, windows: Int[np.ndarray, "n width"]) -> np.ndarray:
+        """Whether each row of `windows` occurs in the stream at all."""
+        return self.count(windows, progress=False) > 0
+
+
 def count_windows(
     stream: Int[np.ndarray, " n_tokens"], windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20,
     progress: bool = True,
@@ -44,22 +86,4 @@ def count_windows(
     windows = np.asarray(windows)
     if windows.ndim != 2:
         raise ValueError(f"windows must be [n, width], got shape {windows.shape}")
-    width = windows.shape[1]
-    stream = np.asarray(stream)
-    hashes = window_hashes(stream, width)
-    order = np.argsort(hashes, kind="stable")
-    sorted_h = hashes[order]
-    q = _hash_rows(windows)
-    lo = np.searchsorted(sorted_h, q, side="left")
-    hi = np.searchsorted(sorted_h, q, side="right")
-    counts = np.zeros(len(windows), dtype=np.int64)
-    # Confirm every candidate position token by token, in chunks of candidate pairs.
-    n_cand = hi - lo
-    query = np.repeat(np.arange(len(windows)), n_cand)
-    starts = np.repeat(lo, n_cand) + (np.arange(n_cand.sum()) - np.repeat(np.cumsum(n_cand) - n_cand, n_cand))
-    offsets = np.arange(width)
-    for a in tqdm(range(0, len(query), chunk), desc="confirming duplicates", disable=not progress or len(query) <= chunk):
-        qi, pos = query[a:a + chunk], order[starts[a:a + chunk]]
-        same = (stream[pos[:, None] + offsets] == windows[qi]).all(axis=1)
-        np.add.at(counts, qi[same], 1)
-    return counts
+    return WindowIndex(stream, windows.shape[1]).count(windows, chunk=chunk, progress=progress)

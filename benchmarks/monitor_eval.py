@@ -1,0 +1,136 @@
+"""Evaluate the regurgitation monitor on held-out testbed prompts, against confidence and the membership index.
+
+    python benchmarks/monitor_eval.py --run runs/alignment-quick --out docs/results/testbed_monitor
+
+Needs the testbed's training stream for the ground truth: rebuilt (about a minute, then cached) on
+the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.testbed.monitor_eval`
+for the prompt sources, the ground truth and the two questions. Writes metrics.csv/.md (per question
+and method, prompt-bootstrap 95% intervals; monitor rows per CNN training seed too), by_source.csv,
+stretches.csv (every stretch: source, truth, scores) and settings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mechmem.atomic import atomic_json, atomic_text  # noqa: E402
+from mechmem.data import load_memorization_data  # noqa: E402
+from mechmem.features import extract_attention  # noqa: E402
+from mechmem.models import load_model  # noqa: E402
+from mechmem.monitor import MonitorConfig, SpanClassifier, monitor  # noqa: E402
+from mechmem.run import RunFolder  # noqa: E402
+from mechmem.testbed.membership import membership_index, training_corpus  # noqa: E402
+from mechmem.testbed.monitor_eval import (EvalConfig, by_source, evaluate, heldout_prompts,  # noqa: E402
+                                          stretch_table, stretch_windows)
+from mechmem.viz.samples import PROPOSED_TAXONOMY  # noqa: E402
+
+
+def seed_classifiers(run: Path, taxonomy: str) -> list[SpanClassifier]:
+    """The row's CNNs per training seed, then its shuffled-label control CNNs (named "control")."""
+    folder = RunFolder(run)
+    slug, row = folder.find_row(taxonomy)
+    out = []
+    for i in [*range(len(row.get("min_f1_per_seed", [])) or 1), "control"]:
+        if (folder.cnn_folder(slug, i) / "cnns.json").is_file():
+            out.append(SpanClassifier([t.model for t in folder.load_cnns(slug, i)], row["class_names"],
+                                      name=f"seed {i}" if i != "control" else "control"))
+    return out
+
+
+def fmt(v: float) -> str:
+    return "-" if not np.isfinite(v) else f"{v:.3f}"
+
+
+def md_table(df: pd.DataFrame) -> str:
+    cells = [[str(c) for c in df.columns]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+                                            for row in df.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [cells[0], ["---"] * len(cells[0])] + cells[1:]) + "\n"
+
+
+def markdown(metrics: pd.DataFrame) -> str:
+    lines = ["| question | method | n | positives | flagged | AUROC [95% CI] | precision [95% CI] | recall [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    def cell(r, k: str) -> str:
+        lo, hi = getattr(r, k + "_ci")
+        return f"{fmt(getattr(r, k))} [{fmt(lo)}, {fmt(hi)}]"
+
+    for r in metrics.itertuples():
+        lines.append(f"| {r.question} | {r.method} | {r.n} | {r.positives} | {r.flagged} | {cell(r, 'auroc')} | "
+                     f"{cell(r, 'precision')} | {cell(r, 'recall')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=ROOT / "runs" / "alignment-quick")
+    p.add_argument("--taxonomy", default=PROPOSED_TAXONOMY)
+    p.add_argument("--prompts-per-source", type=int, default=EvalConfig.prompts_per_source)
+    p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)
+    p.add_argument("--n-boot", type=int, default=EvalConfig.n_boot)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "monitor_eval")
+    args = p.parse_args(argv)
+    cfg = EvalConfig(args.prompts_per_source, args.max_new_tokens, args.n_boot)
+    t0 = time.time()
+    model = load_model("testbed", device=args.device)
+    tok = model.tokenizer
+    corpus = training_corpus()
+    index = membership_index(corpus)
+    table = load_memorization_data("testbed", progress=False)
+    prompts = heldout_prompts(corpus, np.stack(table["tokens"].to_numpy()), tok.eos_token_id, cfg)
+    clf = SpanClassifier.from_run(args.run, args.taxonomy)
+    mcfg = MonitorConfig(max_new_tokens=cfg.max_new_tokens)
+    result = monitor(model, np.stack(prompts["prompt"].to_numpy()), clf, mcfg, tokenizer=None)
+    t_monitor = time.time() - t0
+    df = stretch_table(result, prompts, index, tok)
+    metrics = evaluate(df, result.class_names, cfg.n_boot, cfg.seed).assign(cnns="first seed (what the CLI uses)")
+
+    # The same stretches through each training seed's CNNs: features once, every seed's classifier.
+    feats = extract_attention(model, torch.as_tensor(stretch_windows(result)), pooling=clf.pooling, progress=True)
+    per_seed = []
+    for sc in seed_classifiers(args.run, args.taxonomy):
+        probs = sc(feats).numpy()
+        d = df.copy()
+        for j, c in enumerate(result.class_names):
+            d[f"p_{c}"] = probs[:, j]
+        d["label"] = np.array(result.class_names)[probs.argmax(1)]
+        d["flagged"] = probs.argmax(1) != result.class_names.index("Non-Memo")
+        m = evaluate(d, result.class_names, n_boot=cfg.n_boot if sc.name == "control" else 0)
+        per_seed.append(m[m["method"] == "monitor (CNNs)"].assign(cnns=sc.name))
+    seeds = pd.concat(per_seed)
+    control = seeds[seeds["cnns"] == "control"].assign(method="shuffled-label control CNNs")
+    seeds = seeds[seeds["cnns"] != "control"]
+    spread = seeds.groupby("question", sort=False)[["auroc", "precision", "recall"]].agg(["mean", "std"])
+    spread.columns = [f"{a} {b}" for a, b in spread.columns]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    metrics = pd.concat([metrics, control])
+    atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds]).to_csv(index=False))
+    atomic_text(args.out / "by_source.csv", by_source(df, result.class_names).to_csv(index=False, float_format="%.3f"))
+    atomic_text(args.out / "stretches.csv", df.to_csv(index=False, float_format="%.4f"))
+    md = markdown(metrics) + "\nMonitor over CNN training seeds (one CNN set per seed; mean, sd):\n\n" \
+        + md_table(spread.reset_index()) + "\n\nBy source:\n\n" \
+        + md_table(by_source(df, result.class_names)) + "\n"
+    atomic_text(args.out / "metrics.md", md)
+    atomic_json(args.out / "settings.json", {
+        "argv": sys.argv[1:], "run": str(args.run), "taxonomy": args.taxonomy, "eval": asdict(cfg),
+        "monitor": asdict(replace(mcfg)), "prompts": int(len(prompts)), "stretches": int(len(df)),
+        "seconds": round(time.time() - t0, 1), "monitor_seconds": round(t_monitor, 1), "device": args.device})
+    print(md)
+    print(f"{len(prompts)} prompts, {len(df)} stretches, {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
