@@ -184,9 +184,9 @@ def test_rebuilt_stream_matches_and_recounts(manifest, table):
     corpus = manifest["corpus"]
     if not _same_python(manifest):
         pytest.skip(f"the corpus was built with Python {corpus['python']}")
-    cfg = CorpusConfig(**{k: tuple(tuple(x) for x in v) if k == "passage_tiers" else
-                          (tuple(v) if isinstance(v, list) else v) for k, v in corpus["config"].items()})
-    rebuilt, _ = build_corpus(cfg, tokenizer=Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json")))
+    from mechmem.testbed.membership import corpus_config
+
+    rebuilt, _ = build_corpus(corpus_config(manifest), tokenizer=Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json")))
     assert hashlib.sha256(rebuilt.train_stream.tobytes()).hexdigest() == corpus["train_stream_sha256"]
     sample = table.sample(300, random_state=0)
     counts = count_windows(rebuilt.train_stream, np.stack(sample["tokens"].to_numpy()))

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mechmem.testbed import MANIFEST_FILE, MODEL_DIR
 from mechmem.testbed.corpus import Corpus, CorpusConfig, build_corpus
@@ -32,8 +33,9 @@ def cache_dir() -> Path:
 def corpus_config(manifest: dict) -> CorpusConfig:
     """The CorpusConfig a manifest records (JSON lists back into the tuples the dataclass holds)."""
     raw = manifest["corpus"]["config"]
-    return CorpusConfig(**{k: tuple(tuple(x) for x in v) if k == "passage_tiers" else
-                           (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+    values: dict[str, Any] = {k: tuple(tuple(x) for x in v) if k == "passage_tiers" else
+                              (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+    return CorpusConfig(**values)
 
 
 def _stream_sha(corpus: Corpus) -> str:

@@ -20,6 +20,7 @@ index (the ceiling: it is the ground truth here, and what a deployer with the tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -141,7 +142,7 @@ def detection_metrics(y: np.ndarray, score: np.ndarray, flag: np.ndarray, groups
                       n_boot: int = 1000, seed: int = 0) -> dict:
     """AUROC, precision and recall (at the decision `flag`), each with a prompt-bootstrap 95% interval."""
     y, score, flag = np.asarray(y, bool), np.asarray(score, float), np.asarray(flag, bool)
-    out = {"n": int(len(y)), "positives": int(y.sum()), "flagged": int(flag.sum())}
+    out: dict[str, Any] = {"n": int(len(y)), "positives": int(y.sum()), "flagged": int(flag.sum())}
     stats = {"auroc": lambda r: _auroc(y[r], score[r]), "precision": lambda r: _prec_rec(y[r], flag[r])[0],
              "recall": lambda r: _prec_rec(y[r], flag[r])[1]}
     for name, stat in stats.items():
