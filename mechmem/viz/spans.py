@@ -65,18 +65,17 @@ def token_pieces(tokens: Sequence[int], tokenizer) -> list[str]:
     """The text of each token, such that ''.join(pieces) == tokenizer.decode(tokens).
 
     Each piece is what decoding one more token of the sequence adds to the text of the tokens
-    before it. A character whose bytes are split over several tokens is incomplete until its last
-    token, so it goes to that token (the tokens before it get ""); text a later token rewrites (a
-    tokenizer's clean-up of spaces) is taken back from the pieces it was in.
+    before it; text that a later token rewrites is taken back from the pieces it was in. So a
+    character whose bytes are split over several tokens goes, whole, to the token that completes
+    it (the tokens before it get ""; bytes no later token completes stay "\ufffd" in their own
+    token), and a tokenizer's clean-up of spaces moves text to the token that caused it.
     """
     ids = [int(t) for t in tokens]
     pieces: list[str] = []
     emitted = ""  # always ''.join(pieces)
     for i in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:i])
-        if i < len(ids):
-            text = text.rstrip("\ufffd")  # bytes of a character whose rest is still to come
-        if not text.startswith(emitted):
+        if not text.startswith(emitted):  # e.g. "\ufffd" for bytes of a character, now complete
             keep = 0
             while keep < min(len(text), len(emitted)) and text[keep] == emitted[keep]:
                 keep += 1
@@ -92,9 +91,11 @@ def token_pieces(tokens: Sequence[int], tokenizer) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- shared layout
-def _layout(result: MonitorResult, prompt: int, tokenizer) -> tuple[str, list[tuple[Span | None, int, int, str]]]:
-    """(prompt text, segments of the generated text): each segment (span or None, first generated
-    token, end, text); a span's segment runs from its start to the next span's start or its end."""
+def _layout(result: MonitorResult, prompt: int, tokenizer
+            ) -> tuple[str, list[tuple[Span | None, int, int, str]], list[str]]:
+    """(prompt text, segments of the generated text, pieces of the generated tokens): each segment
+    (span or None, first generated token, end, text); a span's segment runs from its start to the
+    next span's start or its end."""
     prompt_tokens = result.prompts[prompt]
     pieces = token_pieces([*prompt_tokens, *result.outputs[prompt].tolist()], tokenizer)
     p = len(prompt_tokens)
@@ -113,7 +114,7 @@ def _layout(result: MonitorResult, prompt: int, tokenizer) -> tuple[str, list[tu
             u += 1
         segments.append((owner[t], t, u, "".join(generated[t:u])))
         t = u
-    return "".join(pieces[:p]), segments
+    return "".join(pieces[:p]), segments, generated
 
 
 def _probs_text(span: Span, sep: str = " · ") -> str:
@@ -218,7 +219,7 @@ def monitor_html(result: MonitorResult, tokenizer, *, title: str = "mechmem · r
         + "<small>(the number of stretches of each class)</small></p>",
     ]
     for i, prompt in enumerate(result.prompts):
-        prompt_text, segments = _layout(result, i, tokenizer)
+        prompt_text, segments, generated = _layout(result, i, tokenizer)
         spans = sorted(result.spans_of(i), key=lambda s: s.start)
         number = {id(s): j for j, s in enumerate(spans)}
         mine = Counter(s.label for s in spans if s.flagged)
@@ -251,7 +252,7 @@ def monitor_html(result: MonitorResult, tokenizer, *, title: str = "mechmem · r
                             f"<td>{e(s.label)}{' ⚑' if s.flagged else ''}</td>{cells}"
                             f"<td class='num'>{s.mean_logprob:.3f}</td>"
                             f"<td>{'captured' if s.reused else 're-encoded'}</td>"
-                            f"<td class='snippet'>{e(_inline(s.text))}</td></tr>")
+                            f"<td class='snippet'>{e(_inline(''.join(generated[s.start:s.end])))}</td></tr>")
             parts.append("<table class='stretches'><tr><th>tokens</th><th>class</th>" + head
                          + "<th>mean log-prob</th><th>attention</th><th>text</th></tr>" + "".join(rows) + "</table>")
         parts.append("</section>")
@@ -287,7 +288,7 @@ def terminal_marked(result: MonitorResult, tokenizer, color: bool = False, *, pr
     colours = class_colours(result.class_names)
     out = []
     for i, prompt in enumerate(result.prompts):
-        prompt_text, segments = _layout(result, i, tokenizer)
+        prompt_text, segments, _ = _layout(result, i, tokenizer)
         shown = _safe(_inline(prompt_text))
         if len(shown) > prompt_chars:
             shown = "…" + shown[-(prompt_chars - 1):]  # its end: what the generation continues
