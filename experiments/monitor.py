@@ -166,7 +166,6 @@ def _run_dir(args) -> Path:
         run = RunFolder(args.run)
         if not run.rows_dir.is_dir():
             raise cli.CliError(f"--run {args.run} is not a run_alignment output folder (no {run.rows_dir.name}/)")
-        run.find_row(args.taxonomy)  # one line naming the rows it has
         return args.run
     try:
         RunFolder(DEFAULT_RUN).find_row(args.taxonomy)
@@ -226,6 +225,14 @@ def tokenize(args, model, texts: list[str]) -> list[list[int]]:
     return out
 
 
+def use_color(no_color: bool, stream=None, environ=None) -> bool:
+    """Colour only on a terminal, and unless --no-color or NO_COLOR (https://no-color.org) says otherwise."""
+    stream = sys.stdout if stream is None else stream
+    environ = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    return not no_color and not environ.get("NO_COLOR") and callable(isatty) and bool(isatty())
+
+
 def main(argv=None) -> int:
     return cli.main("monitor", parse_args, run, argv)
 
@@ -264,9 +271,8 @@ def run(args) -> int:
         "n_cnns": len(classifier.cnns), "device": str(next(model.parameters()).device), "config": asdict(cfg),
         "prompts": args.prompt_texts}, default=str)
 
-    color = not args.no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
     print()
-    print(viz.terminal_marked(result, tokenizer, color))
+    print(viz.terminal_marked(result, tokenizer, use_color(args.no_color)))
     flagged = viz.flag_counts(result)
     by_class = ", ".join(f"{c} {flagged[c]}" for c in result.class_names if flagged[c])
     print(f"\n{len(result.spans)} stretches in {len(prompts)} prompts, {sum(flagged.values())} flagged"
