@@ -118,6 +118,21 @@ def test_prompts_files_and_model(tmp_path, run_dir, text_model, monkeypatch, cap
         assert len(records) == n_stretches(text_model, prompts, stride=16)
 
 
+def test_row_slug_all_seeds_and_seeded_sampling(tmp_path, run_dir, text_model, monkeypatch, capsys):
+    argv = ["--run", run_dir, "--prompt", LONG, "--taxonomy", "merge_2_other_guess_recollect_recite_t5", "--seeds",
+            "all", "--sample", "--temperature", 0.7, "--top-k", 20, "--quiet"]
+    runs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert _main([*argv, "--seed", seed, "--out", tmp_path / name], text_model, monkeypatch)[0] == 0
+        runs.append((tmp_path / name / "spans.jsonl").read_text())
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # the seed decides the draw
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["seeds"] == "all" and config["taxonomy"] == "Non-Memo, Guess, Others"
+    assert {k: config["config"][k] for k in ("sample", "temperature", "top_k", "seed")} == \
+        {"sample": True, "temperature": 0.7, "top_k": 20, "seed": 3}
+    assert "sampling (temperature 0.7, top-k 20, seed 3)" in (tmp_path / "a" / "monitor.html").read_text()
+
+
 def test_defaults_run_and_builtin_prompts(tmp_path, run_dir, text_model, monkeypatch, capsys):
     script = load_experiment("monitor")
     script.DEFAULT_RUN = tmp_path / "nowhere"
