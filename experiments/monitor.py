@@ -170,7 +170,7 @@ def _run_dir(args) -> Path:
     try:
         RunFolder(DEFAULT_RUN).find_row(args.taxonomy)
     except (FileNotFoundError, ValueError):
-        raise cli.CliError(f"no trained CNNs for {args.taxonomy!r} in {DEFAULT_RUN}: run `{QUICK_COMMAND}` "
+        raise cli.CliError(f"no trained CNNs for {args.taxonomy!r} in {_shown(DEFAULT_RUN)}: run `{QUICK_COMMAND}` "
                            "first, or pass --run") from None
     return DEFAULT_RUN
 
@@ -233,6 +233,14 @@ def use_color(no_color: bool, stream=None, environ=None) -> bool:
     return not no_color and not environ.get("NO_COLOR") and callable(isatty) and bool(isatty())
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     return cli.main("monitor", parse_args, run, argv)
 
@@ -257,12 +265,13 @@ def run(args) -> int:
     if args.prompt is None and args.prompts_file is None:
         print(f"no --prompt or --prompts-file: the {len(prompts)} built-in testbed prompts")
     print(f"monitoring {len(prompts)} prompt{'s' * (len(prompts) != 1)} with {model_name}: "
-          f"{len(classifier.cnns)} CNNs of {classifier.name!r} from {run_dir}")
+          f"{len(classifier.cnns)} CNNs of {classifier.name!r} from {_shown(run_dir)}")
     result = monitor(model, prompts, classifier, cfg, tokenizer=tokenizer, progress=not args.quiet)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model_label = model_name + (f"@{revision}" if revision else "")
-    atomic_text(args.out / "monitor.html", viz.monitor_html(result, tokenizer, model_name=model_label, run=str(run_dir)))
+    atomic_text(args.out / "monitor.html", viz.monitor_html(result, tokenizer, model_name=model_label,
+                                                            run=_shown(run_dir)))
     records = viz.span_records(result)
     atomic_text(args.out / "spans.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_json(args.out / "config.json", {

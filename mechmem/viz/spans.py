@@ -162,8 +162,9 @@ th{background:#f6f6f6} .num{text-align:right;font-variant-numeric:tabular-nums} 
 .stretch.plain{border-bottom:1px dotted #b5b5b5}
 .generated .stretch+.stretch{border-left:2px solid #fff}
 .legend .stretch{display:inline-block;padding:0 .5em;margin-right:.6em;font-family:ui-monospace,monospace}
-td.snippet{font-family:ui-monospace,monospace;font-size:.85em;max-width:28em;overflow:hidden;text-overflow:ellipsis;
+td.snippet{font-family:ui-monospace,monospace;font-size:.85em;max-width:22em;overflow:hidden;text-overflow:ellipsis;
   white-space:nowrap}
+.stretches td:nth-child(2){white-space:nowrap}
 .pred{font-weight:bold}
 """
 
