@@ -9,7 +9,9 @@ One job a module:
 - `samples`: choosing samples and gathering what their pages show (`inspect_run`, `SampleView`);
 - `pages`: the self-contained, offline HTML pages (`write_pages`, `sample_page`, `index_page`);
 - `grids`: the PNG attention grid for reports (`attention_grid_png`);
-- `browser`: headless chromium through Playwright, to check pages offline and take screenshots.
+- `browser`: headless chromium through Playwright, to check pages offline and take screenshots;
+- `spans`: what the regurgitation monitor (`mechmem.monitor`) found, as a page, marked terminal text
+  and JSON records (`monitor_html`, `terminal_marked`, `span_records`, `token_pieces`).
 """
 
 from mechmem.viz.browser import (LOCAL_SCHEMES, Browser, PageCheck, browser_missing, check_page,
@@ -20,6 +22,7 @@ from mechmem.viz.samples import (PROPOSED_TAXONOMY, RANKING_COLUMNS, InspectConf
                                  SampleView, check_ranking, class_map, cnn_input, cnn_probabilities,
                                  heads_for_class, inspect_run, load_localization, lookup_model_view,
                                  pick_samples, read_run, sample_decisive_maps, sample_views, token_strings)
+from mechmem.viz.spans import class_colours, flag_counts, monitor_html, span_records, terminal_marked, token_pieces
 
 __all__ = [
     "LOCAL_SCHEMES", "Browser", "PageCheck", "browser_missing", "check_page", "find_chromium",
@@ -28,4 +31,5 @@ __all__ = [
     "PROPOSED_TAXONOMY", "RANKING_COLUMNS", "InspectConfig", "RunOutputs", "SampleView", "check_ranking", "class_map",
     "cnn_input", "cnn_probabilities", "heads_for_class", "inspect_run", "load_localization", "lookup_model_view",
     "pick_samples", "read_run", "sample_decisive_maps", "sample_views", "token_strings",
+    "class_colours", "flag_counts", "monitor_html", "span_records", "terminal_marked", "token_pieces",
 ]
