@@ -281,9 +281,9 @@ def monitor(
     if classifier.n_layers != model.cfg.n_layers:
         raise ValueError(f"the CNNs read {classifier.n_layers} layers, the model has {model.cfg.n_layers}: "
                          "monitor with the model whose attention trained them")
-    if cfg.max_new_tokens + max(0, CONTEXT - min(map(len, prompts))) < STRETCH:
-        raise ValueError(f"max_new_tokens {cfg.max_new_tokens} is too few for one {STRETCH}-token stretch "
-                         f"after {min(map(len, prompts))} prompt tokens")
+    if cfg.max_new_tokens < STRETCH + max(0, CONTEXT - min(map(len, prompts))):  # see stretch_starts
+        raise ValueError(f"max_new_tokens {cfg.max_new_tokens} is too few for one {STRETCH}-token stretch with "
+                         f"{CONTEXT} tokens before it after a prompt of {min(map(len, prompts))} tokens")
     device = next(model.parameters()).device
     classifier.to(device)
     n = len(prompts)

@@ -126,6 +126,11 @@ def test_classifier_checks_what_it_is_given(tiny_model):
     with pytest.raises(ValueError, match="too few"):
         monitor(tiny_model, prompts_of(1, 32, 100), SpanClassifier([fixed_cnn(L, 0)], CLASSES),
                 MonitorConfig(max_new_tokens=16), progress=False)
+    with pytest.raises(ValueError, match="too few"):  # 5 prompt tokens: 59 new ones for 32 before a stretch
+        monitor(tiny_model, prompts_of(1, 5, 100), SpanClassifier([fixed_cnn(L, 0)], CLASSES),
+                MonitorConfig(max_new_tokens=58), progress=False)
+    assert len(monitor(tiny_model, prompts_of(1, 5, 100), SpanClassifier([fixed_cnn(L, 0)], CLASSES),
+                       MonitorConfig(max_new_tokens=59), progress=False).spans) == 1
 
 
 # ---------------------------------------------------------------------------- the testbed, a trained CNN
