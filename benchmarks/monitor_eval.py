@@ -4,8 +4,11 @@
 
 Needs the testbed's training stream for the ground truth: rebuilt (about a minute, then cached) on
 the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.testbed.monitor_eval`
-for the prompt sources, the ground truth and the two questions. Writes metrics.csv/.md (per question
-and method, prompt-bootstrap 95% intervals; monitor rows per CNN training seed too), by_source.csv,
+for the prompt sources, the ground truth and the two questions. Beside the monitor and the two
+baselines the issue names (confidence, the membership index), the same stretches go through the
+row's controls: its shuffled-label CNNs and the attention-statistics probe fit on its training split.
+Writes metrics.csv/.md (per question and method, prompt-bootstrap 95% intervals; monitor rows per CNN
+training seed too), by_source.csv,
 stretches.csv (every stretch: source, truth, scores) and settings.json.
 """
 
@@ -25,15 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mechmem.atomic import atomic_json, atomic_text  # noqa: E402
+from mechmem.cnn import AttentionCNN  # noqa: E402
 from mechmem.data import load_memorization_data  # noqa: E402
 from mechmem.features import extract_attention  # noqa: E402
+from mechmem.localize import run_labels  # noqa: E402
 from mechmem.models import load_model  # noqa: E402
 from mechmem.monitor import MonitorConfig, SpanClassifier, monitor  # noqa: E402
+from mechmem.probe import attention_statistics, train_probe  # noqa: E402
 from mechmem.run import RunFolder  # noqa: E402
 from mechmem.testbed.membership import membership_index, training_corpus  # noqa: E402
 from mechmem.testbed.monitor_eval import (EvalConfig, by_source, evaluate, heldout_prompts,  # noqa: E402
                                           stretch_table, stretch_windows)
 from mechmem.viz.samples import PROPOSED_TAXONOMY  # noqa: E402
+
+N_RANDOM = 5  # untrained CNN draws
 
 
 def seed_classifiers(run: Path, taxonomy: str) -> list[SpanClassifier]:
@@ -46,6 +54,41 @@ def seed_classifiers(run: Path, taxonomy: str) -> list[SpanClassifier]:
             out.append(SpanClassifier([t.model for t in folder.load_cnns(slug, i)], row["class_names"],
                                       name=f"seed {i}" if i != "control" else "control"))
     return out
+
+
+def probe_probabilities(run: Path, taxonomy: str, model, windows: np.ndarray, table: pd.DataFrame) -> np.ndarray:
+    """The simple baseline: the attention-statistics probe (mechmem.probe) fit on the row's own training
+    split, as run_alignment fits it, then applied to the monitor's windows. [window, class] probabilities."""
+    folder = RunFolder(run)
+    slug, row = folder.find_row(taxonomy)
+    split, store = folder.split(slug), folder.feature_store()
+    rows = store.index(split.train_ids)
+    labels = run_labels(folder, row, split.train_ids, table)
+    train_stats = attention_statistics(np.asarray(store.features[np.sort(rows)]))
+    labels = labels[np.argsort(rows)]
+    feats = extract_attention(model, torch.as_tensor(windows), pooling=store.pooling).half().float()
+    stats = np.concatenate([train_stats, attention_statistics(feats)])
+    n = len(train_stats)
+    fit = train_probe(stats, labels, np.arange(n), np.arange(n, len(stats)), len(row["class_names"]))
+    return fit.eval_logits.exp().numpy()
+
+
+def untrained_like(cnn: AttentionCNN) -> AttentionCNN:
+    """Same config and input scaling (training-split statistics) as `cnn`, fresh random weights."""
+    fresh = AttentionCNN(cnn.n_layers, cnn.n_classes, cnn.config, cnn.seq_len, cnn.input_scaling)
+    if cnn.input_scaling != "raw":
+        fresh.layers.scale.load_state_dict(cnn.layers.scale.state_dict())
+    return fresh.eval()
+
+
+def with_probabilities(df: pd.DataFrame, probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """The stretch table with another classifier's probabilities, labels and flags."""
+    d = df.copy()
+    for j, c in enumerate(class_names):
+        d[f"p_{c}"] = probs[:, j]
+    d["label"] = np.array(class_names)[probs.argmax(1)]
+    d["flagged"] = probs.argmax(1) != class_names.index("Non-Memo")
+    return d
 
 
 def fmt(v: float) -> str:
@@ -100,27 +143,38 @@ def main(argv=None) -> int:
     feats = extract_attention(model, torch.as_tensor(stretch_windows(result)), pooling=clf.pooling, progress=True)
     per_seed = []
     for sc in seed_classifiers(args.run, args.taxonomy):
-        probs = sc(feats).numpy()
-        d = df.copy()
-        for j, c in enumerate(result.class_names):
-            d[f"p_{c}"] = probs[:, j]
-        d["label"] = np.array(result.class_names)[probs.argmax(1)]
-        d["flagged"] = probs.argmax(1) != result.class_names.index("Non-Memo")
+        d = with_probabilities(df, sc(feats).numpy(), result.class_names)
         m = evaluate(d, result.class_names, n_boot=cfg.n_boot if sc.name == "control" else 0)
         per_seed.append(m[m["method"] == "monitor (CNNs)"].assign(cnns=sc.name))
+    # Untrained CNNs (the row's configs and input scaling, random weights): how far the attention, as
+    # the CNNs see it, sorts the stretches before any training.
+    for k in range(N_RANDOM):
+        torch.manual_seed(1000 + k)
+        rnd = SpanClassifier([untrained_like(c) for c in clf.cnns], result.class_names, name=f"random {k}")
+        m = evaluate(with_probabilities(df, rnd(feats).numpy(), result.class_names), result.class_names, n_boot=0)
+        per_seed.append(m[m["method"] == "monitor (CNNs)"].assign(cnns=rnd.name))
     seeds = pd.concat(per_seed)
+    untrained = seeds[seeds["cnns"].str.startswith("random")]
+    seeds = seeds[~seeds["cnns"].str.startswith("random")]
     control = seeds[seeds["cnns"] == "control"].assign(method="shuffled-label control CNNs")
     seeds = seeds[seeds["cnns"] != "control"]
     spread = seeds.groupby("question", sort=False)[["auroc", "precision", "recall"]].agg(["mean", "std"])
     spread.columns = [f"{a} {b}" for a, b in spread.columns]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics = pd.concat([metrics, control])
-    atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds]).to_csv(index=False))
+    probe = evaluate(with_probabilities(df, probe_probabilities(args.run, args.taxonomy, model, stretch_windows(result),
+                                                                table), result.class_names),
+                     result.class_names, cfg.n_boot, cfg.seed)
+    probe = probe[probe["method"] == "monitor (CNNs)"].assign(method="attention-statistics probe", cnns="")
+    metrics = pd.concat([metrics, probe, control])
+    atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds, untrained]).to_csv(index=False))
     atomic_text(args.out / "by_source.csv", by_source(df, result.class_names).to_csv(index=False, float_format="%.3f"))
     atomic_text(args.out / "stretches.csv", df.to_csv(index=False, float_format="%.4f"))
+    spread_random = untrained.groupby("question", sort=False)["auroc"].agg(["mean", "min", "max"]).reset_index()
     md = markdown(metrics) + "\nMonitor over CNN training seeds (one CNN set per seed; mean, sd):\n\n" \
-        + md_table(spread.reset_index()) + "\n\nBy source:\n\n" \
+        + md_table(spread.reset_index()) \
+        + f"\nUntrained CNNs (the row's configs and input scaling, {N_RANDOM} random initialisations), AUROC:\n\n" \
+        + md_table(spread_random) + "\n\nBy source:\n\n" \
         + md_table(by_source(df, result.class_names)) + "\n"
     atomic_text(args.out / "metrics.md", md)
     atomic_json(args.out / "settings.json", {
