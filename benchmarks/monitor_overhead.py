@@ -9,8 +9,8 @@ Same process, same prompts, same greedy tokens (checked):
   window's attention, one extra step for its last row, every later window re-encoded, and the CNNs.
 The CNNs are the quick grid's two configs (k6_c10 mean and max) with random weights: a trained
 row's CNNs cost the same. `testbed` is the shipped model; a size ("160m", "1b") a random-weight
-Pythia of that shape (no download). Reports the median of `--repeats` timed runs after a warm-up
-and the ratio monitored / plain.
+Pythia of that shape (no download). After a warm-up of each, `--repeats` rounds time plain and
+monitored in turn; reports each one's median and the ratio monitored / plain.
 """
 
 from __future__ import annotations
@@ -37,17 +37,24 @@ def classifier_for(model) -> SpanClassifier:
     return SpanClassifier([AttentionCNN(model.cfg.n_layers, 3, c) for c in QUICK_GRID], ["Non-Memo", "Guess", "Others"])
 
 
-def timed(fn, device, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
+def seconds(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def timed(fns: dict, device, repeats: int) -> dict[str, list[float]]:
+    """Each function once to warm up, then `repeats` rounds of all of them in turn (drift hits all alike)."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append(time.perf_counter() - t)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name].append(seconds(fn, device))
     return out
 
 
@@ -59,9 +66,9 @@ def measure(model, batch: int, n_new: int, repeats: int) -> dict:
     plain_tokens = greedy_continuation(model, prompts, n_new, batch_size=batch, progress=False)
     result = monitor(model, prompts, clf, cfg, progress=False)
     assert (torch.as_tensor(result.outputs) == plain_tokens).all(), "monitored generation changed the tokens"
-    plain = timed(lambda: greedy_continuation(model, prompts, n_new, batch_size=batch, progress=False), device, repeats)
-    mon = timed(lambda: monitor(model, prompts, clf, cfg, progress=False), device, repeats)
-    p, m = statistics.median(plain), statistics.median(mon)
+    times = timed({"plain": lambda: greedy_continuation(model, prompts, n_new, batch_size=batch, progress=False),
+                   "monitored": lambda: monitor(model, prompts, clf, cfg, progress=False)}, device, repeats)
+    p, m = statistics.median(times["plain"]), statistics.median(times["monitored"])
     return {"batch": batch, "prompt": 32, "new_tokens": n_new, "stretches_per_prompt": len(result.spans) // batch,
             "plain_s": round(p, 4), "monitored_s": round(m, 4), "ratio": round(m / p, 3)}
 
