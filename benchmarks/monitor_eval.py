@@ -170,11 +170,17 @@ def main(argv=None) -> int:
     atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds, untrained]).to_csv(index=False))
     atomic_text(args.out / "by_source.csv", by_source(df, result.class_names).to_csv(index=False, float_format="%.3f"))
     atomic_text(args.out / "stretches.csv", df.to_csv(index=False, float_format="%.4f"))
+    by_stretch = pd.concat([evaluate(g, result.class_names, n_boot=0).assign(start=start)
+                            for start, g in df.groupby("start")])
+    by_stretch = by_stretch[by_stretch["method"] != "membership index (ceiling)"][["start", "question", "method", "n",
+                                                                                   "auroc"]]
     spread_random = untrained.groupby("question", sort=False)["auroc"].agg(["mean", "min", "max"]).reset_index()
     md = markdown(metrics) + "\nMonitor over CNN training seeds (one CNN set per seed; mean, sd):\n\n" \
         + md_table(spread.reset_index()) \
         + f"\nUntrained CNNs (the row's configs and input scaling, {N_RANDOM} random initialisations), AUROC:\n\n" \
-        + md_table(spread_random) + "\n\nBy source:\n\n" \
+        + md_table(spread_random) \
+        + "\nBy stretch (start 0: attention captured during generation; 32: re-encoded), AUROC:\n\n" \
+        + md_table(by_stretch) + "\n\nBy source:\n\n" \
         + md_table(by_source(df, result.class_names)) + "\n"
     atomic_text(args.out / "metrics.md", md)
     atomic_json(args.out / "settings.json", {
