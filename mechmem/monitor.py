@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from mechmem.cnn import AttentionCNN
 from mechmem.features import POOLINGS, extract_attention
 from mechmem.hooks import pattern_hook
+from mechmem.models import weights_fingerprint
 from mechmem.memorization import PREFIX_LEN, SUFFIX_LEN, _cache_is_exact, _cache_kwarg, _hf_model, _logits, _past
 
 CONTEXT = PREFIX_LEN  # tokens before a stretch that the CNNs read with it
@@ -70,12 +71,15 @@ def stretch_starts(prompt_len: int, total_len: int, stride: int = STRETCH) -> li
 class SpanClassifier:
     """The CNNs of one alignment row as one classifier: class probabilities averaged over them."""
 
-    def __init__(self, cnns: Sequence[AttentionCNN], class_names: Sequence[str], name: str = ""):
+    def __init__(self, cnns: Sequence[AttentionCNN], class_names: Sequence[str], name: str = "",
+                 model_weights: str | None = None):
+        """`model_weights`: the `models.weights_fingerprint` of the model whose attention trained the CNNs
+        (from_run reads it from the run's feature store); `monitor` refuses another model's."""
         if not cnns:
             raise ValueError("a SpanClassifier needs at least one CNN")
         self.cnns = [c.eval() for c in cnns]
         self.class_names = list(class_names)
-        self.name = name
+        self.name, self.model_weights = name, model_weights
         bad = [c.n_classes for c in self.cnns if c.n_classes != len(self.class_names)]
         if bad:
             raise ValueError(f"CNNs with {bad[0]} classes cannot score {len(self.class_names)} classes {self.class_names}")
@@ -106,7 +110,18 @@ class SpanClassifier:
         elif seeds != "first":
             raise ValueError(f"seeds must be 'first' or 'all', got {seeds!r}")
         cnns = [t.model for i in indices for t in folder.load_cnns(slug, i, device=device)]
-        return cls(cnns, row["class_names"], name=row.get("tax_name", slug))
+        weights = folder.feature_store().manifest["model"]["weights"] if folder.has_features() else None
+        return cls(cnns, row["class_names"], name=row.get("tax_name", slug), model_weights=weights)
+
+    def check_model(self, model) -> None:
+        """ValueError unless `model` is the one whose attention trained the CNNs (as far as known). The
+        fingerprints are sums of weights: they agree to 1% across devices and dtypes, not across models."""
+        if self.model_weights is None:
+            return
+        if model.cfg.n_layers != self.n_layers or not _same_fingerprint(weights_fingerprint(model), self.model_weights):
+            raise ValueError(f"the CNNs of {self.name or 'this row'} read another model's attention (weights "
+                             f"{self.model_weights}, this model {weights_fingerprint(model)}): monitor with the "
+                             "run's model")
 
     def to(self, device) -> SpanClassifier:
         self.cnns = [c.to(device) for c in self.cnns]
@@ -122,6 +137,11 @@ class SpanClassifier:
         x = features.to(device).half().float()  # the feature store's precision
         probs = [torch.softmax(c(x[:, self.pooling.index(c.config.pooling)]), dim=-1) for c in self.cnns]
         return torch.stack(probs).mean(0).cpu()
+
+
+def _same_fingerprint(a: str, b: str, rtol: float = 1e-2) -> bool:
+    x, y = [float(v) for v in a.split(",")], [float(v) for v in b.split(",")]
+    return len(x) == len(y) and all(abs(u - v) <= rtol * max(abs(u), abs(v)) for u, v in zip(x, y))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -278,6 +298,7 @@ def monitor(
     change the attention the CNNs read). With a `tokenizer`, each span carries its text.
     """
     prompts = _as_prompts(prompts)
+    classifier.check_model(model)
     if classifier.n_layers != model.cfg.n_layers:
         raise ValueError(f"the CNNs read {classifier.n_layers} layers, the model has {model.cfg.n_layers}: "
                          "monitor with the model whose attention trained them")

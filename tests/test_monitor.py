@@ -170,3 +170,21 @@ def test_a_planted_passage_the_testbed_recites_is_flagged(testbed_recall_cnn):
     flagged = [s.flagged for s in res.spans]
     assert len(flagged) == 12 and sum(flagged) >= 10, [round(s.probs["Recall"], 2) for s in res.spans]
     assert all(s.reused and s.text for s in res.spans)
+
+
+def test_the_cnns_refuse_another_models_attention(tiny_model, tmp_path, tiny_checkpoint):
+    from test_localize import make_run
+
+    from mechmem.models import weights_fingerprint
+
+    folder = make_run(tmp_path / "run", tiny_model, tiny_checkpoint)[0]
+    clf = SpanClassifier.from_run(folder)
+    assert clf.model_weights == weights_fingerprint(tiny_model) and clf.name == "Non-Memo, Guess, Others"
+    prompts = prompts_of(1, 32, tiny_model.cfg.d_vocab)
+    assert len(monitor(tiny_model, prompts, clf, progress=False).spans) == 1
+    scaled = [str(float(v) * 1.005) for v in clf.model_weights.split(",")]  # bf16 rounding: still the same model
+    clf.model_weights = ",".join(scaled)
+    monitor(tiny_model, prompts, clf, progress=False)
+    clf.model_weights = ",".join(str(float(v) * 1.2) for v in scaled)
+    with pytest.raises(ValueError, match="another model"):
+        monitor(tiny_model, prompts, clf, progress=False)
