@@ -166,6 +166,8 @@ class TrainConfig:
             raise ValueError(f"unknown CNN precision {self.precision!r}; expected one of {PRECISIONS}")
         if self.input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"unknown input scaling {self.input_scaling!r}; expected one of {INPUT_SCALINGS}")
+        assert self.val_fraction is not None and self.epochs is not None and self.batch_size is not None \
+            and self.patience is not None  # every protocol sets them
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1 or self.patience < 0:

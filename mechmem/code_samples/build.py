@@ -206,7 +206,7 @@ def from_files(pattern, n_files, per_file, rng, mask_fn=None, text_fn=None, max_
 def collect(seed: int, scale: float) -> list[dict]:
     """Windows from the disk sources, `scale` times the base counts, drawn with `seed`."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows: list[dict] = []
 
     def add(label, kind, items, n):
         n = max(1, round(n * scale))

@@ -51,7 +51,8 @@ def inc_lines(rng, n_chars):
     lead = rng.choice(["", "- ", "* ", "# ", "    ", "| ", ">>> "])
     trail = rng.choice([".", ")", ":", "", ",", " |"])
     word = "" if rng.random() < 0.4 else " " + " ".join(_word(rng) for _ in range(rng.integers(1, 4)))
-    lines, n = [], start
+    lines: list[str] = []
+    n = start
     while sum(map(len, lines)) < n_chars:
         lines.append(f"{lead}{n}{trail}{word}\n")
         n += step
@@ -64,7 +65,8 @@ def inc_list(rng, n_chars):
     per_line = int(rng.integers(4, 13))
     sep = rng.choice([", ", ",", " ", "; "])
     name = _ident(rng)
-    items, n = [], start
+    items: list[int] = []
+    n = start
     while sum(len(str(i)) + 2 for i in items) < n_chars:
         items.append(n)
         n += step
@@ -79,7 +81,8 @@ def inc_decimal(rng, n_chars):
     digits = 2 if step in (0.25, 0.05) else 1
     per_line = int(rng.choice([1, 4, 6, 8]))
     sep = rng.choice([", ", " "])
-    vals, x = [], start
+    vals: list[str] = []
+    x = start
     while sum(len(v) + 2 for v in vals) < n_chars:
         vals.append(f"{x:.{digits}f}")
         x += step
@@ -91,7 +94,8 @@ def inc_table(rng, n_chars):
     start, step = _start_step(rng)
     name, word = _ident(rng).upper(), _word(rng)
     style = int(rng.integers(4))
-    lines, n = [], start
+    lines: list[str] = []
+    n = start
     while sum(map(len, lines)) < n_chars:
         lines.append([f"{name}_{n} = {n}\n", f"    0x{n:04x}: '{word}',\n", f"    {n}: '{word}',\n",
                       f"        case {n}:\n            return '{word}'\n"][style])
@@ -103,7 +107,8 @@ def inc_sections(rng, n_chars):
     """Two-level numbering: '3.1 word', '3.2 word', ..., '4.1 word'."""
     major, per = int(rng.integers(1, 30)), int(rng.integers(3, 7))
     word = " ".join(_word(rng) for _ in range(rng.integers(1, 3))).capitalize()
-    lines, minor = [], 1
+    lines: list[str] = []
+    minor = 1
     while sum(map(len, lines)) < n_chars:
         lines.append(f"{major}.{minor} {word}\n")
         minor += 1
