@@ -17,7 +17,6 @@ memorization score), samples.npz (per-sample results of every condition) and con
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -58,6 +57,7 @@ def ablate(model, df, labels, loc, cfg, out: Path, *, per_class: int, exclude_id
            progress: bool = True):
     """The experiment once inputs are loaded: held-out sets, every condition, outputs. Returns (summary, held-out sets)."""
     from mechmem.ablation import ablation_experiment, held_out_sets
+    from mechmem.atomic import atomic_write
     from mechmem.plots import ablation_png
 
     held = held_out_sets(df, labels, loc.class_names, per_class=per_class, exclude_ids=exclude_ids,
@@ -70,7 +70,7 @@ def ablate(model, df, labels, loc, cfg, out: Path, *, per_class: int, exclude_id
     summary, conditions = ablation_experiment(model, held.eval_sets, rankings, cfg, subsets=held.subsets,
                                               reference=held.reference, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    summary.round(6).to_csv(out / "ablation.csv", index=False)
+    atomic_write(out / "ablation.csv", lambda tmp: summary.round(6).to_csv(tmp, index=False))
     ablation_png(summary, out / "ablation.png", metric="extractable", loss_sets=held.non_memorized)
     ablation_png(summary, out / "extraction.png", metric="memorization_score", loss_sets=held.non_memorized)
     base = summary[(summary["condition"] == "baseline") & (summary["metric"] == "extractable")]
@@ -79,15 +79,15 @@ def ablate(model, df, labels, loc, cfg, out: Path, *, per_class: int, exclude_id
         if share < 1.0:
             print(f"warning: unablated, only {100 * share:.1f}% of held-out {name!r} samples are extractable "
                   "(the data's memorization scores were made with another model or numerics)")
-    np.savez_compressed(
-        out / "samples.npz",
+    atomic_write(out / "samples.npz", lambda tmp: np.savez_compressed(
+        tmp,
         condition=np.array([f"{c.kind}|{c.target}|{c.k}|{c.draw}" for c in conditions]),
         heads=np.array([";".join(f"L{l}H{h}" for l, h in c.heads) for c in conditions]),
         memorization_score=np.stack([c.result["memorization_score"] for c in conditions]),
         loss=np.stack([c.result["loss"] for c in conditions]),
         eval_set=np.concatenate([[n] * len(t) for n, t in held.eval_sets.items()]),
         sequence_id=np.concatenate(list(held.sequence_ids.values())),
-    )
+    ))
     return summary, held
 
 
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from mechmem.ablation import AblationConfig
     from mechmem.alignment import Row
+    from mechmem.atomic import atomic_json
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.localize import Localization
     from mechmem.models import load_model
@@ -168,10 +169,10 @@ def run(args) -> int:
     exclude = np.concatenate([trained_on, loc.sequence_ids.astype(np.int64)])
     summary, held = ablate(model, df, labels, loc, cfg, args.out, per_class=args.per_class, exclude_ids=exclude,
                      duplicates_threshold=row.threshold, progress=not args.quiet)
-    (args.out / "config.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "localization": str(args.localization),
-         "run": str(run_dir), "model": args.model or name, "data": data, "taxonomy": loc.meta.get("tax_name"),
-         "config": asdict(cfg)}, indent=1))
+    atomic_json(args.out / "config.json",
+                {"args": {k: str(v) for k, v in vars(args).items()}, "localization": str(args.localization),
+                 "run": str(run_dir), "model": args.model or name, "data": data, "taxonomy": loc.meta.get("tax_name"),
+                 "config": asdict(cfg)})
     print(headline(summary, held.non_memorized))
     print(f"\nwrote {args.out}/ablation.csv, ablation.png, extraction.png, samples.npz ({time.time() - t0:.0f} s)")
     return 0

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from mechmem import viz
+    from mechmem.atomic import atomic_json
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import load_model
 
@@ -140,10 +141,10 @@ def run(args) -> int:
         v.missing = notes + v.missing
     index = viz.write_pages(views, args.out, decimals=args.decimals, pngs=not args.no_png,
                             title=f"mechmem · {len(views)} samples of {args.taxonomy}")
-    (args.out / "config.json").write_text(json.dumps(
-        {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
-         "run": str(run_dir) if run_dir else None, "localization": str(loc_dir) if loc_dir else None,
-         "config": vars(cfg)}, indent=1))
+    atomic_json(args.out / "config.json",
+                {"argv": sys.argv[1:], "model": args.model, "revision": args.revision, "data": args.data,
+                 "run": str(run_dir) if run_dir else None, "localization": str(loc_dir) if loc_dir else None,
+                 "config": vars(cfg)})
 
     by_class = {}
     for v in views:

@@ -17,7 +17,6 @@ delta_maps.png, layer_importance.png, head_scores.png and config.json.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -128,6 +127,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from dataclasses import asdict
 
+    from mechmem.atomic import atomic_json
     from mechmem.localize import LocalizeConfig, localize_run
     from mechmem.models import load_model
     from mechmem.run import RunFolder
@@ -155,9 +155,9 @@ def run(args) -> int:
     loc = localize_run(run_dir, model, taxonomy=args.taxonomy, cfg=cfg, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     write_outputs(loc, args.out)
-    (args.out / "config.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "run": str(run_dir), "model": args.model or name,
-         "revision": revision, "config": asdict(cfg)}, indent=1))
+    atomic_json(args.out / "config.json",
+                {"args": {k: str(v) for k, v in vars(args).items()}, "run": str(run_dir), "model": args.model or name,
+                 "revision": revision, "config": asdict(cfg)})
     print(summary_text(loc))
     print(f"\nwrote {args.out}/heads.csv, layers.csv, delta_maps.png, layer_importance.png, head_scores.png "
           f"({time.time() - t0:.0f} s)")

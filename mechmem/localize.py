@@ -240,8 +240,8 @@ class Localization:
             n_samples=self.n_samples, sequence_ids=self.sequence_ids, labels=self.labels))
         atomic_json(folder / "localization.json",
                     {"class_names": self.class_names, "cnn_names": self.cnn_names, "meta": self.meta}, default=str)
-        self.head_table().to_csv(folder / "heads.csv", index=False)
-        self.layer_table().to_csv(folder / "layers.csv", index=False)
+        atomic_write(folder / "heads.csv", lambda tmp: self.head_table().to_csv(tmp, index=False))
+        atomic_write(folder / "layers.csv", lambda tmp: self.layer_table().to_csv(tmp, index=False))
         return folder
 
     @classmethod

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from mechmem.atomic import atomic_text, atomic_write
 from mechmem.hooks import pattern_hook
 from mechmem.viz.grids import attention_grid_png
 from mechmem.viz.samples import SampleView
@@ -322,14 +323,14 @@ def write_pages(views: Sequence[SampleView], out: str | os.PathLike, *, decimals
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for v in views:
-        (out / f"{v.stem}.html").write_text(sample_page(v, decimals=decimals), encoding="utf-8")
+        atomic_text(out / f"{v.stem}.html", sample_page(v, decimals=decimals))
         if pngs:
             attention_grid_png(v, out / f"{v.stem}.png")
     summary = pd.DataFrame([{"sequence_id": v.sequence_id, "class": v.class_name, "memorization_score":
                              v.memorization_score, "sequence_duplicates": v.sequence_duplicates, "split": v.split,
                              "predicted": v.predicted, "page": f"{v.stem}.html"} for v in views])
-    summary.to_csv(out / "samples.csv", index=False)
-    (out / "index.html").write_text(index_page(views, title=title, notes=notes), encoding="utf-8")
+    atomic_write(out / "samples.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    atomic_text(out / "index.html", index_page(views, title=title, notes=notes))
     return out / "index.html"
 
 
