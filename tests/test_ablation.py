@@ -239,8 +239,8 @@ def test_experiment_writes_outputs(tiny_model, synthetic, tmp_path):
     assert len(summary) == len(csv)
 
 
-def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys):
-    """localize.py on a run whose labels come from the data file, then ablate_heads.py on its output."""
+def run_from_table(tiny_model, tiny_checkpoint, synthetic, tmp_path):
+    """A miniature run whose labels come from a data file (tmp_path/data.parquet): (run, df, table, labels)."""
     from mechmem.data import load_memorization_data
     from mechmem.taxonomy import assign_categories
     from test_localize import make_run
@@ -256,6 +256,12 @@ def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys
     run, *_ = make_run(tmp_path / "run", tiny_model, tiny_checkpoint, tokens=torch.from_numpy(np.stack(df["tokens"])),
                        ids=df["sequence_id"].to_numpy(), labels=labels, data=str(tmp_path / "data.parquet"),
                        eval_labels=False)
+    return run, df, table, labels
+
+
+def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys):
+    """localize.py on a run whose labels come from the data file, then ablate_heads.py on its output."""
+    run, df, table, labels = run_from_table(tiny_model, tiny_checkpoint, synthetic, tmp_path)
     assert load_experiment("localize").main(["--run", str(run), "--out", str(tmp_path / "loc"), "--samples-per-class", "2",
                                   "--quiet"]) == 0
     rc = load_experiment("ablate_heads").main(["--localization", str(tmp_path / "loc"), "--out", str(tmp_path / "abl"),
@@ -278,3 +284,35 @@ def test_cli_end_to_end(tiny_model, tiny_checkpoint, synthetic, tmp_path, capsys
                                                "--data", str(tmp_path / "foreign.parquet"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and f"row 0 (sequence_id {df['sequence_id'].iloc[0]}) holds token id 700" in err, err
+
+
+def test_without_a_localization_ablate_heads_runs_localize_first(tiny_model, tiny_checkpoint, synthetic, tmp_path,
+                                                                 monkeypatch, capsys):
+    """The default --localization folder absent: localize.py runs first as a subprocess (here in-process,
+    on the miniature run standing in for runs/alignment-quick); its failure is ablate_heads' exit 2."""
+    import subprocess
+    import sys
+
+    run, *_ = run_from_table(tiny_model, tiny_checkpoint, synthetic, tmp_path)
+    ablate = load_experiment("ablate_heads")
+    loc = tmp_path / "loc"
+    monkeypatch.setattr(ablate, "DEFAULT_LOCALIZATION", loc)
+    calls = []
+
+    def fake_run(command, *args, **kwargs):
+        calls.append(command)
+        code = load_experiment("localize").main([*command[2:], "--run", str(run), "--samples-per-class", "2"])
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    argv = ["--localization", str(loc), "--per-class", "2", "--ks", "1", "--n-random", "2", "--n-boot", "20", "--quiet"]
+    assert ablate.main([*argv, "--out", str(tmp_path / "abl")]) == 0
+    assert calls == [[sys.executable, str(ablate.ROOT / "experiments" / "localize.py"), "--out", str(loc), "--quiet"]]
+    assert (loc / "localization.json").is_file() and (tmp_path / "abl" / "ablation.csv").is_file()
+    assert "running experiments/localize.py" in capsys.readouterr().out
+    # a localization there now: not run again
+    assert ablate.main([*argv, "--out", str(tmp_path / "abl2")]) == 0 and len(calls) == 1
+    # localize.py failing: ablate_heads stops with exit 2
+    monkeypatch.setattr(ablate, "DEFAULT_LOCALIZATION", tmp_path / "none")
+    monkeypatch.setattr(subprocess, "run", lambda command, *a, **k: subprocess.CompletedProcess(command, 2))
+    assert ablate.main(["--localization", str(tmp_path / "none"), "--out", str(tmp_path / "abl3"), "--quiet"]) == 2
