@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -216,7 +217,7 @@ def generate(
         return new.cpu(), logprobs.cpu(), None
 
     key = _cache_kwarg(hf)
-    hooks = model.hooks(fwd_hooks=capture.hooks) if capture else _nothing()
+    hooks = model.hooks(fwd_hooks=capture.hooks) if capture else nullcontext()
     with hooks:
         out = hf(input_ids=prompts, use_cache=True, logits_to_keep=1)
         token = step(out.logits[:, -1], 0)
@@ -229,14 +230,6 @@ def generate(
             capture.pos = WINDOW - 1
             hf(input_ids=token[:, None], use_cache=True, logits_to_keep=1, **{key: _past(out)})
     return new.cpu(), logprobs.cpu(), capture.buf if capture else None
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- the monitor
