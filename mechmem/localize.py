@@ -40,8 +40,9 @@ from mechmem.cnn import AttentionCNN, TrainedCNN
 from mechmem.features import extract_attention
 from mechmem.hooks import pattern_hook
 from mechmem.run import RunFolder
+from mechmem.taxonomy import PROPOSED_NAME
 
-DEFAULT_TAXONOMY = "Non-Memo, Guess, Others"  # the paper's proposed taxonomy (Others = Recall)
+DEFAULT_TAXONOMY = PROPOSED_NAME  # the paper's proposed taxonomy (Others = Recall)
 
 
 @dataclass(frozen=True)

@@ -100,10 +100,10 @@ class SpanClassifier:
         """The saved CNNs of a run_alignment row (display name or slug; default the paper's proposed
         "Non-Memo, Guess, Others"); `seeds="all"` averages over every training seed's CNNs too."""
         from mechmem.run import RunFolder
-        from mechmem.viz.samples import PROPOSED_TAXONOMY
+        from mechmem.taxonomy import PROPOSED_NAME
 
         folder = RunFolder(run)
-        slug, row = folder.find_row(taxonomy, default=PROPOSED_TAXONOMY)
+        slug, row = folder.find_row(taxonomy, default=PROPOSED_NAME)
         indices: list[int | str] = [0]
         if seeds == "all":
             n = len(row.get("min_f1_per_seed", [])) or 1

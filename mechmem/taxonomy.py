@@ -88,6 +88,7 @@ TAXONOMY_IDS: tuple[str, ...] = (
     "merge_2_other_code_recollect_recite",
 )
 PROPOSED = "merge_2_other_guess_recollect_recite"  # "Non-Memo, Guess, Others"
+PROPOSED_NAME = "Non-Memo, Guess, Others"  # its display name (Others = Recall): the default of every stage
 
 _DISPLAY = {"other": "Non-Memo", "recite": "Recite", "recollect": "Recollect", "reconstruct": "Reconstruct",
             "guess": "Guess", "code": "Code", "memo": "Memo"}

@@ -58,6 +58,7 @@ def reference_label(row, tax_id: str, t: int, rho: float, rouge: str) -> int:
 def test_twenty_ids():
     assert len(tx.TAXONOMY_IDS) == len(set(tx.TAXONOMY_IDS)) == 20
     assert tx.PROPOSED in tx.TAXONOMY_IDS
+    assert tx.display_name(tx.PROPOSED) == tx.PROPOSED_NAME == "Non-Memo, Guess, Others"
     for tax_id in tx.TAXONOMY_IDS:
         merge, cats = tx.parse_id(tax_id)
         assert len(tx.class_names(tax_id)) == (4 if merge == 0 else 3)

@@ -24,10 +24,12 @@ from einops import reduce
 from jaxtyping import Float
 from torch import Tensor
 
+from mechmem.taxonomy import PROPOSED_NAME
+
 if TYPE_CHECKING:  # loaded lazily: inspection without a run needs no feature store
     from mechmem.features import FeatureStore
 
-PROPOSED_TAXONOMY = "Non-Memo, Guess, Others"
+PROPOSED_TAXONOMY = PROPOSED_NAME
 RANKING_COLUMNS = ("class", "layer", "head", "hook_name", "score", "rank")
 
 
