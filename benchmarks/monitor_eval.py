@@ -1,6 +1,7 @@
 """Evaluate the regurgitation monitor on held-out testbed prompts, against confidence and the membership index.
 
     python benchmarks/monitor_eval.py --run runs/alignment-quick --out docs/results/testbed_monitor
+    python benchmarks/monitor_eval.py --run runs/alignment-quick --sample --out docs/results/testbed_monitor_sampled
 
 Needs the testbed's training stream for the ground truth: rebuilt (about a minute, then cached) on
 the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.testbed.monitor_eval`
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-per-source", type=int, default=EvalConfig.prompts_per_source)
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)
     p.add_argument("--n-boot", type=int, default=EvalConfig.n_boot)
+    p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "monitor_eval")
     args = p.parse_args(argv)
@@ -133,7 +137,8 @@ def main(argv=None) -> int:
     table = load_memorization_data("testbed", progress=False)
     prompts = heldout_prompts(corpus, np.stack(table["tokens"].to_numpy()), tok.eos_token_id, cfg)
     clf = SpanClassifier.from_run(args.run, args.taxonomy)
-    mcfg = MonitorConfig(max_new_tokens=cfg.max_new_tokens)
+    mcfg = MonitorConfig(max_new_tokens=cfg.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                         seed=args.seed)
     result = monitor(model, np.stack(prompts["prompt"].to_numpy()), clf, mcfg, tokenizer=None)
     t_monitor = time.time() - t0
     df = stretch_table(result, prompts, index, tok)
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     atomic_text(args.out / "metrics.md", md)
     atomic_json(args.out / "settings.json", {
         "argv": sys.argv[1:], "run": str(args.run), "taxonomy": args.taxonomy, "eval": asdict(cfg),
-        "monitor": asdict(replace(mcfg)), "prompts": int(len(prompts)), "stretches": int(len(df)),
+        "monitor": asdict(mcfg), "prompts": int(len(prompts)), "stretches": int(len(df)),
         "seconds": round(time.time() - t0, 1), "monitor_seconds": round(t_monitor, 1), "device": args.device})
     print(md)
     print(f"{len(prompts)} prompts, {len(df)} stretches, {time.time() - t0:.0f} s")
