@@ -50,16 +50,17 @@ def seed_classifiers(run: Path, taxonomy: str) -> list[SpanClassifier]:
     folder = RunFolder(run)
     slug, row = folder.find_row(taxonomy)
     out = []
-    for i in [*range(len(row.get("min_f1_per_seed", [])) or 1), "control"]:
+    for i in [*folder.seed_indices(slug), "control"]:
         if (folder.cnn_folder(slug, i) / "cnns.json").is_file():
             out.append(SpanClassifier([t.model for t in folder.load_cnns(slug, i)], row["class_names"],
                                       name=f"seed {i}" if i != "control" else "control"))
     return out
 
 
-def probe_probabilities(run: Path, taxonomy: str, model, windows: np.ndarray, table: pd.DataFrame) -> np.ndarray:
+def probe_probabilities(run: Path, taxonomy: str, feats: torch.Tensor, table: pd.DataFrame) -> np.ndarray:
     """The simple baseline: the attention-statistics probe (mechmem.probe) fit on the row's own training
-    split, as run_alignment fits it, then applied to the monitor's windows. [window, class] probabilities."""
+    split, as run_alignment fits it, then applied to the monitor's windows (`feats`, pooled as the run's
+    feature store pools). [window, class] probabilities."""
     folder = RunFolder(run)
     slug, row = folder.find_row(taxonomy)
     split, store = folder.split(slug), folder.feature_store()
@@ -67,8 +68,7 @@ def probe_probabilities(run: Path, taxonomy: str, model, windows: np.ndarray, ta
     labels = run_labels(folder, row, split.train_ids, table)
     train_stats = attention_statistics(np.asarray(store.features[np.sort(rows)]))
     labels = labels[np.argsort(rows)]
-    feats = extract_attention(model, torch.as_tensor(windows), pooling=store.pooling).half().float()
-    stats = np.concatenate([train_stats, attention_statistics(feats)])
+    stats = np.concatenate([train_stats, attention_statistics(feats.half().float())])
     n = len(train_stats)
     fit = train_probe(stats, labels, np.arange(n), np.arange(n, len(stats)), len(row["class_names"]))
     return fit.eval_logits.exp().numpy()
@@ -144,8 +144,12 @@ def main(argv=None) -> int:
     df = stretch_table(result, prompts, index, tok)
     metrics = evaluate(df, result.class_names, cfg.n_boot, cfg.seed).assign(cnns="first seed (what the CLI uses)")
 
-    # The same stretches through each training seed's CNNs: features once, every seed's classifier.
-    feats = extract_attention(model, torch.as_tensor(stretch_windows(result)), pooling=clf.pooling, progress=True)
+    # The same stretches through each training seed's CNNs and the probe: features once (every pooling
+    # of the run's store), every classifier reading the pools it needs.
+    store_pooling = RunFolder(args.run).feature_store().pooling
+    all_feats = extract_attention(model, torch.as_tensor(stretch_windows(result)), pooling=store_pooling,
+                                  progress=True)
+    feats = all_feats[:, [store_pooling.index(p) for p in clf.pooling]]
     per_seed = []
     for sc in seed_classifiers(args.run, args.taxonomy):
         d = with_probabilities(df, sc(feats).numpy(), result.class_names)
@@ -167,13 +171,14 @@ def main(argv=None) -> int:
     spread.columns = [f"{a} {b}" for a, b in spread.columns]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    probe = evaluate(with_probabilities(df, probe_probabilities(args.run, args.taxonomy, model, stretch_windows(result),
-                                                                table), result.class_names),
+    probe = evaluate(with_probabilities(df, probe_probabilities(args.run, args.taxonomy, all_feats, table),
+                                        result.class_names),
                      result.class_names, cfg.n_boot, cfg.seed)
     probe = probe[probe["method"] == "monitor (CNNs)"].assign(method="attention-statistics probe", cnns="")
     metrics = pd.concat([metrics, probe, control])
     atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds, untrained]).to_csv(index=False))
-    atomic_text(args.out / "by_source.csv", by_source(df, result.class_names).to_csv(index=False, float_format="%.3f"))
+    sources = by_source(df, result.class_names)
+    atomic_text(args.out / "by_source.csv", sources.to_csv(index=False, float_format="%.3f"))
     atomic_text(args.out / "stretches.csv", df.to_csv(index=False, float_format="%.4f"))
     by_stretch = pd.concat([evaluate(g, result.class_names, n_boot=0).assign(start=start)
                             for start, g in df.groupby("start")])
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
         + md_table(spread_random) \
         + "\nBy stretch (start 0: attention captured during generation; 32: re-encoded), AUROC:\n\n" \
         + md_table(by_stretch) + "\n\nBy source:\n\n" \
-        + md_table(by_source(df, result.class_names)) + "\n"
+        + md_table(sources) + "\n"
     atomic_text(args.out / "metrics.md", md)
     atomic_json(args.out / "settings.json", {
         "argv": sys.argv[1:], "run": str(args.run), "taxonomy": args.taxonomy, "eval": asdict(cfg),

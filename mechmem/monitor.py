@@ -104,22 +104,23 @@ class SpanClassifier:
 
         folder = RunFolder(run)
         slug, row = folder.find_row(taxonomy, default=PROPOSED_NAME)
-        indices: list[int | str] = [0]
-        if seeds == "all":
-            n = len(row.get("min_f1_per_seed", [])) or 1
-            indices = [i for i in range(n) if (folder.cnn_folder(slug, i) / "cnns.json").is_file()]
-        elif seeds != "first":
+        if seeds not in ("first", "all"):
             raise ValueError(f"seeds must be 'first' or 'all', got {seeds!r}")
+        indices = folder.seed_indices(slug) if seeds == "all" else [0]
         cnns = [t.model for i in indices for t in folder.load_cnns(slug, i, device=device)]
         weights = folder.feature_store().manifest["model"]["weights"] if folder.has_features() else None
         return cls(cnns, row["class_names"], name=row.get("tax_name", slug), model_weights=weights)
 
     def check_model(self, model) -> None:
-        """ValueError unless `model` is the one whose attention trained the CNNs (as far as known). The
-        fingerprints are sums of weights: they agree to 1% across devices and dtypes, not across models."""
+        """ValueError unless `model` is the one whose attention trained the CNNs (as far as known): the same
+        number of layers, and, where the run recorded it, the same weights. The fingerprints are sums of
+        weights: they agree to 1% across devices and dtypes, not across models."""
+        if model.cfg.n_layers != self.n_layers:
+            raise ValueError(f"the CNNs read {self.n_layers} layers, the model has {model.cfg.n_layers}: "
+                             "monitor with the model whose attention trained them")
         if self.model_weights is None:
             return
-        if model.cfg.n_layers != self.n_layers or not _same_fingerprint(weights_fingerprint(model), self.model_weights):
+        if not _same_fingerprint(weights_fingerprint(model), self.model_weights):
             raise ValueError(f"the CNNs of {self.name or 'this row'} read another model's attention (weights "
                              f"{self.model_weights}, this model {weights_fingerprint(model)}): monitor with the "
                              "run's model")
@@ -247,9 +248,6 @@ class Span:
     reused: bool  # attention captured during generation (else the window was re-encoded)
     text: str = ""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class MonitorResult:
@@ -292,9 +290,6 @@ def monitor(
     """
     prompts = _as_prompts(prompts)
     classifier.check_model(model)
-    if classifier.n_layers != model.cfg.n_layers:
-        raise ValueError(f"the CNNs read {classifier.n_layers} layers, the model has {model.cfg.n_layers}: "
-                         "monitor with the model whose attention trained them")
     if cfg.max_new_tokens < STRETCH + max(0, CONTEXT - min(map(len, prompts))):  # see stretch_starts
         raise ValueError(f"max_new_tokens {cfg.max_new_tokens} is too few for one {STRETCH}-token stretch with "
                          f"{CONTEXT} tokens before it after a prompt of {min(map(len, prompts))} tokens")

@@ -133,6 +133,11 @@ class RunFolder:
             return folder / "control"
         return folder if seed_index == 0 else folder / f"seed{seed_index}"
 
+    def seed_indices(self, slug: str) -> list[int]:
+        """The training seeds whose CNNs the row saved (0 first; control not included)."""
+        n = len(self.read_row(slug).get("min_f1_per_seed", [])) or 1
+        return [i for i in range(n) if (self.cnn_folder(slug, i) / "cnns.json").is_file()]
+
     # config ---------------------------------------------------------------------------------
     def write_config(self, model: str, data: str, config, *, revision: str | None = None, **extra) -> None:
         """config.json: what made the run (`config` an AlignmentConfig); `extra` keys are kept as they are."""

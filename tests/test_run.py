@@ -97,6 +97,20 @@ def test_a_rows_cnns_and_store(tmp_path, tiny_model, tiny_checkpoint):
     assert run.read_config().config is None and run.model_name()[0] == str(tiny_checkpoint)
 
 
+def test_seed_indices_are_the_seeds_with_saved_cnns(tmp_path):
+    run = RunFolder(tmp_path)
+    run.write_row("r", {"min_f1_per_seed": [50.0, 51.0, 52.0]})
+    for seed in (0, 2, "control"):
+        run.cnn_folder("r", seed).mkdir(parents=True)
+        (run.cnn_folder("r", seed) / "cnns.json").write_text("{}")
+    assert run.seed_indices("r") == [0, 2]  # seed 1 never saved; the control is not a seed
+    run.write_row("one", {})
+    assert run.seed_indices("one") == []
+    run.cnn_folder("one").mkdir(parents=True)
+    (run.cnn_folder("one") / "cnns.json").write_text("{}")
+    assert run.seed_indices("one") == [0]
+
+
 def test_scripts_do_not_import_scripts():
     """The experiment scripts share code through mechmem, never by loading each other (by import or
     importlib), and benchmarks do not load them either. (Benchmark helpers may import each other by
