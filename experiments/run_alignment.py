@@ -58,8 +58,15 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=None,
                    help="converged: epochs without a better validation loss before stopping (4)")
     p.add_argument("--no-controls", action="store_true",
-                   help="skip the shuffled-label control CNNs (the row's chance floor)")
+                   help="skip the shuffled-label control CNNs (the permutation null is always computed)")
+    p.add_argument("--control-seeds", type=int, default=1,
+                   help="shuffled-label controls a row, the k-th trained with seed k's epoch counts (<= --cnn-seeds)")
+    p.add_argument("--null-permutations", type=int, default=1000,
+                   help="label permutations of the permutation null of min F1 (>= 100)")
     p.add_argument("--no-probe", action="store_true", help="skip the attention-statistics probe")
+    p.add_argument("--probe-fit", choices=["cnn-fit", "train"], default="cnn-fit",
+                   help="what the probe fits on: the CNNs' fit part of the training split (default: equal data), "
+                        "or the whole training split")
     p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32",
                    help="bf16: train the CNNs under bfloat16 autocast (faster on a GPU; float32 is the paper's)")
     p.add_argument("--cnn-seeds", type=int, default=None,
@@ -180,7 +187,8 @@ def run(args) -> int:
         train=TrainConfig(protocol=args.training, epochs=args.epochs, input_scaling=args.input_scaling,
                           patience=args.patience, seed=args.seed, device=args.device, precision=args.cnn_precision),
         extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
-        split=args.split, cnn_seeds=seeds, controls=not args.no_controls, probe=not args.no_probe,
+        split=args.split, cnn_seeds=seeds, controls=not args.no_controls, control_seeds=args.control_seeds,
+        null_permutations=args.null_permutations, probe=not args.no_probe, probe_fit=args.probe_fit,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
     al.check_resume(out, cfg)  # before config.json is rewritten: a refused resume changes nothing

@@ -23,12 +23,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
 from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401  (atomic_json: re-exported)
 from mechmem.cnn import (PAPER_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
-                         load_cnns, save_cnns, score_summary, train_cnn_tasks, write_cnn_index)
+                         load_cnns, save_cnns, score_summary, split_validation, train_cnn_tasks, write_cnn_index)
+from mechmem.controls import (centred, check_null, is_aligned, null_summary, permutation_null, shuffled_control,
+                              twin_epochs)
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
@@ -51,11 +54,14 @@ logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "mean_prec", "min_rec",
                  "mean_rec", "mean_eval_loss", "min_f1_ci_low", "min_f1_ci_high"]
-# Beside the score, what it is measured against (see `_write_row`): the chance level, the same CNNs
-# trained on shuffled labels, the attention-statistics probe, the paper's Pythia-12B figure.
-CONTROL_COLUMNS = ["min_f1_chance", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe",
-                   "min_f1_probe_ci_low", "min_f1_probe_ci_high", "aligned", "epochs", "paper_12b_min_f1"]
+# Beside the score, what it is measured against (see `_write_row`): the chance level, the permutation
+# null's 95th percentile, the same CNNs trained on shuffled labels, the attention-statistics probe,
+# the paper's Pythia-12B figure.
+CONTROL_COLUMNS = ["min_f1_chance", "min_f1_null_p95", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe", "min_f1_probe_ci_low", "min_f1_probe_ci_high",
+                   "aligned", "epochs", "control_epochs", "paper_12b_min_f1"]
+PROBE_FITS = ("cnn-fit", "train")
 SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
+CONTROL_SEED_COLUMN = "min_f1_control_seed_sd"  # with control_seeds > 1: the controls' spread over shuffles
 
 
 @dataclass(frozen=True)
@@ -101,14 +107,29 @@ class AlignmentConfig:
     # Trainings of every CNN config, with train seeds train.seed, train.seed + 1, ...: the score averages
     # over all of them, and min_f1_seed_sd says how far training noise alone moves it.
     cnn_seeds: int = 1
-    # The row's chance floor: its CNNs trained (first seed only) on the training split with shuffled
-    # labels, scored on the true eval labels.
+    # The shuffled-label control (`mechmem.controls`): the CNNs trained on the training split with its
+    # labels permuted, for their twin's epoch count, scored on the true eval labels; `control_seeds`
+    # shuffles (the k-th with training seed train.seed + k, its twin that seed's CNNs).
     controls: bool = True
+    control_seeds: int = 1
+    # The permutation null of min F1 (`mechmem.controls.permutation_null`): label permutations drawn.
+    null_permutations: int = 1000
     probe: bool = True  # the attention-statistics probe (mechmem.probe) on the same split
+    # What the probe fits on: "cnn-fit", the samples the CNNs fit (the training split less the
+    # validation part the first seed's CNNs stop on), so the two compare on equal data; "train", the
+    # whole training split.
+    probe_fit: str = "cnn-fit"
 
     def __post_init__(self):
         if self.cnn_seeds < 1:
             raise ValueError(f"cnn_seeds must be >= 1, got {self.cnn_seeds}")
+        if not 1 <= self.control_seeds <= self.cnn_seeds:
+            raise ValueError(f"control_seeds must lie in [1, cnn_seeds = {self.cnn_seeds}] (each shuffle trains "
+                             f"for its twin seed's epochs), got {self.control_seeds}")
+        if self.probe_fit not in PROBE_FITS:
+            raise ValueError(f"unknown probe_fit {self.probe_fit!r}; expected one of {PROBE_FITS}")
+        for n_classes in sorted({len(r.class_names()) for r in self.rows + self.sweep}):
+            check_null([self.eval_per_class] * n_classes, self.null_permutations)
 
 
 def quick_rows(rouge: str = "either", rouge_threshold: float = 0.5) -> tuple[Row, ...]:
@@ -233,25 +254,26 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     statistics = attention_statistics(features) if cfg.probe and main else None
     for (n_classes, _), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
         tasks = [_store_task(plan.splits[row], positions) for row in rows]
-        controls = [shuffled_control(task, cfg.seed) for task in tasks] if cfg.controls else []
-        by_seed, control_cnns = [], []  # by_seed[seed][row] -> the row's CNNs; control_cnns[row]
+        by_seed, control_by_seed = [], []  # [seed][row] -> the row's CNNs (all configs on rank 0)
         for k in range(cfg.cnn_seeds):
             train = replace(cfg.train, seed=cfg.train.seed + k)
-            batch = tasks + (controls if k == 0 else [])  # controls train beside the first seed, in lockstep
-            mine = train_cnn_tasks(features, store.pooling, batch, n_classes, my_configs, train,
-                                   progress=progress) if my_configs else [[] for _ in batch]
+            mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, train,
+                                   progress=progress) if my_configs else [[] for _ in tasks]
             by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, k), dist)
                             for row, row_cnns in zip(rows, mine)])
-            if k == 0:
-                control_cnns = [_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, "control"), dist)
-                                for row, row_cnns in zip(rows, mine[len(tasks):])]
+            if cfg.controls and k < cfg.control_seeds:  # after its twin: it trains the twin's epoch counts
+                controls = [shuffled_control(task, cfg.seed + k, twin_epochs(twin) if twin else None)
+                            for task, twin in zip(tasks, mine)]
+                mine = train_cnn_tasks(features, store.pooling, controls, n_classes, my_configs, train,
+                                       progress=progress) if my_configs else [[] for _ in tasks]
+                control_by_seed.append([_gather_cnns(row_cnns, cfg.configs,
+                                                     run.cnn_folder(row.slug, f"control{k or ''}"), dist)
+                                        for row, row_cnns in zip(rows, mine)])
         for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
-                probe = train_probe(statistics, np.asarray(task.labels), np.asarray(task.train_idx),
-                                    np.asarray(task.eval_idx), n_classes,
-                                    seed=cfg.seed).eval_logits if statistics is not None else None
+                probe = _probe_logits(statistics, task, n_classes, cfg) if statistics is not None else None
                 _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
-                           control_cnns[i] if control_cnns else None, probe, task, plan.splits[row], cfg)
+                           [seed_cnns[i] for seed_cnns in control_by_seed], probe, task, plan.splits[row], cfg)
     dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
     if main:
@@ -271,13 +293,13 @@ def _store_task(split, positions: np.ndarray) -> Task:
     return Task(store_labels, tr, ev)
 
 
-def shuffled_control(task: Task, seed: int) -> Task:
-    """The task with its training labels permuted among its training samples (eval labels untouched):
-    what a CNN learns from it is the chance floor of the row, measured on the same eval samples."""
-    labels = np.array(task.labels, copy=True)
-    train_idx = np.asarray(task.train_idx)
-    labels[train_idx] = np.random.default_rng([seed, 0xC0]).permutation(labels[train_idx])
-    return Task(labels, task.train_idx, task.eval_idx)
+def _probe_logits(statistics: np.ndarray, task: Task, n_classes: int, cfg: AlignmentConfig) -> Tensor:
+    """The attention-statistics probe's eval logits, fitted on the samples `cfg.probe_fit` names."""
+    labels, train_idx = np.asarray(task.labels), np.asarray(task.train_idx)
+    if cfg.probe_fit == "cnn-fit":  # the first seed's fit part: what its CNNs took gradient steps on
+        assert cfg.train.val_fraction is not None  # TrainConfig.__post_init__
+        train_idx = split_validation(labels, train_idx, cfg.train.val_fraction, cfg.train.seed)[0]
+    return train_probe(statistics, labels, train_idx, np.asarray(task.eval_idx), n_classes, seed=cfg.seed).eval_logits
 
 
 def paper_reference(size: str = "12b") -> pd.DataFrame:
@@ -294,35 +316,54 @@ def _paper_min_f1(size: str) -> pd.Series:
     return paper_reference(size).set_index("tax_name")["min_f1"]
 
 
-def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[TrainedCNN]],
-               control: list[TrainedCNN] | None, probe, task: Task, split, cfg) -> None:
-    """rows/{slug}.json: the row's alignment score and interval beside its controls, per-class F1,
-    confusion and samples.
+def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence[Sequence[TrainedCNN]],
+              probe: Tensor | None, y_eval: np.ndarray, n_classes: int, cfg: AlignmentConfig) -> dict:
+    """A row's alignment score (min F1 of its CNNs over every config and seed, with its bootstrap
+    interval and seed spread) beside its controls (`mechmem.controls`), and whether it is aligned.
 
-    Controls: `min_f1_chance` is 100 / classes, the most an uninformed classifier can expect on
-    balanced classes (each class's F1 is at most its share when predictions ignore the input);
-    `min_f1_control` is the shuffled-label CNNs' score; `min_f1_probe` the attention-statistics
-    probe's. A row is `aligned` when its CNNs' interval lies above the control's.
+    `min_f1_chance` is 100 / classes, the expected F1 of a class when predictions ignore the input on
+    balanced classes; `min_f1_null_p95` the 95th percentile of the permutation null of these CNNs'
+    score (`min_f1_null_p` its p-value); `min_f1_control` the shuffled-label CNNs' score on centred
+    logits (over `control_seeds` shuffles, their spread `min_f1_control_seed_sd`); `min_f1_probe` the
+    attention-statistics probe's. `aligned`: the score clears the null and its interval lies above
+    the control's.
     """
-    _, train_pos, eval_pos = split
     trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
-    y_eval = task.labels[task.eval_idx]
-    n_classes = len(row.class_names())
     summary = alignment_summary(trained, y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
     if len(by_seed) > 1:  # each seed's own score (no interval needed), and their spread
         per_seed = [alignment_summary(c, y_eval, n_boot=1)["min_f1"] for c in by_seed]
         summary |= {"min_f1_per_seed": per_seed, SEED_COLUMN: float(np.std(per_seed, ddof=1))}
     summary |= {"min_f1_chance": 100.0 / n_classes, "epochs": float(np.mean([t.epochs_run for t in trained])),
                 "protocol": cfg.train.protocol}
-    if control:
-        c = alignment_summary(control, y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
+    null = permutation_null([t.eval_logits for t in trained], y_eval, cfg.null_permutations, seed=cfg.seed)
+    summary |= null_summary(null, summary["min_f1"])
+    if control_by_seed:
+        control = [cnn for seed_cnns in control_by_seed for cnn in seed_cnns]
+        c = score_summary([centred(t.eval_logits) for t in control], y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
         summary |= {"min_f1_control": c["min_f1"], "min_f1_control_ci_low": c["min_f1_ci_low"],
                     "min_f1_control_ci_high": c["min_f1_ci_high"],
-                    "aligned": bool(summary["min_f1_ci_low"] > c["min_f1_ci_high"])}
+                    "min_f1_control_argmax": alignment_summary(control, y_eval, n_boot=1)["min_f1"],
+                    "control_epochs": float(np.mean([t.epochs_run for t in control]))}
+        if len(control_by_seed) > 1:
+            per_shuffle = [score_summary([centred(t.eval_logits) for t in c], y_eval, n_boot=1)["min_f1"]
+                           for c in control_by_seed]
+            summary |= {"min_f1_control_per_seed": per_shuffle, CONTROL_SEED_COLUMN: float(np.std(per_shuffle, ddof=1))}
+    summary["aligned"] = is_aligned(summary)
     if probe is not None:
         p = score_summary([probe], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["probe"])
         summary |= {"min_f1_probe": p["min_f1"], "min_f1_probe_ci_low": p["min_f1_ci_low"],
                     "min_f1_probe_ci_high": p["min_f1_ci_high"]}
+    return summary
+
+
+def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[TrainedCNN]],
+               control_by_seed: list[list[TrainedCNN]], probe, task: Task, split, cfg) -> None:
+    """rows/{slug}.json: the row's scores beside its controls (`score_row`), the paper's figure,
+    per-class F1, confusion and samples."""
+    _, train_pos, eval_pos = split
+    trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
+    n_classes = len(row.class_names())
+    summary = score_row(by_seed, control_by_seed, probe, np.asarray(task.labels)[task.eval_idx], n_classes, cfg)
     paper = _paper_min_f1("12b")
     if row.name in paper.index and (row.rouge, row.rouge_threshold) == ("either", 0.5):
         summary["paper_12b_min_f1"] = float(paper[row.name])
@@ -383,7 +424,7 @@ def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:
 
 def table_columns(table: pd.DataFrame) -> list[str]:
     """The paper's columns, then the controls and the seed spread that this run has."""
-    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + [SEED_COLUMN] if c in table]
+    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + [SEED_COLUMN, CONTROL_SEED_COLUMN] if c in table]
 
 
 def write_outputs(table: pd.DataFrame, out: Path) -> None:
@@ -420,13 +461,26 @@ def overlapping_ranks(table: pd.DataFrame) -> list[list[int]]:
     return [[j + 1 for j in range(len(t)) if j != i and lo[i] <= hi[j] and lo[j] <= hi[i]] for i in range(len(t))]
 
 
+def not_aligned_reason(r: dict) -> str | None:
+    """Why a row of the table is not aligned ("below the null", "within its control"); None if it is,
+    or if the run recorded no verdict."""
+    aligned = r.get("aligned")
+    if aligned is None or (isinstance(aligned, float) and np.isnan(aligned)) or bool(aligned):
+        return None
+    p95 = r.get("min_f1_null_p95")
+    if p95 is not None and not (isinstance(p95, float) and np.isnan(p95)) and r["min_f1"] <= p95:
+        return "below the null"
+    return "within its control"
+
+
 def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
     """Rows best first: score and interval, seed spread, the controls, and the ranks it cannot be told
     apart from; a row whose interval does not clear its shuffled-label control is flagged."""
     t = table.sort_values("min_f1", ascending=False)
     seeds = " (seeds sd: spread over training seeds)" if SEED_COLUMN in t else ""
-    lines = [f"Ranking: min F1 % [95% bootstrap interval]{seeds} | probe | shuffled-label control | chance | "
-             "paper Pythia-12B; '~ n' lists the ranks whose intervals overlap.", ""]
+    lines = [f"Ranking: min F1 % [95% bootstrap interval]{seeds} | probe | null (95th percentile of the "
+             "permutation null) | shuffled-label control | chance | paper Pythia-12B; '~ n' lists the ranks whose "
+             "intervals overlap.", ""]
     for rank, (r, ties) in enumerate(zip(t.to_dict("records"), overlapping_ranks(t)), 1):
         def get(key, fmt="5.1f", missing="  -  ", r=r):
             v = r.get(key)
@@ -435,11 +489,10 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
         parts = [f"{rank:>2}. {r['min_f1']:5.1f} [{r['min_f1_ci_low']:5.1f}, {r['min_f1_ci_high']:5.1f}]"]
         if SEED_COLUMN in r:
             parts.append(f"(seeds sd {get(SEED_COLUMN, '4.1f', ' -  ')})")
-        parts += [f"| probe {get('min_f1_probe')}", f"| control {get('min_f1_control')}",
+        parts += [f"| probe {get('min_f1_probe')}", f"| null {get('min_f1_null_p95')}",
+                  f"| control {get('min_f1_control')}",
                   f"| chance {get('min_f1_chance', '4.1f')}", f"| paper {get('paper_12b_min_f1', '4.1f', ' -  ')}"]
-        aligned = r.get("aligned")
-        known = aligned is not None and not (isinstance(aligned, float) and np.isnan(aligned))
-        flag = "  NOT ALIGNED (within its control)" if known and not bool(aligned) else ""
+        flag = f"  NOT ALIGNED ({why})" if (why := not_aligned_reason(r)) else ""
         tie = f"  ~ {','.join(map(str, ties))}" if ties else ""
         lines.append(" ".join(parts) + f"  {r['tax_name']}{flag}{tie}")
     text = "\n".join(lines)

@@ -662,8 +662,10 @@ def train_cnn(
     n_classes: int,
     config: CNNConfig,
     train: TrainConfig = TrainConfig(),
+    epochs: int | None = None,
 ) -> TrainedCNN:
-    """One CNN, trained in a plain loop that reads top to bottom.
+    """One CNN, trained in a plain loop that reads top to bottom. `epochs`: exactly that many, the
+    last weights kept, no early stopping (what `Task.epochs` asks of `train_cnn_tasks`).
 
     This is the reference: `train_cnn_tasks` trains many CNNs and tasks in lockstep (one pass over
     the data, same-shaped CNNs fused into one grouped network on a GPU) and is tested to give what
@@ -701,8 +703,9 @@ def train_cnn(
     train_losses: list[float] = []
     val_losses: list[float] = []
     best, best_epoch, best_state, epoch = math.inf, 0, None, 0
+    fixed = _fixed_epochs(epochs, 1, train)[0]
     with _cudnn_deterministic(train.deterministic):
-        for epoch in range(1, train.epochs + 1):
+        for epoch in range(1, (fixed or train.epochs) + 1):
             model.train()
             perm = fit_idx[torch.randperm(len(fit_idx), generator=order).numpy()]
             total = torch.zeros((), device=device)
@@ -719,6 +722,8 @@ def train_cnn(
             if len(val_idx):
                 val_loss = float(F.cross_entropy(predict(model, val_idx).double(), torch.from_numpy(labels[val_idx])))
                 val_losses.append(val_loss)
+                if fixed:
+                    continue
                 if val_loss < best:
                     best, best_epoch = val_loss, epoch
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -740,6 +745,23 @@ class Task:
     labels: Int[Tensor, " sample"] | Int[np.ndarray, " sample"]
     train_idx: Sequence[int] | np.ndarray | Tensor
     eval_idx: Sequence[int] | np.ndarray | Tensor
+    # None: the protocol decides when to stop. An int (or one per config): exactly that many epochs,
+    # last weights kept, never early-stopped - the shuffled-label control trains its twin's epoch
+    # count this way (`mechmem.controls`), since stopping on shuffled validation labels collapses it.
+    epochs: int | Sequence[int] | None = None
+
+
+def _fixed_epochs(epochs: int | Sequence[int] | None, n_configs: int, train: TrainConfig) -> list[int]:
+    """A task's fixed epoch count per config (0: none, the protocol stops it), checked against the cap."""
+    if epochs is None:
+        return [0] * n_configs
+    counts = [int(epochs)] * n_configs if isinstance(epochs, (int, np.integer)) else [int(e) for e in epochs]
+    if len(counts) != n_configs:
+        raise ValueError(f"a task's epochs must be one count or one per config ({n_configs}), got {len(counts)}")
+    assert train.epochs is not None  # __post_init__
+    if any(not 1 <= e <= train.epochs for e in counts):
+        raise ValueError(f"a task's fixed epochs must lie in [1, {train.epochs}] (the protocol's cap), got {counts}")
+    return counts
 
 
 @contextmanager
@@ -782,6 +804,7 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     if not checked:
         raise ValueError("tasks must not be empty")
     configs, pools = checked[0][0], checked[0][1]
+    fixed = [_fixed_epochs(t.epochs, len(configs), train) for t in tasks]  # fixed[task][config]; 0: none
     labels = np.stack([c[2] for c in checked])
     if len({len(c[3]) for c in checked}) != 1:
         raise ValueError(f"tasks trained together need as many training samples each, got {[len(c[3]) for c in checked]}")
@@ -878,8 +901,10 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         return {s: torch.cat(o) for s, o in out.items()}
 
     # Per member (stack s, slot g): losses, and with validation the best epoch's weights so far.
-    history: dict[tuple[int, int], dict[str, Any]] = {(s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0}
-               for s, members in enumerate(stack_members) for g in range(len(members))}
+    history: dict[tuple[int, int], dict[str, Any]] = {
+        (s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0,
+                 "fixed": fixed[t][i]}
+        for s, members in enumerate(stack_members) for g, (t, i) in enumerate(members)}
     order = torch.Generator().manual_seed(train.seed)
     val_labels = labels[np.arange(n_tasks)[:, None], val_idx]  # (task, val)
     bar = tqdm(total=train.epochs, desc=f"training {n_tasks}x{len(configs)} CNNs", unit="epoch",
@@ -914,12 +939,15 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         if val_idx.shape[1]:
             _track_validation(history, evaluate(list(val_idx), active), val_labels, member_task, stacks, epoch,
                               train.patience)
-        if train.early_stopping:  # a stopped member has its best weights saved: training it on is wasted
-            active = [s for s in active if any(not history[(s, g)]["stopped"] for g in range(len(stack_members[s])))]
+        for (s, g), h in history.items():  # members of fixed-epoch tasks stop here, with their last weights
+            if h["fixed"] == epoch:
+                h["stopped"], h["best_epoch"], h["state"] = epoch, epoch, stacks[s].member_state(g)
+        # a stopped member has the weights it keeps saved: training it on is wasted
+        active = [s for s in active if any(not history[(s, g)]["stopped"] for g in range(len(stack_members[s])))]
         bar.update()
         running = sum(not h["stopped"] for h in history.values())
-        bar.set_postfix_str(f"{running}/{len(history)} improving")
-        if train.early_stopping and running == 0:
+        bar.set_postfix_str(f"{running}/{len(history)} training")
+        if running == 0:
             break
     bar.close()
 
@@ -945,7 +973,8 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
 def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: np.ndarray, member_task: list[Tensor],
                       stacks: list[_CNNStack], epoch: int, patience: int) -> None:
     """Early stopping's bookkeeping: each member's validation loss; a copy of its weights when it is
-    its best so far; the epoch it stops at once `patience` epochs have passed without improvement.
+    its best so far; the epoch it stops at once `patience` epochs have passed without improvement
+    (members of a fixed epoch count only record the loss).
     A stopped member is left alone (it would have stopped training alone), so neighbours never matter."""
     y = torch.from_numpy(val_labels)
     for s, logits in val_logits.items():
@@ -956,6 +985,8 @@ def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: 
                 continue
             loss = float(F.cross_entropy(logits[:n_val, g].double(), y[t]))
             h["val"].append(loss)
+            if h["fixed"]:  # a fixed epoch count: no best epoch, no early stop
+                continue
             if loss < h["best"]:
                 h["best"], h["best_epoch"], h["state"] = loss, epoch, stacks[s].member_state(g)
             elif patience and epoch - h["best_epoch"] >= patience:
@@ -964,6 +995,17 @@ def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: 
 
 
 # ----------------------------------------------------------------------------- alignment score
+
+
+def mean_min_f1(codes: Int[np.ndarray, "classifier draw sample"], n_classes: int) -> Float[np.ndarray, " draw"]:
+    """Min F1 over classes, averaged over classifiers, for many draws at once (bootstrap resamples,
+    label permutations). `codes` holds true * n_classes + predicted per sample: one bincount gives
+    every confusion matrix."""
+    n_cls, b, _ = codes.shape
+    k2 = n_classes * n_classes
+    cells = codes + (np.arange(n_cls * b) * k2).reshape(n_cls, b, 1)
+    conf = np.bincount(cells.ravel(), minlength=n_cls * b * k2).reshape(n_cls, b, n_classes, n_classes)
+    return _prf(conf)[2].min(-1).mean(0)
 
 
 def alignment_summary(
@@ -1023,10 +1065,7 @@ def score_summary(
     chunk = max(1, 4_000_000 // (n_cfg * n))
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        cells = codes[:, rng.integers(0, n, size=(b, n))]  # (config, resample, sample)
-        cells = cells + (np.arange(n_cfg * b) * K * K).reshape(n_cfg, b, 1)
-        conf = np.bincount(cells.ravel(), minlength=n_cfg * b * K * K).reshape(n_cfg, b, K, K)
-        stats.append(_prf(conf)[2].min(-1).mean(0))  # config-averaged min F1 per resample
+        stats.append(mean_min_f1(codes[:, rng.integers(0, n, size=(b, n))], K))  # (config, resample, sample)
     boot = 100 * np.concatenate(stats)
     alpha = (1 - confidence) / 2
     out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(boot, [100 * alpha, 100 * (1 - alpha)]))

@@ -127,10 +127,12 @@ class RunFolder:
 
     def cnn_folder(self, slug: str, seed_index: int | str = 0) -> Path:
         """cnns/{slug}/ for the first training seed (what localization and inspection load),
-        cnns/{slug}/seed{k}/ for the k-th further one, cnns/{slug}/control/ for the shuffled-label control."""
+        cnns/{slug}/seed{k}/ for the k-th further one; "control" is cnns/{slug}/control/, the
+        shuffled-label control of the first seed, "control{k}" cnns/{slug}/control/seed{k}/ the k-th's."""
         folder = self.path / CNNS / slug
-        if seed_index == "control":
-            return folder / "control"
+        if isinstance(seed_index, str) and seed_index.startswith("control"):
+            k = seed_index.removeprefix("control")
+            return folder / "control" / (f"seed{k}" if k else "")
         return folder if seed_index == 0 else folder / f"seed{seed_index}"
 
     def seed_indices(self, slug: str) -> list[int]:

@@ -250,6 +250,7 @@ def test_settings_cover_every_config_field_but_the_resumable_ones():
 def test_control_scores_chance_where_the_cnn_scores_near_100():
     """A synthetic separable task: the CNNs find it, the same CNNs on shuffled labels do not."""
     from mechmem.cnn import Task, alignment_summary, train_cnn_tasks
+    from mechmem.controls import shuffled_control
 
     g = torch.Generator().manual_seed(0)
     n, n_classes = 360, 3
@@ -257,7 +258,7 @@ def test_control_scores_chance_where_the_cnn_scores_near_100():
     feats = 0.3 * torch.rand(n, 1, 3, 16, 16, generator=g)
     feats[torch.arange(n), :, torch.from_numpy(labels)] += torch.eye(16)  # class = the bright layer's index
     task = Task(labels, np.arange(240), np.arange(240, n))
-    control = al.shuffled_control(task, seed=0)
+    control = shuffled_control(task, seed=0)
     np.testing.assert_array_equal(control.labels[240:], labels[240:])  # eval labels untouched
     assert sorted(control.labels[:240]) == sorted(labels[:240]) and (control.labels[:240] != labels[:240]).any()
     cfg = (CNNConfig(3, 8, "mean", n_feat_fc=32),)

@@ -122,6 +122,10 @@ BAD_INPUT = [
     ("run_alignment", ["--train-per-class", "0"], "--train-per-class must be >= 1, got 0"),
     ("run_alignment", ["--eval-per-class", "-5"], "--eval-per-class must be >= 1, got -5"),
     ("run_alignment", ["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    ("run_alignment", ["--eval-per-class", "1"], "1 eval samples a class are too few for the permutation null of a "
+                                                 "3-class row"),
+    ("run_alignment", ["--null-permutations", "50"], "the permutation null needs at least 100 permutations, got 50"),
+    ("run_alignment", ["--control-seeds", "4"], "control_seeds must lie in [1, cnn_seeds = 3]"),
     ("localize", ["--run", "{tmp}/nowhere"], "--run folder {tmp}/nowhere does not exist"),
     ("localize", ["--samples-per-class", "0"], "--samples-per-class must be >= 1, got 0"),
     ("localize", ["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),

@@ -574,3 +574,48 @@ def test_dropout_masks_come_from_the_cnns_own_generator():
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     model.set_dropout_generator(torch.Generator().manual_seed(6))
     assert not torch.equal(model(x), outs[0])
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fixed_epoch_task_trains_exactly_its_count_and_keeps_its_last_weights(fuse):
+    """Task.epochs (the shuffled-label control's rule): exactly that many epochs per config, never
+    early-stopped, last weights kept; equal to the plain loop's `epochs`, and its neighbour task (which
+    early-stops) trains as it would alone."""
+    from dataclasses import replace
+
+    from mechmem.cnn import Task, train_cnn
+
+    feats, labels = diagonal_toy(60, seq_len=32)
+    labels = labels.numpy().copy()
+    labels[::4] = (labels[::4] + 1) % 3
+    shuffled = labels.copy()
+    shuffled[:44] = np.random.default_rng(0).permutation(labels[:44])
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(5, 2, "max"))
+    train = TrainConfig(protocol="converged", epochs=12, patience=2, batch_size=8, lr=3e-3, device="cpu", fuse=fuse)
+    train_idx, eval_idx = np.arange(44), np.arange(44, 60)
+    real, control = train_cnn_tasks(feats, POOLS, [Task(labels, train_idx, eval_idx),
+                                                   Task(shuffled, train_idx, eval_idx, epochs=[7, 3])],
+                                    3, configs, train, progress=False)
+    alone = train_cnns(feats, POOLS, labels, train_idx, eval_idx, 3, configs, replace(train, fuse=False),
+                       progress=False)
+    for a, r in zip(alone, real):
+        assert (a.epochs_run, a.best_epoch) == (r.epochs_run, r.best_epoch)
+        torch.testing.assert_close(a.eval_logits, r.eval_logits, rtol=1e-4, atol=1e-5)
+    for config, c, n in zip(configs, control, (7, 3)):
+        assert (c.epochs_run, c.best_epoch, len(c.train_losses), len(c.val_losses)) == (n, n, n, n)
+        plain = train_cnn(feats, POOLS, shuffled, train_idx, eval_idx, 3, config, replace(train, fuse=None), epochs=n)
+        assert (plain.epochs_run, plain.best_epoch) == (n, n)
+        assert plain.val_losses == pytest.approx(c.val_losses, rel=1e-5)
+        assert_same_weights(state(plain.model), state(c.model))
+        torch.testing.assert_close(plain.eval_logits, c.eval_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("epochs", [0, 13, [3], [1, 2, 3]])
+def test_fixed_epochs_outside_the_cap_or_of_the_wrong_length_are_refused(epochs):
+    from mechmem.cnn import Task
+
+    feats, labels = diagonal_toy(20, seq_len=32)
+    configs = (CNNConfig(6, 4, "mean"), CNNConfig(5, 2, "max"))
+    with pytest.raises(ValueError, match="epochs"):
+        train_cnn_tasks(feats, POOLS, [Task(labels, np.arange(12), np.arange(12, 20), epochs=epochs)], 3, configs,
+                        TrainConfig(epochs=12, device="cpu"), progress=False)
