@@ -4,11 +4,15 @@
         --variant paper protocol=paper --variant converged \
         --variant layer input_scaling=layer --variant bs16 batch_size=16
 
-Reads the run's feature store and every row's train/eval split (rows/*.json), retrains the row's
+Reads the run's feature store and every row's training split (rows/*.json), retrains the row's
 CNNs under each variant (`name key=value ...`, fields of TrainConfig; the protocol's defaults fill
-the rest) with several training seeds, and fits the attention-statistics probe on the same splits.
+the rest) with several training seeds, and fits the attention-statistics probe on the same samples.
 Prints per variant the mean min F1 over rows, the mean spread over seeds, epochs and time; writes
 every (variant, row, seed) to --out as CSV.
+
+Variants are scored on a **selection split**: a stratified fifth of each row's training split, held
+out from every variant's training (and from its validation part). The run's eval split, the one its
+tables report, is never read: choosing a protocol here cannot tune it to the reported numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import pandas as pd
 import torch
 
 from mechmem import alignment as al
-from mechmem.cnn import PAPER_GRID, QUICK_GRID, Task, TrainConfig, alignment_summary, classification_metrics, train_cnn_tasks
+from mechmem.cnn import (PAPER_GRID, QUICK_GRID, Task, TrainConfig, alignment_summary, classification_metrics,
+                         split_validation, train_cnn_tasks)
 from mechmem.data import load_memorization_data
 from mechmem.features import FeatureStore
 from mechmem.probe import attention_statistics, train_probe
@@ -42,8 +47,13 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
     return words[0], kw
 
 
+SELECTION_FRACTION = 0.2
+SELECTION_SEED = 0x5E1  # not a training seed: the selection split stays put whatever the variants' seeds
+
+
 def load_rows(run: Path, df: pd.DataFrame, store: FeatureStore):
-    """(row, labels over the store, train rows, eval rows) per finished row of the run."""
+    """(row, labels over the store, fitting rows, selection rows) per finished row of the run: the
+    row's training split less a stratified selection split; its eval split is left out."""
     out = []
     pos = pd.Series(np.arange(len(df)), index=df["sequence_id"].to_numpy())  # sequence id -> table row
     for rec in RunFolder(run).rows().values():
@@ -53,7 +63,9 @@ def load_rows(run: Path, df: pd.DataFrame, store: FeatureStore):
         labels = np.zeros(len(store.sequence_ids), dtype=np.int64)
         tr, ev = store.index(tr_ids), store.index(ev_ids)
         labels[tr], labels[ev] = labels_df[pos[tr_ids].to_numpy()], labels_df[pos[ev_ids].to_numpy()]
-        out.append((row, labels, tr, ev))
+        fit, selection = split_validation(labels, tr, SELECTION_FRACTION, SELECTION_SEED)
+        assert not np.intersect1d(selection, ev).size
+        out.append((row, labels, fit, selection))
     return out
 
 
@@ -75,9 +87,11 @@ def main() -> None:
     rows = [r for r in load_rows(args.run, df, store) if not args.rows or r[0].slug in args.rows]
     records = []
     stats = attention_statistics(features)
-    for row, labels, tr, ev in rows:
-        probe = train_probe(stats, labels, tr, ev, len(row.class_names()))
-        m = classification_metrics(labels[ev], probe.eval_logits.argmax(-1), len(row.class_names()))
+    val_fraction = TrainConfig().val_fraction or 0.0
+    for row, labels, tr, sel in rows:  # the probe fits what the converged CNNs of seed 0 fit
+        fit = split_validation(labels, tr, val_fraction, 0)[0]
+        probe = train_probe(stats, labels, fit, sel, len(row.class_names()))
+        m = classification_metrics(labels[sel], probe.eval_logits.argmax(-1), len(row.class_names()))
         records.append({"variant": "probe", "row": row.name, "seed": 0, "min_f1": 100 * m.min_f1,
                         "epochs": 0, "seconds": 0.0})
     for words in args.variant:
