@@ -24,8 +24,8 @@ def _save(fig, path: Path) -> None:
 
 def min_f1_bar_png(table: pd.DataFrame, path: Path) -> None:
     """Horizontal bars of min F1 per taxonomy with 95% intervals (best on top), beside its controls:
-    the probe (diamond), the shuffled-label control (cross), chance (tick) and the paper's Pythia-12B
-    figure (black bar) where the row has them."""
+    the probe (diamond), the shuffled-label control (cross), the permutation null's 95th percentile
+    (triangle), chance (tick) and the paper's Pythia-12B figure (black bar) where the row has them."""
     t = table.sort_values("min_f1").reset_index(drop=True)
     y = np.arange(len(t))
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(t) + 1.6))
@@ -34,6 +34,7 @@ def min_f1_bar_png(table: pd.DataFrame, path: Path) -> None:
     ax.barh(y, t["min_f1"], xerr=err, color=colors, capsize=3, alpha=0.85)
     markers = (("min_f1_probe", "D", "tab:green", "probe (attention statistics)"),
                ("min_f1_control", "x", "tab:red", "shuffled-label control"),
+               ("min_f1_null_p95", "<", "tab:purple", "null, 95th percentile"),
                ("min_f1_chance", "|", "grey", "chance (100 / classes)"),
                ("paper_12b_min_f1", "|", "black", "paper, Pythia-12B"))
     for column, marker, color, label in markers:
