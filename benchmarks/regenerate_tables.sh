@@ -16,7 +16,7 @@ DEVICE=${DEVICE:-cuda}
 
 keep() {  # keep <run folder> <results folder>: the tables and what decided them, not features or CNNs
     mkdir -p "$2"
-    cp "$1"/alignment.csv "$1"/alignment.md "$1"/settings.json "$1"/skipped.json "$1"/min_f1.png "$2"/ 2>/dev/null || true
+    cp "$1"/alignment.csv "$1"/alignment.md "$1"/settings.json "$1"/skipped.json "$1"/*.png "$2"/ 2>/dev/null || true
     mkdir -p "$2"/rows && cp "$1"/rows/*.json "$2"/rows/
 }
 

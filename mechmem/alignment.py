@@ -322,8 +322,9 @@ def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence
     interval and seed spread) beside its controls (`mechmem.controls`), and whether it is aligned.
 
     `min_f1_chance` is 100 / classes, the expected F1 of a class when predictions ignore the input on
-    balanced classes; `min_f1_null_p95` the 95th percentile of the permutation null of these CNNs'
-    score (`min_f1_null_p` its p-value); `min_f1_control` the shuffled-label CNNs' score on centred
+    balanced classes; `min_f1_null_p95` the 95th percentile of the permutation null, the min F1 of
+    an input-blind classifier guessing with the eval class proportions (`min_f1_null_p`: the score's
+    p-value under it); `min_f1_control` the shuffled-label CNNs' score on centred
     logits (over `control_seeds` shuffles, their spread `min_f1_control_seed_sd`); `min_f1_probe` the
     attention-statistics probe's. `aligned`: the score clears the null and its interval lies above
     the control's.
@@ -335,7 +336,7 @@ def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence
         summary |= {"min_f1_per_seed": per_seed, SEED_COLUMN: float(np.std(per_seed, ddof=1))}
     summary |= {"min_f1_chance": 100.0 / n_classes, "epochs": float(np.mean([t.epochs_run for t in trained])),
                 "protocol": cfg.train.protocol}
-    null = permutation_null([t.eval_logits for t in trained], y_eval, cfg.null_permutations, seed=cfg.seed)
+    null = permutation_null(y_eval, cfg.null_permutations, seed=cfg.seed)
     summary |= null_summary(null, summary["min_f1"])
     if control_by_seed:
         control = [cnn for seed_cnns in control_by_seed for cnn in seed_cnns]
