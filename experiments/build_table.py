@@ -60,14 +60,13 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from mechmem.data import check_vocab
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import _resolve_dtype, load_model
     from mechmem.tables import samples as S
     from mechmem.tables.build import BuildConfig, build_table, corpus_paths, prepare_samples
     from mechmem.tables.corpus import Corpus
     from mechmem.tables.count import CountConfig
-    from mechmem.tables.relabel import check_available
+    from mechmem.tables.relabel import check_available, model_vocab
 
     cfg = BuildConfig(samples=args.samples, samples_from=args.samples_from, sampling=args.sampling, seed=args.seed,
                       batch_size=args.batch_size, chunk=args.chunk, hash_corpus=not args.no_corpus_hash,
@@ -81,16 +80,20 @@ def run(args) -> int:
     corpus = Corpus.open(corpus_paths(args.corpus), tokenizer=args.model)
     if cfg.samples is not None and cfg.samples > S.available(corpus, cfg.sampling):
         S.draw(corpus, cfg.samples, sampling=cfg.sampling)  # raises the one-line error
-    dist = init_from_env()
-    say = print if dist.is_main else (lambda *a, **k: None)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
-    d_vocab = model.cfg.d_vocab
+    d_vocab = model_vocab(args.model, args.revision)
     top = corpus.probe_max_token()
     if top >= d_vocab:
         raise cli.CliError(f"the corpus holds token id {top}, outside the model's vocabulary (ids 0-{d_vocab - 1}): "
                            "was it tokenized with another tokenizer?")
+    dist = init_from_env()
+    say = print if dist.is_main else (lambda *a, **k: None)
     if dist.is_main:
-        check_vocab(prepare_samples(corpus, cfg, args.out / "work"), d_vocab)
+        prepare_samples(corpus, cfg, args.out / "work", d_vocab)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     dist.barrier()
     say(f"{corpus.n_tokens:,} corpus tokens in {len(corpus.files)} file(s); labelling with {model.mechmem_name}; "
         f"counting on {args.scheduler}; writing to {args.out}")

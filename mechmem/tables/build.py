@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mechmem.atomic import atomic_json, atomic_write
-from mechmem.data import PREFIX_LEN, SEQ_LEN, add_derived_columns, load_memorization_data, tokens_array, validate
+from mechmem.data import (PREFIX_LEN, SEQ_LEN, add_derived_columns, check_vocab, load_memorization_data, tokens_array,
+                          validate)
 from mechmem.distributed import Dist
 from mechmem.tables import samples as S
 from mechmem.tables.corpus import Corpus
@@ -100,9 +101,10 @@ def samples_file(corpus: Corpus, cfg: BuildConfig, work: Path) -> Path:
     return work / f"samples-{_key(cfg.samples, cfg.samples_from, cfg.sampling, cfg.seed, corpus.describe())}.parquet"
 
 
-def prepare_samples(corpus: Corpus, cfg: BuildConfig, work: Path) -> pd.DataFrame:
+def prepare_samples(corpus: Corpus, cfg: BuildConfig, work: Path, d_vocab: int | None = None) -> pd.DataFrame:
     """sequence_id and tokens (plus a source table's own columns), saved once in `work`: a resumed
-    build labels the very same samples."""
+    build labels the very same samples. With `d_vocab`, samples holding a token id outside the
+    model's vocabulary are refused (`data.check_vocab`) before anything is written."""
     path = samples_file(corpus, cfg, work)
     if path.exists():
         return pd.read_parquet(path)
@@ -111,6 +113,8 @@ def prepare_samples(corpus: Corpus, cfg: BuildConfig, work: Path) -> pd.DataFram
     else:
         ids, tokens = S.draw(corpus, cfg.samples, seed=cfg.seed, sampling=cfg.sampling)  # type: ignore[arg-type]
         df = pd.DataFrame({"sequence_id": ids, "tokens": list(tokens)})
+    if d_vocab is not None:
+        check_vocab(df, d_vocab)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: df.to_parquet(p))
     return df

@@ -174,6 +174,22 @@ def check_available(name: str | os.PathLike, revision: str | None = None) -> Non
                                    f"{f' --revision {revision}' if revision else ''} --local-dir DIR` and pass DIR")
 
 
+def model_vocab(name: str | os.PathLike, revision: str | None = None) -> int:
+    """The model's vocabulary size from its config alone (offline): token ids are checked against it
+    before the weights are loaded."""
+    from transformers import AutoConfig
+
+    text = os.fspath(name)
+    if text == "testbed":
+        from mechmem.testbed import MODEL_DIR
+
+        text = str(MODEL_DIR)
+    try:
+        return int(AutoConfig.from_pretrained(text, revision=revision, local_files_only=True).vocab_size)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no config for {text} available offline ({str(err).splitlines()[0][:100]})") from None
+
+
 def load_tokenizer(name: str | os.PathLike):
     """The model's tokenizer (decodes `text`, tokenizes text corpora), offline."""
     from transformers import AutoTokenizer
