@@ -119,8 +119,11 @@ def _client(cfg: CountConfig):
 
 
 def count_sequences(corpus: Corpus, windows: Int[np.ndarray, "n width"], cfg: CountConfig | None = None, *,
-                    work_dir: str | os.PathLike | None = None, progress: bool = True) -> CountResult:
-    """How many times each row of `windows` occurs in the corpus (exact), shard by shard on Dask."""
+                    work_dir: str | os.PathLike | None = None, progress: bool = True, client=None) -> CountResult:
+    """How many times each row of `windows` occurs in the corpus (exact), shard by shard on Dask.
+
+    `client`: a `dask.distributed.Client` already connected (left open); else one for
+    `cfg.scheduler` is made here and closed."""
     cfg = cfg or CountConfig()
     cfg.check()
     t0 = time.time()
@@ -159,16 +162,19 @@ def count_sequences(corpus: Corpus, windows: Int[np.ndarray, "n width"], cfg: Co
     elif todo:
         from dask.distributed import as_completed
 
-        client, cluster = _client(cfg)
+        own = client is None
+        client, cluster = _client(cfg) if own else (client, None)
         try:
-            engine = f"dask {cfg.scheduler} ({len(client.scheduler_info().get('workers', {}))} workers)"
+            where = cfg.scheduler if own else "client"
+            engine = f"dask {where} ({len(client.scheduler_info().get('workers', {}))} workers)"
             shared = client.scatter(samples, broadcast=True)
             futures = {client.submit(count_shard, s, shared, cfg.scope, corpus.tokenizer, key=f"count-{s.key}-"
                                      f"{samples_fingerprint(samples, cfg.scope)}", pure=False): s for s in todo}
             for future in as_completed(futures):
                 finish(futures[future], future.result())
         finally:
-            client.close()
+            if own:
+                client.close()
             if cluster is not None:
                 cluster.close()
     bar.close()

@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Int
 
 BASE = 1_000_003
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a hash's top bits, well spread, index the filter
 
 
 def _pow(base: np.uint64, e: int) -> np.uint64:
@@ -84,6 +85,15 @@ class SampleSet:
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         self.inverse = rank[self.inverse]                # sample -> row of self.windows
+        # A bit table over the hashes' mixed top bits: most stream windows are ruled out by one
+        # lookup, and only the few that pass are searched for among the sorted hashes.
+        self.filter_bits = int(min(26, max(12, np.ceil(np.log2(len(unique))) + 8)))
+        self.filter = np.zeros(1 << self.filter_bits, dtype=bool)
+        self.filter[self._slot(self.hashes)] = True
+
+    def _slot(self, hashes: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((hashes * _MIX) >> np.uint64(64 - self.filter_bits)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -100,14 +110,15 @@ class SampleSet:
         ok = valid_starts(len(stream), self.width, doc_starts)
         if limit is not None:
             ok[limit:] = False
-        lo = np.searchsorted(self.hashes, h, side="left")
-        hit = (lo < len(self.hashes)) & ok
-        hit[hit] = self.hashes[lo[hit]] == h[hit]
-        pos = np.flatnonzero(hit)
+        pos = np.flatnonzero(self.filter[self._slot(h)] & ok)
+        lo = np.searchsorted(self.hashes, h[pos], side="left")
+        found = lo < len(self.hashes)
+        found[found] = self.hashes[lo[found]] == h[pos[found]]
+        pos, lo = pos[found], lo[found]
         if not len(pos):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         # every sample window with the hit's hash is a candidate: confirm each token by token
-        lo, hi = lo[pos], np.searchsorted(self.hashes, h[pos], side="right")
+        hi = np.searchsorted(self.hashes, h[pos], side="right")
         n_cand = hi - lo
         cand_pos = np.repeat(pos, n_cand)
         cand_row = np.repeat(lo, n_cand) + (np.arange(n_cand.sum()) - np.repeat(np.cumsum(n_cand) - n_cand, n_cand))
