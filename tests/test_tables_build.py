@@ -124,13 +124,21 @@ def test_the_generic_command_reproduces_the_testbeds_shipped_labels(tmp_path):
     subset.to_parquet(tmp_path / "subset.parquet")
     out = tmp_path / "out"
     assert build_table.main(["--model", "testbed", "--corpus", "testbed", "--samples-from",
-                             str(tmp_path / "subset.parquet"), "--workers", "2", "--tokens-per-shard", "2000000",
+                             str(tmp_path / "subset.parquet"), "--scheduler", "synchronous", "--tokens-per-shard", "2000000",
                              "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     df = pd.read_parquet(out / "memorization.parquet")
     assert df["sequence_id"].tolist() == subset["sequence_id"].tolist()
     np.testing.assert_array_equal(df["memorization_score"], subset["memorization_score"])
     np.testing.assert_array_equal(df["sequence_duplicates"], subset["sequence_duplicates"])
     assert df["sequence_duplicates"].max() == 2000
+    # Counting is cheap: sequence_duplicates of every shipped row, by the same generic counter.
+    from mechmem.tables.build import corpus_paths
+    from mechmem.tables.corpus import Corpus
+    from mechmem.tables.count import CountConfig, count_sequences
+
+    every = count_sequences(Corpus.open(corpus_paths(["testbed"])), np.stack(shipped["tokens"].to_numpy()),
+                            CountConfig(scheduler="synchronous"), progress=False)
+    np.testing.assert_array_equal(every.counts, shipped["sequence_duplicates"])
 
 
 @built
