@@ -107,3 +107,11 @@ def test_text_needs_a_tokenizer(tmp_path):
 def test_probe_finds_ids_outside_the_vocabulary(tmp_path):
     np.save(tmp_path / "a.npy", np.array([1, 2, 3, 60000, 4], dtype=np.uint16))
     assert Corpus.open(tmp_path).probe_max_token() == 60000
+
+
+def test_files_of_the_same_name_in_two_folders_are_two_shards(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "part.npy", np.arange(100))
+    shards = Corpus.open(tmp_path).shards(1000)
+    assert len(shards) == 2 and shards[0].key != shards[1].key

@@ -20,6 +20,7 @@ sample's `sequence_id` is the global offset of its first token, so a row can be 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import struct
@@ -59,8 +60,8 @@ class Shard:
     @property
     def key(self) -> str:
         """A name unique in the corpus, safe as a file name: the unit of resume."""
-        stem = Path(self.file.path).name.replace(os.sep, "_")
-        return f"{stem}.{self.start}-{'end' if self.stop is None else self.stop}"
+        where = hashlib.sha1(str(Path(self.file.path).resolve()).encode()).hexdigest()[:8]  # same names, two folders
+        return f"{Path(self.file.path).name}.{where}.{self.start}-{'end' if self.stop is None else self.stop}"
 
 
 def read_megatron_index(idx_path: str | os.PathLike) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
