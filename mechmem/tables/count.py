@@ -168,8 +168,9 @@ def count_sequences(corpus: Corpus, windows: Int[np.ndarray, "n width"], cfg: Co
             where = cfg.scheduler if own else "client"
             engine = f"dask {where} ({len(client.scheduler_info().get('workers', {}))} workers)"
             shared = client.scatter(samples, broadcast=True)
-            futures = {client.submit(count_shard, s, shared, cfg.scope, corpus.tokenizer, key=f"count-{s.key}-"
-                                     f"{samples_fingerprint(samples, cfg.scope)}", pure=False): s for s in todo}
+            fp = samples_fingerprint(samples, cfg.scope)
+            futures = {client.submit(count_shard, s, shared, cfg.scope, corpus.tokenizer, key=f"count-{s.key}-{fp}",
+                                     pure=False): s for s in todo}
             for future in as_completed(futures):
                 finish(futures[future], future.result())
         finally:

@@ -91,6 +91,20 @@ class SampleSet:
         self.filter = np.zeros(1 << self.filter_bits, dtype=bool)
         self.filter[self._slot(self.hashes)] = True
 
+    def __getstate__(self) -> dict:
+        """What a worker needs, compactly: the bit table is rebuilt there, the sample order is not sent."""
+        state = dict(self.__dict__)
+        del state["filter"]
+        state["inverse"] = None
+        small = self.windows.min() >= 0 and self.windows.max() < 2**31
+        state["windows"] = self.windows.astype(np.int32) if small else self.windows
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.filter = np.zeros(1 << self.filter_bits, dtype=bool)
+        self.filter[self._slot(self.hashes)] = True
+
     def _slot(self, hashes: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
             return ((hashes * _MIX) >> np.uint64(64 - self.filter_bits)).astype(np.int64)
