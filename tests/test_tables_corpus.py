@@ -25,6 +25,9 @@ def test_megatron_roundtrip_keeps_tokens_and_document_boundaries(tmp_path):
         np.testing.assert_array_equal(read_tokens(f, 0, f.n_tokens), np.concatenate(docs))
         np.testing.assert_array_equal(document_starts(f), np.cumsum([0] + [len(d) for d in docs[:-1]]))
     np.testing.assert_array_equal(read_tokens(f, 5, 20), np.concatenate(docs)[5:20])
+    every = document_starts(f)
+    for a, b in ((1, 200), (every[3], every[7]), (every[3] + 1, f.n_tokens)):  # a shard's documents, by bisection
+        np.testing.assert_array_equal(document_starts(f, start=a, stop=b), every[(every >= a) & (every < b)])
 
 
 def test_npy_folder_is_one_stream_a_file_in_path_order(tmp_path):

@@ -19,6 +19,7 @@ sample's `sequence_id` is the global offset of its first token, so a row can be 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -65,12 +66,14 @@ class Shard:
 
 
 def read_megatron_index(idx_path: str | os.PathLike) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
-    """(dtype, sizes, pointers, doc_idx) of a Megatron `.idx` (MMapIndexedDataset, version 1).
+    """(dtype, sizes, pointers, doc_idx) of a Megatron `.idx` (MMapIndexedDataset, version 1), the
+    arrays memory-mapped: the Pile's index is gigabytes, and a shard needs a few entries of it.
 
     Raises ValueError in one line for a wrong header or a truncated index."""
     idx_path = Path(idx_path)
-    raw = idx_path.read_bytes()
     head = len(MEGATRON_MAGIC) + 8 + 1 + 8 + 8
+    with open(idx_path, "rb") as f:
+        raw = f.read(head)
     if len(raw) < head or raw[:len(MEGATRON_MAGIC)] != MEGATRON_MAGIC:
         raise ValueError(f"{idx_path} is not a Megatron index: its header is not {MEGATRON_MAGIC!r}")
     pos = len(MEGATRON_MAGIC)
@@ -80,11 +83,17 @@ def read_megatron_index(idx_path: str | os.PathLike) -> tuple[np.dtype, np.ndarr
     if version != 1 or code not in MEGATRON_DTYPES or MEGATRON_DTYPES[code] == np.float64:
         raise ValueError(f"{idx_path}: unsupported Megatron index (version {version}, dtype code {code})")
     need = head + n_seq * (4 + 8) + n_doc * 8
-    if len(raw) < need:
-        raise ValueError(f"{idx_path} is truncated: {len(raw)} bytes, the header promises {need}")
-    sizes = np.frombuffer(raw, dtype=np.int32, count=n_seq, offset=head)
-    pointers = np.frombuffer(raw, dtype=np.int64, count=n_seq, offset=head + 4 * n_seq)
-    doc_idx = np.frombuffer(raw, dtype=np.int64, count=n_doc, offset=head + 12 * n_seq)
+    if idx_path.stat().st_size < need:
+        raise ValueError(f"{idx_path} is truncated: {idx_path.stat().st_size} bytes, the header promises {need}")
+
+    def view(dtype, count: int, offset: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(idx_path, dtype=dtype, mode="r", shape=(count,), offset=offset)
+
+    sizes = view(np.int32, n_seq, head)
+    pointers = view(np.int64, n_seq, head + 4 * n_seq)
+    doc_idx = view(np.int64, n_doc, head + 12 * n_seq)
     return np.dtype(MEGATRON_DTYPES[code]), sizes, pointers, doc_idx
 
 
@@ -111,15 +120,14 @@ def _megatron_file(bin_path: Path) -> CorpusFile:
     if not idx_path.is_file():
         raise FileNotFoundError(f"{bin_path} has no index {idx_path.name} beside it")
     dtype, sizes, pointers, _ = read_megatron_index(idx_path)
-    n_tokens = int(sizes.astype(np.int64).sum())
-    expected: np.ndarray = np.concatenate([[0], np.cumsum(sizes.astype(np.int64) * dtype.itemsize)[:-1]]) \
-        if len(sizes) else np.zeros(0, dtype=np.int64)
-    if not np.array_equal(pointers, expected):
-        raise ValueError(f"{idx_path}: sequences are not stored end to end in {bin_path.name}")
-    if bin_path.stat().st_size != n_tokens * dtype.itemsize:
+    # Sequences stored end to end (as GPT-NeoX writes them): the last one ends where the file does.
+    n_bytes = int(pointers[-1]) + int(sizes[-1]) * dtype.itemsize if len(sizes) else 0
+    if len(sizes) and int(pointers[0]) != 0:
+        raise ValueError(f"{idx_path}: its first sequence does not start at the beginning of {bin_path.name}")
+    if bin_path.stat().st_size != n_bytes:
         raise ValueError(f"{bin_path} holds {bin_path.stat().st_size} bytes; its index {idx_path.name} "
-                         f"describes {n_tokens} tokens of {dtype} ({n_tokens * dtype.itemsize} bytes)")
-    return CorpusFile(str(bin_path), "megatron", n_tokens, str(idx_path))
+                         f"describes {n_bytes // dtype.itemsize} tokens of {dtype} ({n_bytes} bytes)")
+    return CorpusFile(str(bin_path), "megatron", n_bytes // dtype.itemsize, str(idx_path))
 
 
 def _npy_file(path: Path) -> CorpusFile:
@@ -203,15 +211,26 @@ def read_tokens(file: CorpusFile, start: int, stop: int, tokenizer: str | None =
     return np.asarray(arr[start:stop], dtype=np.int64)
 
 
-def document_starts(file: CorpusFile, tokenizer: str | None = None) -> Int[np.ndarray, " docs"]:
-    """Token offsets where the file's documents start (one document for .npy)."""
+def document_starts(file: CorpusFile, tokenizer: str | None = None, start: int = 0,
+                    stop: int | None = None) -> Int[np.ndarray, " docs"]:
+    """Token offsets where the file's documents start, those in [start, stop) (one document for .npy).
+
+    Megatron: found by bisection in the memory-mapped index, so a shard reads only its own entries."""
+    end = int(file.n_tokens or 0) if stop is None else stop
     if file.kind == "megatron":
-        _, sizes, _, doc_idx = read_megatron_index(file.idx_path)  # type: ignore[arg-type]
-        seq_starts = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])
-        return seq_starts[doc_idx[:-1]] if len(doc_idx) > 1 else np.zeros(1, dtype=np.int64)
+        dtype, _, pointers, doc_idx = read_megatron_index(file.idx_path)  # type: ignore[arg-type]
+        n_docs = max(len(doc_idx) - 1, 0)
+        if n_docs == 0:
+            return np.zeros(1, dtype=np.int64) if start == 0 else np.zeros(0, dtype=np.int64)
+        first = lambda k: int(pointers[int(doc_idx[k])]) // dtype.itemsize  # noqa: E731
+        a = bisect.bisect_left(range(n_docs), start, key=first)
+        b = bisect.bisect_left(range(n_docs), end, key=first)
+        return (np.asarray(pointers[np.asarray(doc_idx[a:b])], dtype=np.int64) // dtype.itemsize).astype(np.int64)
     if file.kind == "npy":
-        return np.zeros(1, dtype=np.int64)
-    return tokenize_text(file.path, file.kind, tokenizer)[1]
+        whole = np.zeros(1, dtype=np.int64)
+    else:
+        whole = tokenize_text(file.path, file.kind, tokenizer)[1]
+    return whole[(whole >= start) & (whole < end)]
 
 
 # --------------------------------------------------------------------------------------------- corpus

@@ -68,8 +68,8 @@ def count_shard(shard: Shard, samples: SampleSet, scope: str = "stream", tokeniz
     tokens = read_tokens(shard.file, shard.start, min(stop + samples.width - 1, n), tokenizer)
     docs = None
     if scope == "document":
-        starts = document_starts(shard.file, tokenizer) - shard.start
-        docs = np.concatenate([[0], starts[(starts > 0) & (starts < len(tokens))]])
+        starts = document_starts(shard.file, tokenizer, shard.start + 1, shard.start + len(tokens)) - shard.start
+        docs = np.concatenate([[0], starts])
     rows, counts = samples.count(tokens, doc_starts=docs, limit=stop - shard.start)
     return rows, counts, max(min(stop - shard.start, len(tokens) - samples.width + 1), 0)
 
