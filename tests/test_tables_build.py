@@ -203,3 +203,32 @@ def test_bad_input_is_one_line_exit_2_before_any_work(tmp_path, tiny_checkpoint,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not (out / "work").exists()  # no samples, greedy or counting work
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_ranks_equals_one_process(tmp_path, tiny_checkpoint):
+    """Greedy chunks shared between ranks (gloo on the CPU); rank 0 counts and writes: the same table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    stream, _ = _stream(2)
+    (tmp_path / "corpus").mkdir()
+    np.save(tmp_path / "corpus" / "a.npy", stream)
+    tables = {}
+    for nproc in (1, 2):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                  "--master-port", str(29600 + nproc)] if nproc > 1 else [sys.executable]
+        out = tmp_path / f"np{nproc}"
+        result = subprocess.run(launch + [str(root / "experiments" / "build_table.py"), "--model", str(tiny_checkpoint),
+                                          "--corpus", str(tmp_path / "corpus"), "--samples", "30", "--chunk", "7",
+                                          "--scheduler", "synchronous", "--device", "cpu", "--quiet", "--out", str(out)],
+                                capture_output=True, text=True, cwd=root, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        tables[nproc] = pd.read_parquet(out / "memorization.parquet")
+        if nproc == 2:
+            assert json.loads((out / "manifest.json").read_text())["counts"]["world_size"] == 2
+    pd.testing.assert_frame_equal(tables[2], tables[1])
