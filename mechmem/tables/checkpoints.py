@@ -107,7 +107,8 @@ def summarize(results: list[tuple[Checkpoint, pd.DataFrame, int]]) -> tuple[pd.D
 
 
 def plot_min_f1(long: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Min F1 against training step, one line a taxonomy, with its 95% interval as a band."""
+    """Min F1 against training step, one line a taxonomy, with its 95% interval as a band and its
+    shuffled-label control dotted (where the runs had controls)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,17 +116,20 @@ def plot_min_f1(long: pd.DataFrame, path: str | os.PathLike) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     steps = sorted(long["step"].unique())
-    log = len(steps) > 2 and min(steps) > 0 and max(steps) / min(steps) > 20
+    positive = [x for x in steps if x > 0]
+    log = len(steps) > 2 and bool(positive) and max(positive) / min(positive) > 20  # Pythia's steps are log-spaced
     for name, part in long.groupby("tax_name", sort=False):
         part = part.sort_values("step")
         line, = ax.plot(part["step"], part["min_f1"], "o-", ms=3, lw=1.2, label=name)
         if {"min_f1_ci_low", "min_f1_ci_high"} <= set(part.columns):
             ax.fill_between(part["step"], part["min_f1_ci_low"], part["min_f1_ci_high"], color=line.get_color(),
                             alpha=0.15, lw=0)
+        if "min_f1_control" in part.columns and part["min_f1_control"].notna().any():
+            ax.plot(part["step"], part["min_f1_control"], ":", lw=1, color=line.get_color())
     if log:
-        ax.set_xscale("log")
+        ax.set_xscale("symlog", linthresh=max(1, min(positive))) if min(steps) == 0 else ax.set_xscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("min F1 (%), 95% interval")
+    ax.set_ylabel("min F1 (%), 95% interval; dotted: control")
     ax.set_title("Alignment across checkpoints (each checkpoint's own labels)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
