@@ -82,6 +82,11 @@ def test_megatron_corpus_and_samples_from_a_table_on_dask(tmp_path, tiny_checkpo
                           "is_repeating": False, "mine": "kept"})
     table.loc[11, "tokens"] = passage  # planted 5 times
     table.to_parquet(tmp_path / "given.parquet")
+    table[["sequence_id", "tokens"]].to_parquet(tmp_path / "ids_only.parquet")  # a bare list of sequences will do
+    from mechmem.tables.build import _source_table
+
+    bare = _source_table(str(tmp_path / "ids_only.parquet"))
+    assert list(bare.columns) == ["sequence_id", "tokens"] and len(bare) == 12
     out = tmp_path / "out"
     assert build_table.main(["--model", str(tiny_checkpoint), "--corpus", str(tmp_path / "pile_document"),
                              "--samples-from", str(tmp_path / "given.parquet"), "--workers", "2",

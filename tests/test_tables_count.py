@@ -39,12 +39,16 @@ def _in_memory(streams, queries):
 
 
 def test_dask_on_two_worker_processes_equals_the_in_memory_count(tmp_path):
+    """Through a scheduler address (the cluster path); build_table's tests take the default LocalCluster."""
+    from dask.distributed import LocalCluster
+
     corpus, streams, passage = _corpus(tmp_path)
     queries = _queries(streams, passage)
     expected = _in_memory(streams, queries)
-    cfg = C.CountConfig(scheduler="local", workers=2, tokens_per_shard=97)  # many shards, windows across them
-    result = C.count_sequences(corpus, queries, cfg, progress=False)
-    assert result.engine == "dask local (2 workers)" and result.shards > 10
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        cfg = C.CountConfig(scheduler=cluster.scheduler_address, tokens_per_shard=97)  # windows across shards
+        result = C.count_sequences(corpus, queries, cfg, progress=False)
+    assert result.engine == f"dask {cluster.scheduler_address} (2 workers)" and result.shards > 10
     np.testing.assert_array_equal(result.counts, expected)
     assert expected[-3] >= 21 and expected[-1] == 0
     assert result.windows_scanned == sum(len(s) - 7 for s in streams)

@@ -88,8 +88,23 @@ def _sha256(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------ samples
 def _source_table(source: str) -> pd.DataFrame:
-    df = load_memorization_data(source, progress=False)
-    return df.drop(columns=[c for c in RECOMPUTED if c in df.columns])
+    """The sequences of a memorization table, or of any parquet/JSON-lines file with just
+    `sequence_id` and `tokens` (64 ids a row): what is recomputed is dropped, other columns kept."""
+    try:
+        df = load_memorization_data(source, progress=False)
+    except ValueError as err:
+        if "is missing" not in str(err) or not Path(source).is_file():
+            raise
+        from mechmem.data import _read_table
+
+        df = _read_table(Path(source))
+        for column in ("sequence_id", "tokens"):
+            if column not in df.columns:
+                raise ValueError(f"--samples-from {source}: column {column!r} is missing") from None
+        df = df.assign(tokens=list(tokens_array(df)))
+        if not df["sequence_id"].is_unique:
+            raise ValueError(f"--samples-from {source}: sequence_id repeats") from None
+    return df.drop(columns=[c for c in RECOMPUTED if c in df.columns]).reset_index(drop=True)
 
 
 def _key(*parts) -> str:
