@@ -111,3 +111,16 @@ def test_bad_settings_are_refused(field, value, message):
     cfg = C.CountConfig(**{field: value})
     with pytest.raises(ValueError, match=message):
         cfg.check()
+
+
+def test_a_rewritten_corpus_file_is_counted_again(tmp_path):
+    import os
+
+    np.save(tmp_path / "a.npy", np.tile(np.arange(10), 20))
+    query = np.arange(8)[None]
+    cfg = C.CountConfig(scheduler="synchronous")
+    assert C.count_sequences(Corpus.open(tmp_path), query, cfg, work_dir=tmp_path / "w", progress=False).counts[0] == 20
+    np.save(tmp_path / "a.npy", np.tile(np.arange(10), 30))
+    os.utime(tmp_path / "a.npy", ns=(1, 1))  # even with an old modification time: the size changed
+    again = C.count_sequences(Corpus.open(tmp_path), query, cfg, work_dir=tmp_path / "w", progress=False)
+    assert again.shards_resumed == 0 and again.counts[0] == 30

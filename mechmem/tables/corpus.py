@@ -61,7 +61,9 @@ class Shard:
     @property
     def key(self) -> str:
         """A name unique in the corpus, safe as a file name: the unit of resume."""
-        where = hashlib.sha1(str(Path(self.file.path).resolve()).encode()).hexdigest()[:8]  # same names, two folders
+        path = Path(self.file.path).resolve()
+        st = path.stat()  # the file's place, size and time: a rewritten file is never resumed from old counts
+        where = hashlib.sha1(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
         return f"{Path(self.file.path).name}.{where}.{self.start}-{'end' if self.stop is None else self.stop}"
 
 
