@@ -80,7 +80,10 @@ def run(args) -> int:
             raise cli.CliError(f"{flag} is set per checkpoint by this script: leave it out after --")
     for ck in checkpoints:  # every checkpoint loadable, run_alignment's arguments valid: before any work
         check_available(ck.model, ck.revision)
-        run_alignment.parse_args(_alignment_argv(args, ck, args.out / "labels.parquet"))
+        try:
+            run_alignment.parse_args(_alignment_argv(args, ck, args.out / "labels.parquet"))
+        except SystemExit as exit_:  # its parser has said what is wrong, in one line
+            return exit_.code if isinstance(exit_.code, int) else 2
     df = load_memorization_data(args.data, progress=not args.quiet)
     print(f"{len(checkpoints)} checkpoints: " + ", ".join(f"{c.label} (step {c.step})" for c in checkpoints))
     results = []

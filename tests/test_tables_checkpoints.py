@@ -86,3 +86,25 @@ def test_checkpoints_study_relabels_each_checkpoint_and_plots(tmp_path):
     assert set(early_labels["label_model"]) == {str(early)}
     for ck in ("step1000", "step4000"):  # each benchmark ran on its checkpoint's own labels
         assert pd.read_csv(out / ck / "alignment" / "alignment.csv").shape[0] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoints", "./no/such/ckpt"], "not found"),
+    (["--model", "EleutherAI/pythia-160m-deduped", "--revisions", "step1000"], "not cached"),
+    (["--checkpoints", "{tiny}", "--", "--grid", "huge"], "--grid"),
+    (["--checkpoints", "{tiny}", "--", "--revision", "step1"], "set per checkpoint"),
+    (["--revisions", "step1000"], "--revisions needs --model"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint, capsys, monkeypatch, args, message):
+    from mechmem import models
+
+    monkeypatch.setattr(models, "_in_hub_cache", lambda *a: False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a: False)
+    checkpoints = load_experiment("checkpoints")
+    args = [a.format(tiny=tiny_checkpoint) for a in args]
+    code = checkpoints.main([*args, "--out", str(tmp_path / "out")] if "--" not in args else
+                            [*args[:args.index("--")], "--out", str(tmp_path / "out"), *args[args.index("--"):]])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
