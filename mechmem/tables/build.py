@@ -225,7 +225,8 @@ def build_table(model, model_name: str, revision: str | None, corpus: Corpus, cf
     timings["count_s"] = counted.seconds
     t = time.time()
     labeller = Labeller(model_name, revision, weights_fingerprint(model))
-    table = assemble(samples, greedy, counted.counts, load_tokenizer(model_name), labeller, progress=progress)
+    table = assemble(samples, greedy, counted.counts, load_tokenizer(model_name, revision), labeller,
+                     progress=progress)
     write_table(table, out / TABLE_FILE)
     timings["table_s"] = round(time.time() - t, 3)
     files = corpus.describe()

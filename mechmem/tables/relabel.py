@@ -190,8 +190,9 @@ def model_vocab(name: str | os.PathLike, revision: str | None = None) -> int:
         raise ValueError(f"no config for {text} available offline ({str(err).splitlines()[0][:100]})") from None
 
 
-def load_tokenizer(name: str | os.PathLike):
-    """The model's tokenizer (decodes `text`, tokenizes text corpora), offline."""
+def load_tokenizer(name: str | os.PathLike, revision: str | None = None):
+    """The model's tokenizer (decodes `text`, tokenizes text corpora), offline; at `revision` where
+    only that revision of a hub model is cached."""
     from transformers import AutoTokenizer
 
     text = os.fspath(name)
@@ -200,6 +201,6 @@ def load_tokenizer(name: str | os.PathLike):
 
         text = str(MODEL_DIR)
     try:
-        return AutoTokenizer.from_pretrained(text, local_files_only=True)
+        return AutoTokenizer.from_pretrained(text, revision=revision, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"no tokenizer for {text} available offline ({str(err).splitlines()[0][:100]})") from None
