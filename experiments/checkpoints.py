@@ -65,7 +65,7 @@ def run(args) -> int:
     import pandas as pd
 
     import run_alignment
-    from mechmem.atomic import atomic_text
+    from mechmem.atomic import atomic_write
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import _resolve_dtype, load_model
     from mechmem.tables.checkpoints import checkpoint_list, label_checkpoint, plot_min_f1, summarize
@@ -104,8 +104,8 @@ def run(args) -> int:
         results.append((ck, pd.read_csv(args.out / ck.label / "alignment" / "alignment.csv"), extractable))
     long, wide = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_text(args.out / "checkpoints.csv", long.to_csv(index=False))
-    atomic_text(args.out / "checkpoints_min_f1.csv", wide.to_csv(index=False))
+    atomic_write(args.out / "checkpoints.csv", lambda p: long.to_csv(p, index=False))
+    atomic_write(args.out / "checkpoints_min_f1.csv", lambda p: wide.to_csv(p, index=False))
     plot_min_f1(long, args.out / "checkpoints.png")
     print(wide.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
     print(f"wrote {args.out / 'checkpoints.csv'}, checkpoints_min_f1.csv, checkpoints.png")

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int
 
+from mechmem.atomic import atomic_write
+
 MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
 # Megatron-LM / GPT-NeoX's `indexed_dataset` dtype codes.
 MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
@@ -107,13 +109,19 @@ def write_megatron(prefix: str | os.PathLike, documents: list[np.ndarray], dtype
     code = {np.dtype(v): k for k, v in MEGATRON_DTYPES.items() if v != np.float64}[dtype]
     sizes = np.array([len(d) for d in documents], dtype=np.int32)
     pointers = np.concatenate([[0], np.cumsum(sizes.astype(np.int64) * dtype.itemsize)[:-1]]).astype(np.int64)
-    with open(prefix.with_suffix(".bin"), "wb") as f:
-        for d in documents:
-            f.write(np.asarray(d, dtype=dtype).tobytes())
-    with open(prefix.with_suffix(".idx"), "wb") as f:
-        f.write(MEGATRON_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code))
-        f.write(struct.pack("<QQ", len(sizes), len(sizes) + 1))
-        f.write(sizes.tobytes() + pointers.tobytes() + np.arange(len(sizes) + 1, dtype=np.int64).tobytes())
+    def write_bin(path: Path) -> None:
+        with open(path, "wb") as f:
+            for d in documents:
+                f.write(np.asarray(d, dtype=dtype).tobytes())
+
+    def write_idx(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(MEGATRON_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code))
+            f.write(struct.pack("<QQ", len(sizes), len(sizes) + 1))
+            f.write(sizes.tobytes() + pointers.tobytes() + np.arange(len(sizes) + 1, dtype=np.int64).tobytes())
+
+    atomic_write(prefix.with_suffix(".bin"), write_bin)
+    atomic_write(prefix.with_suffix(".idx"), write_idx)
     return prefix.with_suffix(".bin")
 
 
@@ -258,7 +266,8 @@ class Corpus:
                 p = Path(f"{p}.idx")
             if not p.exists():
                 raise FileNotFoundError(f"corpus path {p} does not exist")
-            candidates = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+            candidates = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")) \
+                if p.is_dir() else [p]  # hidden files (a writer's temporary ones) are no part of a corpus
             for q in candidates:
                 if q.suffix == ".bin" and not q.with_suffix(".idx").is_file():
                     if p.is_dir():
