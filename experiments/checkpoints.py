@@ -8,9 +8,11 @@
 
 Per checkpoint (ordered by training step): the table is relabelled with that checkpoint
 (memorization_score and greedy suffix by greedy extraction; mechmem.tables) into
-OUT/CHECKPOINT/labels.parquet, then experiments/run_alignment.py runs on it (controls and probe
-as there) into OUT/CHECKPOINT/alignment/. Arguments after `--` go to run_alignment.py as they are
-(--grid, --taxonomies, --train-per-class, --device, ...). Writes OUT/checkpoints.csv (one row a
+OUT/CHECKPOINT/labels.parquet, then experiments/run_alignment.py runs on it, as a command of its
+own (controls and probe as there), into OUT/CHECKPOINT/alignment/. Arguments after `--` go to
+run_alignment.py as they are (--grid, --taxonomies, --train-per-class, --device, ...); it checks
+them itself, before its own work: a bad one stops the study in one line, exit 2, after the first
+checkpoint's labels (kept for the rerun). Writes OUT/checkpoints.csv (one row a
 taxonomy x checkpoint: min F1 with its interval, control, probe, extractable samples),
 OUT/checkpoints_min_f1.csv (taxonomy x checkpoint) and OUT/checkpoints.png (min F1 against training
 step per taxonomy, with intervals). An interrupted study resumes: finished labels and rows are kept.
@@ -23,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
 from mechmem import cli  # noqa: E402  (after the path: runs from a checkout too)
 
@@ -59,12 +60,21 @@ def _alignment_argv(args, ck, labels: Path) -> list[str]:
     return [*own, *args.alignment_args]
 
 
+def _run_alignment(argv: list[str]) -> int:
+    """experiments/run_alignment.py as its own process (scripts share code through mechmem, never by
+    importing each other): its output and one-line errors go straight to this terminal."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "run_alignment.py"), *argv], env=env).returncode
+
+
 def run(args) -> int:
     import gc
 
     import pandas as pd
 
-    import run_alignment
     from mechmem.atomic import atomic_write
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import _resolve_dtype, load_model
@@ -78,12 +88,8 @@ def run(args) -> int:
     for flag in ("--model", "--revision", "--data", "--out", "--relabel"):
         if flag in args.alignment_args:
             raise cli.CliError(f"{flag} is set per checkpoint by this script: leave it out after --")
-    for ck in checkpoints:  # every checkpoint loadable, run_alignment's arguments valid: before any work
+    for ck in checkpoints:  # every checkpoint loadable: before any work
         check_available(ck.model, ck.revision)
-        try:
-            run_alignment.parse_args(_alignment_argv(args, ck, args.out / "labels.parquet"))
-        except SystemExit as exit_:  # its parser has said what is wrong, in one line
-            return exit_.code if isinstance(exit_.code, int) else 2
     df = load_memorization_data(args.data, progress=not args.quiet)
     print(f"{len(checkpoints)} checkpoints: " + ", ".join(f"{c.label} (step {c.step})" for c in checkpoints))
     results = []
@@ -98,7 +104,7 @@ def run(args) -> int:
             gc.collect()
         extractable = int((pd.read_parquet(labels, columns=["memorization_score"])["memorization_score"] == 1).sum())
         print(f"== {ck.label} (step {ck.step}): {extractable} extractable samples of {len(df)}")
-        code = run_alignment.main(_alignment_argv(args, ck, labels))
+        code = _run_alignment(_alignment_argv(args, ck, labels))
         if code != 0:
             return code
         results.append((ck, pd.read_csv(args.out / ck.label / "alignment" / "alignment.csv"), extractable))

@@ -91,7 +91,6 @@ def test_checkpoints_study_relabels_each_checkpoint_and_plots(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--checkpoints", "./no/such/ckpt"], "not found"),
     (["--model", "EleutherAI/pythia-160m-deduped", "--revisions", "step1000"], "not cached"),
-    (["--checkpoints", "{tiny}", "--", "--grid", "huge"], "--grid"),
     (["--checkpoints", "{tiny}", "--", "--revision", "step1"], "set per checkpoint"),
     (["--revisions", "step1000"], "--revisions needs --model"),
 ])
@@ -102,9 +101,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint, capsys, monkeyp
     monkeypatch.setattr(models, "_hub_reachable", lambda *a: False)
     checkpoints = load_experiment("checkpoints")
     args = [a.format(tiny=tiny_checkpoint) for a in args]
-    code = checkpoints.main([*args, "--out", str(tmp_path / "out")] if "--" not in args else
-                            [*args[:args.index("--")], "--out", str(tmp_path / "out"), *args[args.index("--"):]])
+    at = args.index("--") if "--" in args else len(args)
+    code = checkpoints.main([*args[:at], "--out", str(tmp_path / "out"), *args[at:]])
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@built
+def test_run_alignments_own_errors_stop_the_study_in_one_line(tmp_path, capfd):
+    checkpoints = load_experiment("checkpoints")
+    final = tmp_path / "ckpts" / "step4000"
+    shutil.copytree(MODEL_DIR, final)
+    code = checkpoints.main(["--checkpoints", str(final), "--data", str(_subset(tmp_path, 10)), "--device", "cpu",
+                             "--quiet", "--out", str(tmp_path / "out"), "--", "--grid", "huge"])
+    assert code == 2
+    lines = [line for line in capfd.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and "--grid" in lines[0], lines
+    assert (tmp_path / "out" / "step4000" / "labels.parquet").exists()  # kept for the rerun
