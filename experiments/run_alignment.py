@@ -36,6 +36,9 @@ def parse_args(argv=None):
                    help="quick: 10 rows, 2 CNNs, 300+150 samples a class; paper: 54 rows, 8 CNNs, 4000+2000")
     p.add_argument("--model", default="testbed", help="'testbed', a local HF folder, or a hub name")
     p.add_argument("--revision", default=None, help="hub revision, e.g. step143000 for Pythia")
+    p.add_argument("--relabel", action="store_true",
+                   help="recompute memorization_score and free generation with this model (needed when the "
+                        "table was labelled by another model or checkpoint: mechmem.tables)")
     p.add_argument("--data", default="testbed",
                    help="'testbed', a parquet/jsonl file, or semantic-filters:SIZE[-deduped]")
     p.add_argument("--taxonomies", nargs="+", help="paper ids or display names (default: the grid's rows)")
@@ -161,6 +164,7 @@ def run(args) -> int:
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
     from mechmem.run import RunFolder
+    from mechmem.tables.relabel import check_labels
 
     _check_inputs(args)
     grid_rows, grid_configs, train_pc, eval_pc, seeds = PRESETS[args.grid]
@@ -196,6 +200,8 @@ def run(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                        compatibility_mode=not args.no_compatibility_mode)
     check_vocab(df, model.cfg.d_vocab)
+    df = check_labels(df, model, args.model, args.revision, relabel=args.relabel, device=args.device,
+                      progress=not args.quiet and dist.is_main)  # never one checkpoint's attention, another's labels
     if dist.is_main:
         RunFolder(out).write_config(args.model, args.data, cfg, revision=args.revision, argv=sys.argv[1:],
                                     compatibility_mode=not args.no_compatibility_mode, world_size=dist.world_size)

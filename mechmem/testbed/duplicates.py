@@ -82,8 +82,16 @@ def count_windows(
     stream: Int[np.ndarray, " n_tokens"], windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20,
     progress: bool = True,
 ) -> np.ndarray:
-    """How many times each row of `windows` occurs in `stream` (int64, exact)."""
+    """How many times each row of `windows` occurs in `stream` (int64, exact).
+
+    The generic counter of `mechmem.tables` (the one `experiments/build_table.py` runs on any corpus),
+    with this module's hash base; `chunk` and `progress` are kept for callers and unused."""
+    from mechmem.tables.windows import SampleSet
+
     windows = np.asarray(windows)
     if windows.ndim != 2:
         raise ValueError(f"windows must be [n, width], got shape {windows.shape}")
-    return WindowIndex(stream, windows.shape[1]).count(windows, chunk=chunk, progress=progress)
+    if len(windows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    samples = SampleSet(windows, base=int(_BASE))
+    return samples.per_sample(*samples.count(np.asarray(stream)))
