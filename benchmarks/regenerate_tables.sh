@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The commands behind the tables in README.md and docs/results/, one subcommand each:
 #   bash benchmarks/regenerate_tables.sh quick-cpu        docs/results/testbed_quick        (this CPU)
-#   bash benchmarks/regenerate_tables.sh quick-gpu        docs/results/testbed_quick_h200   (one GPU)
+#   bash benchmarks/regenerate_tables.sh quick-gpu        docs/results/testbed_quick_gpu   (one GPU)
 #   bash benchmarks/regenerate_tables.sh protocol         benchmarks/results/training_protocol_*  (after quick-gpu)
 #   bash benchmarks/regenerate_tables.sh grid-paper       docs/results/testbed_grid_paper_recipe
 #   bash benchmarks/regenerate_tables.sh grid-converged   docs/results/testbed_grid_paper_converged
@@ -32,7 +32,7 @@ case "${1:-}" in
         keep "$RUNS/quick" "$RESULTS/testbed_quick" ;;
     quick-gpu)
         python3 experiments/run_alignment.py --device "$DEVICE" --quiet --out "$RUNS/quick_gpu"
-        keep "$RUNS/quick_gpu" "$RESULTS/testbed_quick_h200" ;;
+        keep "$RUNS/quick_gpu" "$RESULTS/testbed_quick_gpu" ;;
     protocol)  # variants scored on a selection split of the training split, never on the eval split
         python3 benchmarks/training_protocol.py --run "$RUNS/quick_gpu" --seeds 3 --device "$DEVICE" \
             --out "${PROTOCOL_OUT:-$RESULTS/training_protocol.csv}" \
