@@ -59,6 +59,7 @@ class CorpusConfig:
     pattern_offsets: int = 3            # windows per pattern instance (one at its start)
     passage_stride: int = 2             # planted passages: a window every `stride` tokens
     max_files: int | None = None        # only for dry runs: the first files in path order
+    tokenizer_chars: int | None = None  # train the BPE on about this much natural text (None: all of it)
 
     @classmethod
     def tiny(cls) -> "CorpusConfig":
@@ -225,9 +226,32 @@ def _doc_windows(rng, starts, lengths, n):
     return starts[doc] + flat - (cum[doc] - room[doc])
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) -> tuple[Corpus, Any]:
-    """Gather, tokenize and join the corpus; pick candidate windows. Returns (corpus, tokenizer)."""
-    files = stdlib_files(root, cfg.max_files)
+def tokenizer_texts(files: list[tuple[str, str]], cfg: CorpusConfig) -> list[str]:
+    """The natural text the BPE is trained on: all of it, or files in an order fixed by a hash of
+    their paths until `tokenizer_chars` (a large corpus's tokenizer needs no more)."""
+    texts = [t for _, t in files]
+    if cfg.tokenizer_chars is None:
+        return texts
+    order = sorted(range(len(files)), key=lambda i: _unit("tokenizer:" + files[i][0], cfg.seed))
+    picked, total = [], 0
+    for i in order:
+        if total >= cfg.tokenizer_chars:
+            break
+        picked.append(texts[i])
+        total += len(texts[i])
+    return picked
+
+
+def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None,
+                 files: list[tuple[str, str]] | None = None) -> tuple[Corpus, Any]:
+    """Gather, tokenize and join the corpus; pick candidate windows. Returns (corpus, tokenizer).
+
+    The natural text is the standard library under `root` (default: the running Python's), or
+    `files` ((path, text) pairs, e.g. `sources.unpack`'s) when given; either way it is labelled
+    source "stdlib" in the windows, the role of natural text trained on.
+    """
+    from_stdlib = files is None
+    files = stdlib_files(root, cfg.max_files) if files is None else sorted(files)[:cfg.max_files]
     roles = {path: file_role(path, cfg) for path, _ in files}
     by_role = {r: [(p, t) for p, t in files if roles[p] == r] for r in ("stdlib", "heldout", "pool")}
     passages = cut_passages(by_role["pool"], cfg)
@@ -239,7 +263,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) ->
                                 p=np.array(cfg.pattern_copies) / sum(cfg.pattern_copies))
 
     if tokenizer is None:
-        tokenizer = train_tokenizer([t for _, t in by_role["stdlib"]], cfg.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_texts(by_role["stdlib"], cfg), cfg.vocab_size)
     eos = tokenizer.token_to_id(EOS)
 
     # Unique training documents, with source, planted count, family and copies.
@@ -302,7 +326,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) ->
     manifest = {
         "config": asdict(cfg),
         "python": sys.version.split()[0],
-        "stdlib_dir": str(root or stdlib_dir()),
+        "stdlib_dir": str(root or stdlib_dir()) if from_stdlib else None,
         "files": [{"path": p, "sha256": _sha(t), "role": roles[p]} for p, t in files],
         "files_sha256": _sha("".join(f"{p}\0{_sha(t)}\n" for p, t in files)),
         "passages": passages,
