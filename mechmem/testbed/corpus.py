@@ -203,7 +203,16 @@ class Corpus:
                    {k: w[k] for k in w.files}, json.loads((folder / "corpus.json").read_text()))
 
 
-def _join(docs: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray]:
+def encode(tokenizer, texts: list[str], chunk: int = 2048) -> list[np.ndarray]:
+    """Token ids of each text (uint16), encoded in chunks: a full Encoding per document (tokens,
+    offsets, masks) of a 100M-token corpus would take tens of GB."""
+    out = []
+    for a in range(0, len(texts), chunk):
+        out += [np.asarray(e.ids, dtype=np.uint16) for e in tokenizer.encode_batch(texts[a:a + chunk])]
+    return out
+
+
+def _join(docs: list[np.ndarray], eos: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate documents, each followed by EOS; return the stream and each doc's start."""
     lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -270,7 +279,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None,
     docs = [(t, "stdlib", 0, "", 1) for _, t in by_role["stdlib"]]
     docs += [(texts[p["file"]][p["start"]:p["end"]], "planted", p["count"], "", p["count"]) for p in passages]
     docs += [(p.text, "pattern", int(c), p.family, int(c)) for p, c in zip(train_patterns, pattern_counts)]
-    ids = [e.ids for e in tokenizer.encode_batch([d[0] for d in docs])]
+    ids = encode(tokenizer, [d[0] for d in docs])
     copies = np.repeat(np.arange(len(docs)), [d[4] for d in docs])
     order = copies[rng.permutation(len(copies))]
     stream, starts = _join([ids[i] for i in order], eos)
@@ -280,7 +289,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None,
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
 
     held_docs = [t for _, t in by_role["heldout"]] + [p.text for p in heldout_patterns]
-    held_ids = [e.ids for e in tokenizer.encode_batch(held_docs)]
+    held_ids = encode(tokenizer, held_docs)
     held_stream, held_starts = _join(held_ids, eos)
     held_lengths = np.array([len(x) for x in held_ids], dtype=np.int64)
     n_held_std = len(by_role["heldout"])

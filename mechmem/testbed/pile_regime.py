@@ -88,13 +88,13 @@ def preset(name: str) -> PileConfig:
     if name == "tiny":
         return PileConfig(
             TINY_NAME,
-            CorpusConfig(vocab_size=512, heldout_frac=0.1, pool_frac=0.15,
-                         passage_tiers=((1, 5, 4), (6, 50, 3), (51, 200, 2)), passage_chars=300,
-                         n_patterns=120, n_heldout_patterns=30, n_stdlib_windows=400, n_heldout_windows=100,
+            CorpusConfig(vocab_size=512, heldout_frac=0.15, pool_frac=0.2,
+                         passage_tiers=((1, 5, 3), (6, 50, 3), (51, 200, 2)), passage_chars=300,
+                         n_patterns=60, n_heldout_patterns=20, n_stdlib_windows=200, n_heldout_windows=60,
                          pattern_offsets=2),
             TrainConfig(n_layers=2, d_model=64, n_heads=4, ctx=128, n_positions=256, batch_size=4, epochs=1.0,
                         lr=3e-3, warmup_steps=10, shuffle_chunks=False),
-            label_batch_size=256, tiny_pack_bytes=150_000,
+            label_batch_size=1024, tiny_pack_bytes=100_000,
         )
     raise ValueError(f"unknown preset {name!r}: pile-regime or tiny")
 
@@ -146,7 +146,7 @@ def tiny_pack(folder: Path, max_bytes: int) -> dict:
     for path, text in stdlib_files():
         if total >= max_bytes:
             break
-        if len(text) <= 30_000:
+        if len(text) <= 8_000:  # many small files: every role gets some
             files.append((f"stdlib/python-{sys.version.split()[0]}/{path}", text))
             total += len(text.encode())
     record = {"kind": "stdlib", "name": "python", "version": sys.version.split()[0]}
@@ -156,6 +156,8 @@ def tiny_pack(folder: Path, max_bytes: int) -> dict:
 def stage_corpus(work: Path, cfg: PileConfig, pack_dir: Path, tiny: bool) -> None:
     from mechmem.testbed.sources import unpack
 
+    for stale in ("train_log.json", "train_state.pt", "windows.parquet"):  # made from an older corpus
+        (work / stale).unlink(missing_ok=True)
     if tiny:
         tiny_pack(pack_dir, cfg.tiny_pack_bytes)
     files, meta = unpack(pack_dir, expected=None if tiny else "shipped")
@@ -195,6 +197,9 @@ def stage_train(work: Path, out: Path, cfg: PileConfig, device: str, stop_after:
     tcfg = cfg.train
     planned = tcfg.steps or max(1, math.ceil(tcfg.epochs * n / (tcfg.batch_size * tcfg.ctx)))
     state = work / "train_state.pt"
+    if (work / "train_log.json").exists() and not state.exists():
+        logger.info(f"train: already done ({work / 'train_log.json'}); the corpus stage starts a new run")
+        return True
     if not state.exists() and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")  # a fresh run: no checkpoint of an older one may stay
 

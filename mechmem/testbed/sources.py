@@ -67,7 +67,6 @@ PILE_SOURCES: tuple[Source, ...] = tuple(Source(k, n, v) for k, n, v in [
     ("sdist", "sympy", "1.13.3"),
     ("sdist", "Sphinx", "8.1.3"),
     ("sdist", "docutils", "0.21.2"),
-    ("sdist", "SQLAlchemy", "2.0.36"),
     ("sdist", "networkx", "3.4.2"),
     ("sdist", "pygments", "2.18.0"),
     ("sdist", "setuptools", "75.6.0"),
@@ -104,7 +103,6 @@ PILE_SOURCES: tuple[Source, ...] = tuple(Source(k, n, v) for k, n, v in [
     ("wheel", "matplotlib", "3.9.2"),
     ("wheel", "scikit-learn", "1.5.2"),
     ("wheel", "statsmodels", "0.14.4"),
-    ("wheel", "astropy", "6.1.6"),
     ("deb", "python3.11-doc", "3.11.2-6+deb12u9"),
     ("deb", "perl-doc", "5.36.0-7+deb12u4"),
     ("deb", "git-doc", "1:2.39.5-0+deb12u3"),
@@ -246,56 +244,55 @@ def files_digest(entries: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- packing
-def write_pack(groups: Iterator[tuple[dict, list[tuple[str, str]]]], out: Path, *, shard_raw: int = 256 * 2**20,
-               preset: int = 9 | lzma.PRESET_EXTREME) -> dict:
+def _write_shard(path: Path, files: list[tuple[str, bytes]], preset: int) -> dict:
+    def write(tmp: Path):
+        with lzma.open(tmp, "wb", preset=preset) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+            for name, data in files:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    atomic_write(path, write)
+    size = path.stat().st_size
+    if size > SHARD_LIMIT:
+        raise ValueError(f"{path.name} is {size / 2**20:.1f} MiB compressed, over {SHARD_LIMIT / 2**20:.0f} MiB: "
+                         f"pass a smaller shard_raw")
+    logger.info(f"pack: {path.name} {size / 2**20:.1f} MiB ({sum(len(d) for _, d in files) / 2**20:.0f} MiB of text)")
+    return {"file": path.name, "bytes": size, "sha256": sha_file(path), "files": len(files)}
+
+
+def write_pack(groups: Iterator[tuple[dict, list[tuple[str, str]]]], out: Path, *, shard_raw: int = 128 * 2**20,
+               preset: int = 9, jobs: int = 1) -> dict:
     """Write (record, files) groups as xz tar shards, `files.json.xz` and `pack.json` in `out`.
 
-    Each group is one source: its record (what names it) and its (path, text) files. Returns
-    pack.json's content. Raises if a shard comes out over SHARD_LIMIT: lower `shard_raw` then.
+    Each group is one source: its record (what names it) and its (path, text) files. Shards are
+    compressed `jobs` at a time (lzma lets go of the GIL). Returns pack.json's content. Raises if a
+    shard comes out over SHARD_LIMIT: lower `shard_raw` then.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("shard-*.tar.xz"):
         old.unlink()
     entries: list[dict] = []
     records: list[dict] = []
-    shard: list[tuple[str, bytes]] = []
-    shards: list[dict] = []
+    pending: list[list[tuple[str, bytes]]] = [[]]
     shard_bytes = 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if not shard:
-            return
-        path = out / f"shard-{len(shards):03d}.tar.xz"
-
-        def write(tmp: Path):
-            with lzma.open(tmp, "wb", preset=preset) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
-                for name, data in shard:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-        atomic_write(path, write)
-        size = path.stat().st_size
-        if size > SHARD_LIMIT:
-            raise ValueError(f"{path.name} is {size / 2**20:.1f} MiB compressed, over {SHARD_LIMIT / 2**20:.0f} MiB: "
-                             f"pass a smaller shard_raw")
-        shards.append({"file": path.name, "bytes": size, "sha256": sha_file(path), "files": len(shard)})
-        logger.info(f"pack: {path.name} {size / 2**20:.1f} MiB ({shard_bytes / 2**20:.0f} MiB of text)")
-        shard, shard_bytes = [], 0
-
     for record, files in groups:
         mine = []
         for name, text in files:
             data = text.encode("utf-8")
             mine.append({"path": name, "bytes": len(data), "sha256": _sha(data)})
-            if shard_bytes + len(data) > shard_raw:
-                flush()
-            shard.append((name, data))
+            if shard_bytes + len(data) > shard_raw and pending[-1]:
+                pending.append([])
+                shard_bytes = 0
+            pending[-1].append((name, data))
             shard_bytes += len(data)
         entries += mine
         records.append({**record, "files": len(mine), "bytes": sum(e["bytes"] for e in mine),
                         "files_sha256": files_digest(mine)})
-    flush()
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        shards = list(pool.map(lambda k: _write_shard(out / f"shard-{k:03d}.tar.xz", pending[k], preset),
+                               [k for k in range(len(pending)) if pending[k]]))
     entries.sort(key=lambda e: e["path"])
     meta = {"sources": records, "shards": shards, "files_sha256": files_digest(entries),
             "files": len(entries), "bytes": sum(e["bytes"] for e in entries)}
@@ -361,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["fetch", "pack", "check"])
     p.add_argument("--downloads", type=Path, default=Path("build/pile-downloads"))
     p.add_argument("--out", type=Path, default=Path("build/pile-pack"), help="the pack folder")
-    p.add_argument("--shard-mib", type=int, default=256, help="text per shard before compression")
+    p.add_argument("--shard-mib", type=int, default=128, help="text per shard before compression")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="shards compressed at once")
     args = p.parse_args(argv)
     if args.action == "fetch":
         failed = []
@@ -375,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"could not fetch {len(failed)} sources: {', '.join(failed)}", file=sys.stderr)
             return 1
     elif args.action == "pack":
-        meta = pack(PILE_SOURCES, args.downloads, args.out, shard_raw=args.shard_mib * 2**20)
+        meta = pack(PILE_SOURCES, args.downloads, args.out, shard_raw=args.shard_mib * 2**20, jobs=args.jobs)
         atomic_json(SOURCES_FILE, {k: meta[k] for k in ("files_sha256", "files", "bytes", "sources")})
         total = sum(s["bytes"] for s in meta["shards"])
         print(f"{meta['files']:,} files, {meta['bytes'] / 2**20:.0f} MiB of text -> {len(meta['shards'])} shards, "
