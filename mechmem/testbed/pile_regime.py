@@ -90,11 +90,11 @@ def preset(name: str) -> PileConfig:
             TINY_NAME,
             CorpusConfig(vocab_size=512, heldout_frac=0.15, pool_frac=0.2,
                          passage_tiers=((1, 5, 3), (6, 50, 3), (51, 200, 2)), passage_chars=300,
-                         n_patterns=60, n_heldout_patterns=20, n_stdlib_windows=200, n_heldout_windows=60,
+                         n_patterns=40, n_heldout_patterns=12, n_stdlib_windows=120, n_heldout_windows=40,
                          pattern_offsets=2),
             TrainConfig(n_layers=2, d_model=64, n_heads=4, ctx=128, n_positions=256, batch_size=4, epochs=1.0,
                         lr=3e-3, warmup_steps=10, shuffle_chunks=False),
-            label_batch_size=1024, tiny_pack_bytes=100_000,
+            label_batch_size=1024, tiny_pack_bytes=60_000,
         )
     raise ValueError(f"unknown preset {name!r}: pile-regime or tiny")
 
@@ -203,10 +203,14 @@ def stage_train(work: Path, out: Path, cfg: PileConfig, device: str, stop_after:
     if not state.exists() and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")  # a fresh run: no checkpoint of an older one may stay
 
+    hf_tokenizer = work / "hf_tokenizer"
+    save_tokenizer(tok, hf_tokenizer)
+
     def on_checkpoint(step: int, model) -> None:
         folder = step_dir(out, step)
         save_checkpoint(model, folder)
-        save_tokenizer(tok, folder)
+        for f in hf_tokenizer.iterdir():
+            shutil.copy(f, folder / f.name)
         (folder / TABLE_FILE).unlink(missing_ok=True)  # labels of older weights, if any
 
     try:
