@@ -103,6 +103,10 @@ def test_one_pass_and_manifest_record_the_build(built):
         assert info["files"]["memorization.parquet"]["sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest()
         assert [r["duplicates"] for r in info["rate_by_duplicates"]][0] == "0 (never seen)"
     assert (out / "testbed_memorization.png").stat().st_size > 1000
+    assert (out / "checkpoints.png").stat().st_size > 1000
+    text = (out / "summary.md").read_text()
+    assert f"{m['train_tokens']:,} tokens" in text and f"{log['n_params']:,} parameters" in text
+    assert sum(line.startswith("| step") for line in text.splitlines()) == len(manifest["checkpoints"])
 
 
 def test_each_checkpoint_has_its_own_true_labels(built):

@@ -15,7 +15,8 @@ Stages (all by default; each reads the previous ones' outputs, and reruns resume
   train   bf16 on one GPU; checkpoints under OUT/checkpoints/step<N>/; resumable (--stop-after)
   label   one memorization.parquet per checkpoint (`label_checkpoint`)
   report  OUT/manifest.json (sources, file hashes, stream hashes, config, loss curve, per-checkpoint
-          extraction by copy count and class counts) and OUT/testbed_memorization.png
+          extraction by copy count and class counts), OUT/summary.md (the figures as Markdown),
+          OUT/testbed_memorization.png (final checkpoint), OUT/checkpoints.png (loss, extraction)
 
 Everything lives under `$MECHMEM_CACHE/testbed-pile/` (`--tiny`: `testbed-pile-tiny`), never in git;
 `load_model("testbed-pile", revision="step512")` and `load_memorization_data("testbed-pile@step512")`
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mechmem.atomic import atomic_json
+from mechmem.atomic import atomic_json, atomic_text
 from mechmem.testbed import PILE_NAMES
 from mechmem.testbed.corpus import EOS, WINDOW, Corpus, CorpusConfig, build_corpus, stdlib_files
 from mechmem.testbed.train import TrainConfig
@@ -346,12 +347,69 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
         "training": log,
         "checkpoints": per_step,
     }
-    atomic_json(out / MANIFEST, manifest, default=_json_default)
+    manifest = json.loads(json.dumps(manifest, default=_json_default))  # NaN rates and numpy scalars as JSON has them
+    atomic_json(out / MANIFEST, manifest)
+    atomic_text(out / "summary.md", summary(manifest))
+    checkpoint_figure(manifest, out / "checkpoints.png")
     logger.info(json.dumps({"final": manifest["final"], "tokens": corpus_manifest["train_tokens"],
                             "epochs": log["epochs"], "n_params": log["n_params"], "seconds": log["seconds"],
                             "extractable_by_duplicates": per_step[manifest["final"]]["rate_by_duplicates"]},
                            indent=1, default=_json_default))
     return manifest
+
+
+def summary(manifest: dict) -> str:
+    """The build's figures as Markdown, straight from the manifest (README's full-build lines)."""
+    log, corpus = manifest["training"], manifest["corpus"]
+    lines = [
+        f"- training stream: {corpus['train_tokens']:,} tokens (SHA-256 {corpus['train_stream_sha256'][:12]}...), "
+        f"{corpus['heldout_tokens']:,} held out; {len(corpus['files']):,} files",
+        f"- model: {log['n_params']:,} parameters; {log['steps']:,} steps of {log['tokens_per_step']:,} tokens, "
+        f"{log['epochs']} epochs; {log['seconds'] / 60:.1f} minutes on {log['device']} "
+        f"({log['tokens_per_second']:,} tokens/s); final loss {log['final_loss']}",
+        "",
+        "| checkpoint | tokens seen | " + " | ".join(r["duplicates"] for r in
+                                                     manifest["checkpoints"][manifest["final"]]["rate_by_duplicates"]) + " |",
+        "|---|---|" + "---|" * len(manifest["checkpoints"][manifest["final"]]["rate_by_duplicates"]),
+    ]
+    for step, info in manifest["checkpoints"].items():
+        cells = [f"{100 * r['rate']:.1f}% of {r['windows']:,}" if r["windows"] else "-" for r in info["rate_by_duplicates"]]
+        seen = info["tokens_seen"]
+        lines.append(f"| {step} | {seen:,} | " + " | ".join(cells) + " |" if seen is not None else
+                     f"| {step} | all | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def checkpoint_figure(manifest: dict, path: Path) -> None:
+    """Loss curve, and the extractable share per copy-count bucket across checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    curve = np.array(manifest["training"]["loss_curve"])
+    a.plot(curve[:, 0], curve[:, 1])
+    a.set_xscale("log")
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    a.set_title(f"{manifest['name']}: one pass, {manifest['training']['steps']:,} steps")
+    a.grid(alpha=0.3)
+    steps = [int(k[4:]) for k in manifest["checkpoints"]]
+    buckets = [r["duplicates"] for r in next(iter(manifest["checkpoints"].values()))["rate_by_duplicates"]]
+    for k, name in enumerate(buckets):
+        rates = [100 * (info["rate_by_duplicates"][k]["rate"] or 0) for info in manifest["checkpoints"].values()]
+        b.plot([max(s, 0.5) for s in steps], rates, "o-", ms=3, label=f"{name} copies")
+    b.set_xscale("log")
+    b.set_xlabel("checkpoint step (step0 drawn at 0.5)")
+    b.set_ylabel("extractable (score = 1), %")
+    b.set_ylim(-5, 105)
+    b.set_title("Extraction by copies in the data seen so far")
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- command line
