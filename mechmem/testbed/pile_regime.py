@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mechmem.atomic import atomic_json, atomic_text
+from mechmem.atomic import atomic_json, atomic_text, atomic_write
 from mechmem.testbed import PILE_NAMES
 from mechmem.testbed.corpus import EOS, WINDOW, Corpus, CorpusConfig, build_corpus, stdlib_files
 from mechmem.testbed.train import TrainConfig
@@ -278,7 +278,7 @@ def label_checkpoint(folder: Path, corpus: Corpus, base: pd.DataFrame, index, *,
     table["sequence_duplicates"] = table["stream_duplicates"] if before is None else index.count(
         tokens, progress=False, before=before)
     table["in_training"] = table["sequence_duplicates"].to_numpy() > 0
-    write_table(table, folder / TABLE_FILE)
+    atomic_write(folder / TABLE_FILE, lambda p: write_table(table, p))  # a killed call leaves no half table
     return table
 
 
