@@ -60,8 +60,9 @@ class Source:
         return f"{self.kind}/{self.name}-{self.version}"
 
 
-# The pile-regime corpus, fixed. Pure-Python projects come as sdists (code, tests and docs);
-# projects whose sdist needs a compiler to name itself come as manylinux wheels for CPython 3.12.
+# The pile-regime corpus, fixed. Projects come as sdists (code, tests and docs) where pip can read
+# the sdist's metadata with the common build backends; the others as wheels (manylinux, CPython
+# 3.12, for the compiled ones: numpy to statsmodels; pure-Python for dask, distributed, bokeh).
 PILE_SOURCES: tuple[Source, ...] = tuple(Source(k, n, v) for k, n, v in [
     ("sdist", "Django", "5.1.4"),
     ("sdist", "sympy", "1.13.3"),
