@@ -80,10 +80,12 @@ def test_checkpoints_are_log_spaced_hugging_face_folders(built):
         assert {"config.json", "model.safetensors", "tokenizer.json", "memorization.parquet"} <= names, step
     cfg = json.loads((out / "checkpoints" / "step0" / "config.json").read_text())
     assert cfg["architectures"] == ["GPTNeoXForCausalLM"] and cfg["num_hidden_layers"] == 2
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"  # as the weights are
     # the checkpoints differ: training moved the weights between them
     from safetensors.torch import load_file
     a, b = (load_file(out / "checkpoints" / f"step{s}" / "model.safetensors") for s in (0, final))
     assert not torch.equal(a["embed_out.weight"], b["embed_out.weight"])
+    assert {t.dtype for t in b.values()} == {torch.float16}
 
 
 def test_one_pass_and_manifest_record_the_build(built):

@@ -225,8 +225,8 @@ def stage_train(work: Path, out: Path, cfg: PileConfig, device: str, stop_after:
     for step, folder in checkpoints(out):  # a run cut by max_seconds drops the planned steps past its end
         if step not in keep:
             shutil.rmtree(folder)
-    log["checkpoints"] = {f"step{s}": {"tokens_seen": seen_tokens(s, tcfg, n) if s < log["steps"] else
-                                       min(n, log["steps"] * log["tokens_per_step"])} for s in sorted(keep)}
+    log["checkpoints"] = {f"step{s}": {"tokens_seen": n if seen_tokens(s, tcfg, n) is None else seen_tokens(s, tcfg, n)}
+                          for s in sorted(keep)}
     log["argv"] = sys.argv[1:]
     write_log(log, work / "train_log.json")
     state.unlink(missing_ok=True)

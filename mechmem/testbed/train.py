@@ -234,6 +234,11 @@ def save_checkpoint(model, folder: Path, dtype: torch.dtype = torch.float16) -> 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):  # the weights' dtype, not the training model's
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
