@@ -179,6 +179,9 @@ def test_build_command_line_refuses_bad_input(tmp_path, monkeypatch, capsys):
     assert pile_regime.main(["--preset", "pile-regime", "--pack", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no corpus pack" in err
+    if not torch.cuda.is_available():
+        assert pile_regime.main(["--preset", "pile-regime", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "testbed-pile").exists()  # refused before any work
 
 

@@ -444,23 +444,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """The stages `args` asks for; bad input (CliError) is found before any work."""
     import torch
 
-    from mechmem.cli import check_device, show_library_messages
+    from mechmem.cli import CliError, check_device
 
-    show_library_messages()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:  # argparse's own errors and --help: a code, also in-process
-        return exit_.code if isinstance(exit_.code, int) else 2
+    check_device(args.device)
     cfg = preset("tiny" if args.tiny else "pile-regime")
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        print(f"python -m mechmem.testbed.build: error: {err}", file=sys.stderr)
-        return 2
     cfg.corpus.seed = cfg.train.seed = args.seed
     for name in ("steps", "epochs", "batch_size", "max_seconds"):
         if getattr(args, name) is not None:
@@ -471,9 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or out / "work"
     pack_dir = work / "pack" if args.tiny else args.pack
     if "corpus" in args.stage_list and not args.tiny and not (pack_dir / "pack.json").is_file():
-        print(f"python -m mechmem.testbed.build: error: no corpus pack in {pack_dir}: make it with "
-              f"`python -m mechmem.testbed.sources fetch` then `... pack`, or pass --pack DIR", file=sys.stderr)
-        return 2
+        raise CliError(f"no corpus pack in {pack_dir}: make it with `python -m mechmem.testbed.sources fetch` "
+                       f"then `... pack`, or pass --pack DIR")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work.mkdir(parents=True, exist_ok=True)
     for stage in args.stage_list:
@@ -487,6 +477,19 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "label":
             stage_label(work, out, cfg, device)
         elif stage == "report":
-            stage_report(work, out, cfg, argv)
+            stage_report(work, out, cfg, args.argv)
         logger.info(f"== {stage} done in {time.time() - t0:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mechmem.testbed.build --preset pile-regime ...`: bad input is one line, exit 2."""
+    from mechmem import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def parse(a):
+        args = parse_args(a)
+        args.argv = a
+        return args
+    return cli.main("python -m mechmem.testbed.build", parse, run, argv)

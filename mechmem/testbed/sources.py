@@ -351,17 +351,22 @@ def unpack(pack_dir: Path, expected: dict | None | str = "shipped") -> tuple[lis
     return sorted(texts.items()), meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mechmem.cli import show_library_messages
+PROG = "python -m mechmem.testbed.sources"
 
-    show_library_messages()
-    p = argparse.ArgumentParser(prog="python -m mechmem.testbed.sources", description=__doc__.split("\n")[0])
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from mechmem.cli import Parser
+
+    p = Parser(PROG, __doc__.split("\n")[0])
     p.add_argument("action", choices=["fetch", "pack", "check"])
     p.add_argument("--downloads", type=Path, default=Path("build/pile-downloads"))
     p.add_argument("--out", type=Path, default=Path("build/pile-pack"), help="the pack folder")
     p.add_argument("--shard-mib", type=int, default=128, help="text per shard before compression")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="shards compressed at once")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         failed = []
         for src in tqdm(PILE_SOURCES, desc="fetching"):
@@ -371,18 +376,25 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(src.label)
                 logger.warning(f"{src.label}: {err}")
         if failed:
-            print(f"could not fetch {len(failed)} sources: {', '.join(failed)}", file=sys.stderr)
+            logger.error(f"could not fetch {len(failed)} sources: {', '.join(failed)}")
             return 1
+        logger.info(f"{len(PILE_SOURCES)} sources in {args.downloads}")
     elif args.action == "pack":
         meta = pack(PILE_SOURCES, args.downloads, args.out, shard_raw=args.shard_mib * 2**20, jobs=args.jobs)
         atomic_json(SOURCES_FILE, {k: meta[k] for k in ("files_sha256", "files", "bytes", "sources")})
         total = sum(s["bytes"] for s in meta["shards"])
-        print(f"{meta['files']:,} files, {meta['bytes'] / 2**20:.0f} MiB of text -> {len(meta['shards'])} shards, "
-              f"{total / 2**20:.1f} MiB in {args.out}; record in {SOURCES_FILE}")
+        logger.info(f"{meta['files']:,} files, {meta['bytes'] / 2**20:.0f} MiB of text -> {len(meta['shards'])} "
+                    f"shards, {total / 2**20:.1f} MiB in {args.out}; record in {SOURCES_FILE}")
     else:
         files, meta = unpack(args.out)
-        print(f"{len(files):,} files match {SOURCES_FILE.name}")
+        logger.info(f"{len(files):,} files match {SOURCES_FILE.name}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mechmem import cli
+
+    return cli.main(PROG, parse_args, run, argv)
 
 
 if __name__ == "__main__":
