@@ -11,6 +11,8 @@ it (METHOD.md section 1). Sources:
   read from downloaded parquet/json-lines files named after the split instead of the hub.
 - a parquet or JSON-lines file, or a folder of them (all concatenated, de-duplicated).
 - ``"testbed"``: the table shipped with the offline testbed (`mechmem.testbed.DATA_FILE`).
+- ``"testbed-pile"``: the second testbed's final checkpoint's table, built into the cache
+  (`mechmem.testbed.pile_regime`); ``"testbed-pile@step512"`` a checkpoint's own.
 
 Derived columns are computed when missing: ``rouge_L_prefix_to_suffix`` and
 ``rouge_3_prefix_to_suffix`` (prefix vs suffix token ids) and ``is_code`` (from the text).
@@ -30,6 +32,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from mechmem import heuristics
+from mechmem.testbed import PILE_NAMES
 
 SEQ_LEN, PREFIX_LEN = 64, 32
 HUB_DATASET = "usvsnsp/semantic-filters"
@@ -272,6 +275,12 @@ def load_memorization_data(source: str | os.PathLike, *, local_dir: str | os.Pat
     if text == "testbed":
         df = _testbed_table()
         df.attrs["greedy_model"] = "testbed"  # its greedy_suffix column was decoded by load_model("testbed")
+    elif text.partition("@")[0] in PILE_NAMES:
+        from mechmem.testbed.pile_regime import TABLE_FILE, checkpoint_folder
+
+        folder = checkpoint_folder(text)
+        df = pd.read_parquet(folder / TABLE_FILE)
+        df.attrs["greedy_model"] = f"{text.partition('@')[0]}@{folder.name}"  # load_model's name for it
     elif published is not None:
         splits = published_splits(*published)
         if local_dir is not None:

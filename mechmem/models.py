@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mechmem.testbed import PILE_NAMES
+
 HUB_HOST = "huggingface.co"
 
 
@@ -228,9 +230,10 @@ def load_model(
     revision: str | None = None,
     compatibility_mode: bool = True,
 ):
-    """A TransformerLens hooked model from "testbed", a local HF folder, or a hub name.
+    """A TransformerLens hooked model from "testbed", "testbed-pile", a local HF folder, or a hub name.
 
-    `revision` picks a Pythia training checkpoint ("step143000"; see PYTHIA_REVISIONS).
+    `revision` picks a Pythia training checkpoint ("step143000"; see PYTHIA_REVISIONS), or one of
+    the second testbed's ("step512"; also "testbed-pile@step512"; default its final one).
     Without access to the hub, a hub name that is not cached raises `ModelNotFound` with one
     line saying how to point at a local folder instead.
     """
@@ -247,6 +250,15 @@ def load_model(
             )
         return _boot(str(MODEL_DIR), device=device, dtype=dtype,
                      compatibility_mode=compatibility_mode, name="testbed")
+    if name.partition("@")[0] in PILE_NAMES:
+        from mechmem.testbed.pile_regime import checkpoint_folder
+
+        try:
+            folder = checkpoint_folder(name, revision)
+        except FileNotFoundError as err:
+            raise ModelNotFound(str(err)) from None
+        return _boot(str(folder), device=device, dtype=dtype, compatibility_mode=compatibility_mode,
+                     name=f"{name.partition('@')[0]}@{folder.name}")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

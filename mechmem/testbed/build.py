@@ -1,5 +1,8 @@
 """Build the testbed's shipped assets: `python -m mechmem.testbed.build [--device cuda]`.
 
+`--preset pile-regime` builds the second testbed instead (Pythia's regime, cached, not shipped):
+see `mechmem.testbed.pile_regime`.
+
 Stages (all by default; `--stages` picks some, each reads the previous ones' outputs in `--work`):
 
   corpus  stdlib + planted passages + patterns -> tokenizer, token streams, candidate windows (CPU)
@@ -207,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
 
     show_library_messages()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--preset" or a.startswith("--preset=") for a in argv):
+        from mechmem.testbed import pile_regime
+
+        raise SystemExit(pile_regime.main(argv))
     p = argparse.ArgumentParser(prog="python -m mechmem.testbed.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ASSETS, help="asset folder (default: the package's)")
     p.add_argument("--work", type=Path, default=Path("build/testbed"), help="intermediate files")

@@ -59,6 +59,7 @@ class CorpusConfig:
     pattern_offsets: int = 3            # windows per pattern instance (one at its start)
     passage_stride: int = 2             # planted passages: a window every `stride` tokens
     max_files: int | None = None        # only for dry runs: the first files in path order
+    tokenizer_chars: int | None = None  # train the BPE on about this much natural text (None: all of it)
 
     @classmethod
     def tiny(cls) -> "CorpusConfig":
@@ -202,7 +203,16 @@ class Corpus:
                    {k: w[k] for k in w.files}, json.loads((folder / "corpus.json").read_text()))
 
 
-def _join(docs: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray]:
+def encode(tokenizer, texts: list[str], chunk: int = 2048) -> list[np.ndarray]:
+    """Token ids of each text (uint16), encoded in chunks: a full Encoding per document (tokens,
+    offsets, masks) of a 100M-token corpus would take tens of GB."""
+    out = []
+    for a in range(0, len(texts), chunk):
+        out += [np.asarray(e.ids, dtype=np.uint16) for e in tokenizer.encode_batch(texts[a:a + chunk])]
+    return out
+
+
+def _join(docs: list[np.ndarray], eos: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate documents, each followed by EOS; return the stream and each doc's start."""
     lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -225,9 +235,32 @@ def _doc_windows(rng, starts, lengths, n):
     return starts[doc] + flat - (cum[doc] - room[doc])
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) -> tuple[Corpus, Any]:
-    """Gather, tokenize and join the corpus; pick candidate windows. Returns (corpus, tokenizer)."""
-    files = stdlib_files(root, cfg.max_files)
+def tokenizer_texts(files: list[tuple[str, str]], cfg: CorpusConfig) -> list[str]:
+    """The natural text the BPE is trained on: all of it, or files in an order fixed by a hash of
+    their paths until `tokenizer_chars` (a large corpus's tokenizer needs no more)."""
+    texts = [t for _, t in files]
+    if cfg.tokenizer_chars is None:
+        return texts
+    order = sorted(range(len(files)), key=lambda i: _unit("tokenizer:" + files[i][0], cfg.seed))
+    picked, total = [], 0
+    for i in order:
+        if total >= cfg.tokenizer_chars:
+            break
+        picked.append(texts[i])
+        total += len(texts[i])
+    return picked
+
+
+def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None,
+                 files: list[tuple[str, str]] | None = None) -> tuple[Corpus, Any]:
+    """Gather, tokenize and join the corpus; pick candidate windows. Returns (corpus, tokenizer).
+
+    The natural text is the standard library under `root` (default: the running Python's), or
+    `files` ((path, text) pairs, e.g. `sources.unpack`'s) when given; either way it is labelled
+    source "stdlib" in the windows, the role of natural text trained on.
+    """
+    from_stdlib = files is None
+    files = stdlib_files(root, cfg.max_files) if files is None else sorted(files)[:cfg.max_files]
     roles = {path: file_role(path, cfg) for path, _ in files}
     by_role = {r: [(p, t) for p, t in files if roles[p] == r] for r in ("stdlib", "heldout", "pool")}
     passages = cut_passages(by_role["pool"], cfg)
@@ -239,14 +272,14 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) ->
                                 p=np.array(cfg.pattern_copies) / sum(cfg.pattern_copies))
 
     if tokenizer is None:
-        tokenizer = train_tokenizer([t for _, t in by_role["stdlib"]], cfg.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_texts(by_role["stdlib"], cfg), cfg.vocab_size)
     eos = tokenizer.token_to_id(EOS)
 
     # Unique training documents, with source, planted count, family and copies.
     docs = [(t, "stdlib", 0, "", 1) for _, t in by_role["stdlib"]]
     docs += [(texts[p["file"]][p["start"]:p["end"]], "planted", p["count"], "", p["count"]) for p in passages]
     docs += [(p.text, "pattern", int(c), p.family, int(c)) for p, c in zip(train_patterns, pattern_counts)]
-    ids = [e.ids for e in tokenizer.encode_batch([d[0] for d in docs])]
+    ids = encode(tokenizer, [d[0] for d in docs])
     copies = np.repeat(np.arange(len(docs)), [d[4] for d in docs])
     order = copies[rng.permutation(len(copies))]
     stream, starts = _join([ids[i] for i in order], eos)
@@ -256,7 +289,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) ->
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
 
     held_docs = [t for _, t in by_role["heldout"]] + [p.text for p in heldout_patterns]
-    held_ids = [e.ids for e in tokenizer.encode_batch(held_docs)]
+    held_ids = encode(tokenizer, held_docs)
     held_stream, held_starts = _join(held_ids, eos)
     held_lengths = np.array([len(x) for x in held_ids], dtype=np.int64)
     n_held_std = len(by_role["heldout"])
@@ -302,7 +335,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None) ->
     manifest = {
         "config": asdict(cfg),
         "python": sys.version.split()[0],
-        "stdlib_dir": str(root or stdlib_dir()),
+        "stdlib_dir": str(root or stdlib_dir()) if from_stdlib else None,
         "files": [{"path": p, "sha256": _sha(t), "role": roles[p]} for p, t in files],
         "files_sha256": _sha("".join(f"{p}\0{_sha(t)}\n" for p, t in files)),
         "passages": passages,

@@ -51,9 +51,10 @@ class WindowIndex:
         self.order = np.argsort(hashes, kind="stable")
         self.sorted_hashes = hashes[self.order]
 
-    def count(self, windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20, progress: bool = True
-              ) -> np.ndarray:
-        """How many times each row of `windows` occurs in the stream (int64, exact)."""
+    def count(self, windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20, progress: bool = True,
+              before: int | None = None) -> np.ndarray:
+        """How many times each row of `windows` occurs in the stream (int64, exact); with
+        `before`, only occurrences starting before that position (a checkpoint's data so far)."""
         windows = np.asarray(windows)
         if windows.ndim != 2 or windows.shape[1] != self.width:
             raise ValueError(f"windows must be [n, {self.width}], got shape {windows.shape}")
@@ -70,6 +71,8 @@ class WindowIndex:
                       disable=not progress or len(query) <= chunk):
             qi, pos = query[a:a + chunk], self.order[starts[a:a + chunk]]
             same = (self.stream[pos[:, None] + offsets] == windows[qi]).all(axis=1)
+            if before is not None:
+                same &= pos < before
             np.add.at(counts, qi[same], 1)
         return counts
 

@@ -35,13 +35,17 @@ class TableConfig:
                                                     "heldout": 6000, "heldout_pattern": None})
 
 
-def score_candidates(corpus: Corpus, greedy: np.ndarray) -> pd.DataFrame:
-    """Every scored candidate window, without text or heuristics (the report's population)."""
+def score_candidates(corpus: Corpus, greedy: np.ndarray, duplicates: np.ndarray | None = None) -> pd.DataFrame:
+    """Every scored candidate window, without text or heuristics (the report's population).
+
+    `duplicates`: each window's count in the training data, when the caller has it (a checkpoint
+    counts only the part of the stream it was trained on); default: counted in the whole stream.
+    """
     tokens = corpus.window_tokens()
     if greedy.shape != (len(tokens), tokens.shape[1] - PREFIX_LEN):
         raise ValueError(f"greedy continuations {greedy.shape} do not match {len(tokens)} candidate windows")
     w = corpus.windows
-    dup = count_windows(corpus.train_stream, tokens)
+    dup = count_windows(corpus.train_stream, tokens) if duplicates is None else np.asarray(duplicates, dtype=np.int64)
     return pd.DataFrame({
         "sequence_id": w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64),
         "tokens": list(tokens),
@@ -88,7 +92,7 @@ def add_text_columns(table: pd.DataFrame, tokenizer) -> pd.DataFrame:
 
 COLUMNS = ["sequence_id", "tokens", "text", "memorization_score", "sequence_duplicates", "is_incrementing",
            "is_repeating", "rouge_L_prefix_to_suffix", "rouge_3_prefix_to_suffix", "is_code", "in_training",
-           "planted_count", "source", "family", "greedy_suffix"]
+           "planted_count", "source", "family", "greedy_suffix", "stream_duplicates"]
 
 
 def write_table(table: pd.DataFrame, path) -> None:

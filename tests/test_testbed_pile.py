@@ -1,0 +1,193 @@
+"""The second testbed end to end at toy size on the CPU (`--tiny`): corpus pack, one ordered pass,
+log-spaced checkpoints as Hugging Face folders with their own true labels, manifest, loading by name."""
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mechmem.testbed import pile_regime
+from mechmem.testbed.corpus import WINDOW, Corpus
+from mechmem.testbed.pile_regime import TINY_NAME, checkpoint_folder, checkpoints, log_steps
+from mechmem.testbed.train import ChunkSampler, Stopped, TrainConfig, seen_tokens, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One tiny build in a fresh cache: the one command, every stage."""
+    from mechmem.testbed.build import main
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MECHMEM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    with pytest.raises(SystemExit) as done:
+        main(["--preset", "pile-regime", "--tiny", "--device", "cpu"])
+    assert done.value.code == 0
+    out = pile_regime.testbed_dir(TINY_NAME)
+    yield out, json.loads((out / "manifest.json").read_text()), Corpus.load(out / "work" / "corpus")
+    mp.undo()
+
+
+def test_log_steps_and_seen_tokens():
+    assert log_steps(100) == [0, 1, 2, 4, 8, 16, 32, 64, 100]
+    assert log_steps(64) == [0, 1, 2, 4, 8, 16, 32, 64]
+    cfg = TrainConfig(ctx=8, batch_size=2, shuffle_chunks=False)
+    assert seen_tokens(0, cfg, 1000) == 1 and seen_tokens(3, cfg, 1000) == 3 * 2 * 8 + 1
+    assert seen_tokens(10_000, cfg, 1000) is None                   # past one pass: all of it
+    assert seen_tokens(3, TrainConfig(shuffle_chunks=True), 1000) is None  # shuffled: no prefix
+
+
+def test_first_pass_reads_the_stream_in_order():
+    stream = torch.arange(200)
+    cfg = TrainConfig(ctx=8, batch_size=3, shuffle_chunks=False)
+    sampler = ChunkSampler(stream, cfg, np.random.default_rng(0))
+    rows = torch.cat([sampler.next() for _ in range(4)])
+    assert torch.equal(rows[:, 0], torch.arange(12) * 8)             # chunk k starts at k * ctx
+    assert torch.equal(rows[5], torch.arange(40, 49))                # ctx + 1 tokens each
+    seen = seen_tokens(4, cfg, len(stream))
+    assert int(rows.max()) + 1 == seen                               # exactly the prefix it reports
+
+
+def test_stopped_training_resumes_to_the_same_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    stream = rng.integers(1, 60, 3000).astype(np.uint16)
+    cfg = TrainConfig(n_layers=1, d_model=32, n_heads=2, ctx=16, batch_size=4, steps=12, warmup_steps=2,
+                      n_positions=64, shuffle_chunks=False)
+    whole, _ = train(stream, 64, cfg, log_every=4)
+    state, saved = tmp_path / "state.pt", []
+    with pytest.raises(Stopped):
+        train(stream, 64, cfg, log_every=4, resume_from=state, stop_after=0.0,
+              checkpoint_steps={0, 4}, on_checkpoint=lambda s, m: saved.append(s))
+    assert state.exists() and saved == [0]
+    resumed, log = train(stream, 64, cfg, log_every=4, resume_from=state,
+                         checkpoint_steps={0, 4}, on_checkpoint=lambda s, m: saved.append(s))
+    assert saved == [0, 4, 12] and log["steps"] == 12
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_checkpoints_are_log_spaced_hugging_face_folders(built):
+    out, manifest, corpus = built
+    steps = [s for s, _ in checkpoints(out)]
+    final = manifest["training"]["steps"]
+    assert len(steps) >= 8 and steps == log_steps(final) and manifest["final"] == f"step{final}"
+    for step, folder in checkpoints(out):
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "memorization.parquet"} <= names, step
+    cfg = json.loads((out / "checkpoints" / "step0" / "config.json").read_text())
+    assert cfg["architectures"] == ["GPTNeoXForCausalLM"] and cfg["num_hidden_layers"] == 2
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"  # as the weights are
+    # the checkpoints differ: training moved the weights between them
+    from safetensors.torch import load_file
+    a, b = (load_file(out / "checkpoints" / f"step{s}" / "model.safetensors") for s in (0, final))
+    assert not torch.equal(a["embed_out.weight"], b["embed_out.weight"])
+    assert {t.dtype for t in b.values()} == {torch.float16}
+
+
+def test_one_pass_and_manifest_record_the_build(built):
+    out, manifest, corpus = built
+    log = manifest["training"]
+    assert 1.0 <= log["epochs"] <= 1.5 and log["config"]["shuffle_chunks"] is False
+    assert log["loss_curve"][-1][1] < log["loss_curve"][0][1]
+    m = manifest["corpus"]
+    assert m["train_tokens"] == len(corpus.train_stream)
+    assert m["train_stream_sha256"] == hashlib.sha256(corpus.train_stream.tobytes()).hexdigest()
+    # every file is in the manifest with its hash, and the pack's record agrees
+    assert len(m["files"]) == m["pack"]["files"] and all(len(f["sha256"]) == 64 for f in m["files"])
+    assert {f["role"] for f in m["files"]} == {"stdlib", "heldout", "pool"}
+    assert m["passages"] and m["patterns"]["n_heldout"] > 0
+    for step, info in manifest["checkpoints"].items():
+        table_file = out / "checkpoints" / step / "memorization.parquet"
+        assert info["files"]["memorization.parquet"]["sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest()
+        assert [r["duplicates"] for r in info["rate_by_duplicates"]][0] == "0 (never seen)"
+    assert (out / "testbed_memorization.png").stat().st_size > 1000
+    assert (out / "checkpoints.png").stat().st_size > 1000
+    text = (out / "summary.md").read_text()
+    assert f"{m['train_tokens']:,} tokens" in text and f"{log['n_params']:,} parameters" in text
+    assert sum(line.startswith("| step") for line in text.splitlines()) == len(manifest["checkpoints"])
+
+
+def test_each_checkpoint_has_its_own_true_labels(built):
+    from mechmem.memorization import greedy_continuation
+    from transformers import GPTNeoXForCausalLM
+
+    out, manifest, corpus = built
+    stream = corpus.train_stream
+    final = manifest["final"]
+    for step in ("step4", final):
+        table = pd.read_parquet(out / "checkpoints" / step / "memorization.parquet")
+        tokens = np.stack(table["tokens"].to_numpy())
+        # greedy labels: re-decoded by that checkpoint
+        model = GPTNeoXForCausalLM.from_pretrained(out / "checkpoints" / step, dtype=torch.float32)
+        rows = np.random.default_rng(0).choice(len(table), 24, replace=False)
+        again = greedy_continuation(model, torch.as_tensor(tokens[rows, :32]), 32, progress=False).numpy()
+        np.testing.assert_array_equal(again, np.stack(table["greedy_suffix"].to_numpy()[rows]))
+        np.testing.assert_allclose(table["memorization_score"].to_numpy()[rows], (again == tokens[rows, 32:]).mean(1))
+        # duplicates: brute force over the part of the stream the checkpoint had trained on
+        seen = manifest["checkpoints"][step]["tokens_seen"]
+        limit = len(stream) if seen >= len(stream) else max(0, seen - WINDOW + 1)
+        all_windows = np.lib.stride_tricks.sliding_window_view(stream, WINDOW)
+        for r in rows[:8]:
+            hits = np.flatnonzero((all_windows == tokens[r]).all(axis=1))
+            assert table["stream_duplicates"].iloc[r] == len(hits)
+            assert table["sequence_duplicates"].iloc[r] == (hits < limit).sum()
+    early = pd.read_parquet(out / "checkpoints" / "step4" / "memorization.parquet")
+    late = pd.read_parquet(out / "checkpoints" / final / "memorization.parquet")
+    assert early["sequence_duplicates"].sum() < late["sequence_duplicates"].sum()  # data seen grows
+    assert (early["stream_duplicates"] == late["stream_duplicates"]).all()
+
+
+def test_loaded_by_name(built):
+    from mechmem.data import load_memorization_data
+    from mechmem.models import load_model
+
+    out, manifest, _ = built
+    final = manifest["final"]
+    df = load_memorization_data(TINY_NAME, progress=False)
+    assert df.attrs["greedy_model"] == f"{TINY_NAME}@{final}" and len(df) > 200
+    assert {"in_training", "planted_count", "source", "greedy_suffix", "stream_duplicates"} <= set(df.columns)
+    early = load_memorization_data(f"{TINY_NAME}@step2", progress=False)
+    assert early.attrs["greedy_model"] == f"{TINY_NAME}@step2"
+    assert checkpoint_folder(TINY_NAME, "step2") == checkpoint_folder(f"{TINY_NAME}@step2")
+    model = load_model(TINY_NAME, device="cpu", revision="step2")
+    assert model.mechmem_name == f"{TINY_NAME}@step2" and model.cfg.n_layers == 2
+    final_model = load_model(TINY_NAME, device="cpu")
+    assert final_model.mechmem_name == df.attrs["greedy_model"]  # the alignment runner reuses greedy_suffix
+    with pytest.raises(FileNotFoundError, match="no checkpoint 'step3'"):
+        checkpoint_folder(TINY_NAME, "step3")
+
+
+def test_not_built_says_which_command_builds_it(tmp_path, monkeypatch):
+    from mechmem.data import load_memorization_data
+    from mechmem.models import ModelNotFound, load_model
+
+    monkeypatch.setenv("MECHMEM_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotFound, match="--preset pile-regime --device cuda`"):
+        load_model("testbed-pile", device="cpu")
+    with pytest.raises(FileNotFoundError, match="--preset pile-regime --device cuda --tiny"):
+        load_memorization_data("testbed-pile-tiny@step4")
+
+
+def test_build_command_line_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MECHMEM_CACHE", str(tmp_path))
+    assert pile_regime.main(["--preset", "pile-regime", "--epochs", "3"]) == 2
+    assert "at most 1.5 epochs" in capsys.readouterr().err
+    assert pile_regime.main(["--preset", "pile-regime", "--pack", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no corpus pack" in err
+    if not torch.cuda.is_available():
+        assert pile_regime.main(["--preset", "pile-regime", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "testbed-pile").exists()  # refused before any work
+
+
+def test_rerun_resumes_instead_of_redoing(built):
+    out, manifest, _ = built
+    final = out / "checkpoints" / manifest["final"]
+    before = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
+    assert pile_regime.main(["--preset", "pile-regime", "--tiny", "--device", "cpu", "--stages", "train,label"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == before  # trained and labelled once
