@@ -27,10 +27,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechmem import taxonomy as tx
+from mechmem.alignment_config import PROBE_FITS, AlignmentConfig, Row  # noqa: F401  (re-exported)
 from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401  (atomic_json: re-exported)
-from mechmem.cnn import (PAPER_GRID, CNNConfig, Task, TrainConfig, TrainedCNN, alignment_summary,
+from mechmem.cnn import (CNNConfig, Task, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, split_validation, train_cnn_tasks, write_cnn_index)
-from mechmem.controls import (centred, check_null, is_aligned, null_summary, permutation_null, shuffled_control,
+from mechmem.controls import (centred, is_aligned, null_summary, permutation_null, shuffled_control,
                               twin_epochs)
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
@@ -59,77 +60,8 @@ TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "me
 # the paper's Pythia-12B figure.
 CONTROL_COLUMNS = ["min_f1_chance", "min_f1_null_p95", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe", "min_f1_probe_ci_low", "min_f1_probe_ci_high",
                    "aligned", "epochs", "control_epochs", "paper_12b_min_f1"]
-PROBE_FITS = ("cnn-fit", "train")
 SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
 CONTROL_SEED_COLUMN = "min_f1_control_seed_sd"  # with control_seeds > 1: the controls' spread over shuffles
-
-
-@dataclass(frozen=True)
-class Row:
-    """One benchmarked taxonomy: an id, its duplicates threshold and ROUGE choice."""
-
-    tax_id: str
-    threshold: int = 5
-    rouge: str = "either"
-    rouge_threshold: float = 0.5
-
-    @property
-    def name(self) -> str:
-        return tx.display_name(self.tax_id, self.threshold)
-
-    @property
-    def slug(self) -> str:
-        extra = "" if (self.rouge, self.rouge_threshold) == ("either", 0.5) else f"_rouge{self.rouge}{self.rouge_threshold:g}"
-        return f"{self.tax_id}_t{self.threshold}{extra}"
-
-    def labels(self, df: pd.DataFrame) -> np.ndarray:
-        return tx.assign_categories(df, self.tax_id, duplicates_threshold=self.threshold,
-                                    rouge_threshold=self.rouge_threshold, rouge=self.rouge)
-
-    def class_names(self) -> list[str]:
-        return tx.class_names(self.tax_id, self.threshold)
-
-
-@dataclass(frozen=True)
-class AlignmentConfig:
-    rows: tuple[Row, ...]
-    train_per_class: int = 4000
-    eval_per_class: int = 2000
-    configs: tuple[CNNConfig, ...] = PAPER_GRID
-    train: TrainConfig = TrainConfig()
-    pooling: tuple[str, ...] = ("mean", "max")
-    extraction_batch_size: int | None = None  # None: the largest that fits in free GPU memory (64 on cpu)
-    chunk_size: int = 1024  # samples per feature-store chunk: the unit of resume, and of work between ranks
-    split: str = "shared"  # "shared": taxonomies draw from one seeded ranking (one small extraction); "paper"
-    n_boot: int = 1000
-    seed: int = 0
-    sweep: tuple[Row, ...] = ()  # ROUGE-threshold sweep rows, trained on the same features
-    # Trainings of every CNN config, with train seeds train.seed, train.seed + 1, ...: the score averages
-    # over all of them, and min_f1_seed_sd says how far training noise alone moves it.
-    cnn_seeds: int = 1
-    # The shuffled-label control (`mechmem.controls`): the CNNs trained on the training split with its
-    # labels permuted, for their twin's epoch count, scored on the true eval labels; `control_seeds`
-    # shuffles (the k-th with training seed train.seed + k, its twin that seed's CNNs).
-    controls: bool = True
-    control_seeds: int = 1
-    # The permutation null of min F1 (`mechmem.controls.permutation_null`): label permutations drawn.
-    null_permutations: int = 1000
-    probe: bool = True  # the attention-statistics probe (mechmem.probe) on the same split
-    # What the probe fits on: "cnn-fit", the samples the CNNs fit (the training split less the
-    # validation part the first seed's CNNs stop on), so the two compare on equal data; "train", the
-    # whole training split.
-    probe_fit: str = "cnn-fit"
-
-    def __post_init__(self):
-        if self.cnn_seeds < 1:
-            raise ValueError(f"cnn_seeds must be >= 1, got {self.cnn_seeds}")
-        if not 1 <= self.control_seeds <= self.cnn_seeds:
-            raise ValueError(f"control_seeds must lie in [1, cnn_seeds = {self.cnn_seeds}] (each shuffle trains "
-                             f"for its twin seed's epochs), got {self.control_seeds}")
-        if self.probe_fit not in PROBE_FITS:
-            raise ValueError(f"unknown probe_fit {self.probe_fit!r}; expected one of {PROBE_FITS}")
-        for n_classes in sorted({len(r.class_names()) for r in self.rows + self.sweep}):
-            check_null([self.eval_per_class] * n_classes, self.null_permutations)
 
 
 def quick_rows(rouge: str = "either", rouge_threshold: float = 0.5) -> tuple[Row, ...]:

@@ -3,7 +3,9 @@
 A larger batch amortises the hooked model's per-module Python (at 1b on an H200 the extraction
 goes from 0.58x to 0.85x of Hugging Face's SDPA forward between batch 64 and 256), so when no
 batch size is given the largest one that fits is used. How much a sample costs is measured, not
-guessed: two probe batches are run and the slope of their peak memory is the per-sample cost.
+guessed: after one warm-up pass (the first pass allocates what then stays: cuBLAS workspaces,
+caches; charged to the probe it would make the slope negative), two probe batches are run and the
+slope of their peak memory is the per-sample cost, never negative (`per_sample_cost`).
 Whatever the estimate, a batch that raises `torch.OutOfMemoryError` is retried at half the size,
 and the smaller size is kept for the batches after it.
 """
@@ -37,15 +39,32 @@ def batch_size_for(per_sample: float, fixed: float, free: float, *, headroom: fl
     return int(max(1, min(max_batch, (headroom * free - max(fixed, 0.0)) // per_sample)))
 
 
+def per_sample_cost(sizes: tuple[int, int], peaks: tuple[float, float]) -> tuple[float, float, bool]:
+    """(bytes a sample, fixed bytes, measured) from the peak memory of passes over `sizes` samples.
+
+    The slope of peak memory in the batch when it is positive (`measured`); otherwise (noise, an
+    allocation that came and went between the passes) the larger pass's peak charged to its samples,
+    an upper bound, with nothing fixed. Never negative: a negative estimate would read as "samples
+    are free" and size the batch to the cap.
+    """
+    (small, large), (low, high) = sizes, peaks
+    slope = (high - low) / (large - small)
+    if slope > 0:
+        return slope, low - small * slope, True
+    return max(high, low, 0.0) / large, 0.0, False
+
+
 def probe_batch_size(run: Callable[[int], None], device: torch.device, *, probe: int = 4,
                      max_batch: int = MAX_BATCH_SIZE) -> int:
     """Batch size for `run(b)` (a pass over b samples) from the peak memory of two probe passes.
 
-    Peak memory of a pass is affine in the batch: `fixed + b * per_sample`. Passes of `probe` and
-    `2 * probe` samples give both terms; the batch is then sized to the memory that is free.
+    Peak memory of a pass is affine in the batch: `fixed + b * per_sample`. After an unmeasured
+    warm-up pass, passes of `probe` and `2 * probe` samples give both terms; the batch is then
+    sized to the memory that is free.
     """
     if device.type != "cuda":
         return CPU_BATCH_SIZE
+    run(probe)  # warm-up: what the first pass leaves allocated is the model's, not the samples'
     peaks = []
     for b in (probe, 2 * probe):
         torch.cuda.synchronize(device)
@@ -54,12 +73,12 @@ def probe_batch_size(run: Callable[[int], None], device: torch.device, *, probe:
         run(b)
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - base)
-    per_sample = (peaks[1] - peaks[0]) / probe
-    fixed = peaks[0] - probe * per_sample
+    per_sample, fixed, measured = per_sample_cost((probe, 2 * probe), (peaks[0], peaks[1]))
     free = free_bytes(device)
     assert free is not None, "probing needs a cuda device"
     size = batch_size_for(per_sample, fixed, free, max_batch=max_batch)
-    logger.info("batch size %d from free GPU memory (%.2f MB a sample)", size, per_sample / 2**20)
+    logger.info("batch size %d from free GPU memory (%.2f MB a sample%s)", size, per_sample / 2**20,
+                "" if measured else ", an upper bound: the probe passes did not grow with the batch")
     return size
 
 

@@ -183,17 +183,46 @@ def add_derived_columns(df: pd.DataFrame, *, progress: bool = True) -> pd.DataFr
 
 
 # --------------------------------------------------------------------------- sources
-def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".jsonl":
-        return pd.read_json(path, lines=True)
-    if path.suffix == ".json":
+KINDS = {".parquet": "parquet", ".jsonl": "JSON-lines", ".json": "JSON or JSON-lines"}
+
+
+def _read_table(path: Path, *, folder: Path | None = None) -> pd.DataFrame:
+    """One table file, as it is. One that does not parse is a ValueError that names the file and
+    what was expected; `folder`: the folder it was found in (the message says how it was chosen)."""
+    if path.suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"unsupported table file {path}: expected one of {', '.join(TABLE_SUFFIXES)}")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
         try:
             return pd.read_json(path, lines=True)
         except ValueError:
             return pd.read_json(path)
-    raise ValueError(f"unsupported table file {path}: expected one of {', '.join(TABLE_SUFFIXES)}")
+    except (ValueError, OSError, NotImplementedError) as err:  # pandas' and pyarrow's: "position 17" alone
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a {KINDS[path.suffix]} memorization table ({first}); expected rows with "
+                         f"columns {', '.join(REQUIRED)}{_found_in(folder)}") from None
+
+
+def _found_in(folder: Path | None) -> str:
+    if folder is None:
+        return ""
+    return (f" (every {'/'.join(TABLE_SUFFIXES)} file under {folder} is read as one: pass the table file, "
+            f"or a folder of tables only)")
+
+
+def _table_file(path: Path, *, folder: Path | None = None) -> pd.DataFrame:
+    """`_read_table`, and a file with rows but without a required column is named (in a folder,
+    a stray config.json would otherwise surface as a NaN sequence_id of the concatenation)."""
+    df = _read_table(path, folder=folder)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if len(df) and missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{path}: column {missing[0]!r} is missing{more}; a memorization table needs "
+                         f"{', '.join(REQUIRED)}{_found_in(folder)}")
+    return df
 
 
 def _concat_dedup(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -230,7 +259,7 @@ def _split_from_dir(folder: Path, split: str) -> pd.DataFrame:
     if not files:
         raise FileNotFoundError(f"no file for split {split!r} in {folder} (expected e.g. {split}.parquet or "
                                 f"{split}-00000-of-00001.parquet)")
-    return _concat_dedup([_read_table(p) for p in files])
+    return _concat_dedup([_table_file(p, folder=folder) for p in files])
 
 
 def _split_from_hub(split: str, source: str) -> pd.DataFrame:
@@ -296,9 +325,9 @@ def load_memorization_data(source: str | os.PathLike, *, local_dir: str | os.Pat
             files = _table_files(path)
             if not files:
                 raise FileNotFoundError(f"no {'/'.join(TABLE_SUFFIXES)} files in {path}")
-            df = _concat_dedup([_read_table(p) for p in files])
+            df = _concat_dedup([_table_file(p, folder=path) for p in files])
         elif path.is_file():
-            df = _read_table(path)
+            df = _table_file(path)
         else:
             raise FileNotFoundError(f"memorization data {text!r} not found: expected 'testbed', "
                                     f"'semantic-filters:SIZE[-deduped]', or a parquet/JSON-lines file or folder")

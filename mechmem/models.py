@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -136,6 +137,25 @@ def _in_hub_cache(name: str, revision: str | None) -> bool:
 
     found = try_to_load_from_cache(name, "config.json", revision=revision)
     return isinstance(found, str)
+
+
+def download_command(name: str, revision: str | None = None) -> str:
+    """The shell command that fetches a hub model (at `revision`) into a folder DIR, for the
+    installed huggingface_hub: its `hf` CLI from 0.34 on (1.0 removed `huggingface-cli`)."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in re.findall(r"\d+", version("huggingface_hub"))[:2])
+    cli = "hf" if (major, minor) >= (0, 34) else "huggingface-cli"
+    return f"{cli} download {name}{f' --revision {revision}' if revision else ''} --local-dir DIR"
+
+
+def not_cached(name: str, revision: str | None = None) -> str:
+    """One line for a hub model (at `revision`) that is neither cached nor reachable: what to run
+    where the hub is, and what to pass then (the folder is that one checkpoint: no revision)."""
+    at = f" at revision {revision}" if revision else ""
+    instead = " in place of the name and --revision" if revision else ""
+    return (f"cannot reach the Hugging Face hub to download {name!r}{at} and it is not cached; on a machine with "
+            f"access run `{download_command(name, revision)}` and pass DIR{instead}")
 
 
 @contextlib.contextmanager
@@ -275,10 +295,7 @@ def load_model(
             return _boot(name, device=device, dtype=dtype, revision=revision,
                          compatibility_mode=compatibility_mode)
     if not _hub_reachable():
-        raise ModelNotFound(
-            f"cannot reach the Hugging Face hub to download {name!r} and it is not cached; on a "
-            f"machine with access run `huggingface-cli download {name} --local-dir DIR` and pass DIR"
-        )
+        raise ModelNotFound(not_cached(name, revision))
     return _boot(name, device=device, dtype=dtype, revision=revision,
                  compatibility_mode=compatibility_mode)
 

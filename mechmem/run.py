@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mechmem.alignment_config import AlignmentConfig, Row
 from mechmem.atomic import atomic_json
 from mechmem.cnn import CNNConfig, TrainConfig, TrainedCNN, load_cnns
 from mechmem.features import FeatureStore
@@ -45,7 +46,7 @@ class RunConfig:
 
     model: str
     data: str | None
-    config: Any  # mechmem.alignment.AlignmentConfig (None in a folder made by hand without one)
+    config: Any  # an AlignmentConfig (None in a folder made by hand without one)
     revision: str | None = None
     extra: dict | None = None  # argv, compatibility_mode, world_size, ...
 
@@ -61,8 +62,6 @@ class Split:
 
 def alignment_config_from_dict(d: dict):
     """The inverse of `dataclasses.asdict` for an AlignmentConfig (as config.json holds it)."""
-    from mechmem.alignment import AlignmentConfig, Row
-
     known = {f.name for f in fields(AlignmentConfig)}
     d = {k: v for k, v in d.items() if k in known}
     rows = lambda rs: tuple(Row(**r) for r in rs)  # noqa: E731

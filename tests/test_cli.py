@@ -223,6 +223,26 @@ def test_a_table_that_does_not_fit_the_vocabulary_is_refused(script, args, forei
     assert err.count("\n") == 1 and VOCAB in err, err
 
 
+def test_data_folder_with_other_files_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """`run_alignment.py --data /tmp`: the stray file and what a table is, before any model loads."""
+    import mechmem.models
+    from conftest import load_experiment
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(mechmem.models, "load_model", load_model)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tokenizer_config.json").write_text('{"model_max_length": 1000000000000000019884624838656}')
+    argv = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert load_experiment("run_alignment").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"run_alignment: error: {tmp_path / 'data' / 'tokenizer_config.json'} is not a JSON or "
+                          "JSON-lines memorization table ("), err
+    assert "expected rows with columns sequence_id, tokens" in err and "pass the table file" in err
+
+
 # ----------------------------------------------------------------------------- one logging path
 
 def test_library_modules_speak_through_logging_not_print():

@@ -1,5 +1,6 @@
 """Memorization tables: sources (file, folder, published splits, testbed), schema errors, derived columns."""
 
+import json
 import sys
 import types
 
@@ -168,6 +169,34 @@ def test_bad_sources(tmp_path):
         data.load_memorization_data(tmp_path / "t.csv", local_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         data.load_memorization_data("semantic-filters:12b", local_dir=tmp_path / "nope")
+
+
+def test_a_folder_with_other_files_names_the_file_and_what_was_expected(tmp_path):
+    """`--data /tmp` read every .json under it; pandas' answer named neither the file nor the schema
+    ("Unexpected character found when decoding object value at position 17")."""
+    make_frame(4).to_parquet(tmp_path / "a.parquet")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}, "merges": ["a b"]}, indent=2))
+    with pytest.raises(ValueError) as err:
+        data.load_memorization_data(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'model' / 'tokenizer.json'} is not a JSON or JSON-lines memorization table (")
+    assert "expected rows with columns sequence_id, tokens, text" in message
+    assert f"every .parquet/.jsonl/.json file under {tmp_path} is read as one: pass the table file" in message
+    assert "\n" not in message
+
+
+def test_a_file_of_other_rows_names_its_first_missing_column(tmp_path):
+    make_frame(4).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame({"sequence_id": [1, 2], "loss": [0.5, 0.7]}).to_json(tmp_path / "b.jsonl", orient="records", lines=True)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'b.jsonl'}: column 'tokens' is missing \(and 5 more\); "
+                                         r"a memorization table needs sequence_id, tokens"):
+        data.load_memorization_data(tmp_path)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'b.jsonl'}: column 'tokens' is missing .*needs [^(]*$"):
+        data.load_memorization_data(tmp_path / "b.jsonl")  # the file itself: no word about folders
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 but not parquet")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'c.parquet'} is not a parquet memorization table \("):
+        data.load_memorization_data(tmp_path / "c.parquet")
 
 
 def test_testbed_source(tmp_path, monkeypatch):

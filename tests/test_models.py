@@ -46,6 +46,31 @@ def test_missing_folder_and_unreachable_hub_give_one_line_errors(tmp_path, monke
         load_model("EleutherAI/pythia-70m-deduped", revision="step7")
 
 
+def test_an_uncached_revision_is_in_the_download_command(monkeypatch):
+    """The hint for a hub model at a revision fetches that revision, not the final weights."""
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_in_hub_cache", lambda name, revision: False)
+    with pytest.raises(ModelNotFound) as err:
+        load_model("EleutherAI/pythia-70m-deduped", revision="step1000")
+    message = str(err.value)
+    assert "'EleutherAI/pythia-70m-deduped' at revision step1000" in message and "\n" not in message
+    assert f"`{models.download_command('EleutherAI/pythia-70m-deduped', 'step1000')}`" in message
+    assert "download EleutherAI/pythia-70m-deduped --revision step1000 --local-dir DIR` and pass DIR in place of " \
+           "the name and --revision" in message
+    with pytest.raises(ModelNotFound) as err:
+        load_model("EleutherAI/pythia-70m-deduped")
+    assert "--revision" not in str(err.value) and str(err.value).endswith("--local-dir DIR` and pass DIR")
+
+
+@pytest.mark.parametrize("installed, cli", [("0.30.2", "huggingface-cli"), ("0.34.0", "hf"), ("2.4.0", "hf")])
+def test_the_download_command_is_the_installed_hub_clients(monkeypatch, installed, cli):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    assert models.download_command("org/m", "step1") == f"{cli} download org/m --revision step1 --local-dir DIR"
+    assert models.download_command("org/m") == f"{cli} download org/m --local-dir DIR"
+
+
 def test_blocks_to_offload_keeps_on_the_gpu_what_processing_fits():
     blocks, other, overhead = [10, 10, 10, 10], 5, 3.0  # processing needs 4x what it holds
     assert models.blocks_to_offload(blocks, other, free_bytes=4 * 45, overhead=overhead) == []

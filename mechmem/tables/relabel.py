@@ -168,10 +168,7 @@ def check_available(name: str | os.PathLike, revision: str | None = None) -> Non
     if revision is not None and text.startswith("EleutherAI/pythia") and revision not in models.PYTHIA_REVISIONS:
         raise models.ModelNotFound(f"unknown Pythia revision {revision!r}; e.g. step143000 (final)")
     if not models._in_hub_cache(text, revision) and not models._hub_reachable():
-        at = f" at revision {revision}" if revision else ""
-        raise models.ModelNotFound(f"{text}{at} is not cached and the Hugging Face hub cannot be reached; on a "
-                                   f"machine with access run `huggingface-cli download {text}"
-                                   f"{f' --revision {revision}' if revision else ''} --local-dir DIR` and pass DIR")
+        raise models.ModelNotFound(models.not_cached(text, revision))
 
 
 def model_vocab(name: str | os.PathLike, revision: str | None = None) -> int:
