@@ -5,10 +5,12 @@ feature store's manifest, saved CNNs, per-row results, figures. The temporary fi
 target's folder (a rename is atomic only within one file system), is hidden (leading dot), carries
 the process id (torchrun ranks never share one) and keeps the target's suffix (numpy and matplotlib
 pick the format from it). A writer that fails leaves the old file as it was and no temporary file.
+`sha256_file` is the one way a file's content is fingerprinted (feature stores, manifests, corpora).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -43,3 +45,12 @@ def atomic_json(path: str | os.PathLike, obj, *, indent: int | None = 1, sort_ke
     """`obj` as JSON (the text is made before anything is written: an unserialisable `obj` touches
     nothing). `default` is json.dumps's, e.g. str for a record holding paths."""
     return atomic_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default))
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (files of any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

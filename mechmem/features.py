@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechmem.atomic import atomic_json, atomic_write
+from mechmem.atomic import atomic_json, atomic_write, sha256_file
 from mechmem.batching import CPU_BATCH_SIZE, probe_batch_size, run_batches
 from mechmem.distributed import Dist
 from mechmem.fastpath import pattern_forward, supports
@@ -168,14 +168,6 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _file_sha256(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
@@ -225,7 +217,7 @@ class FeatureStore:
         """Recompute the content hash of a complete store and compare it with the manifest."""
         if not self.complete:
             raise StoreMismatch(f"feature store {self.folder} is incomplete; rerun the extraction to resume")
-        if _file_sha256(self.folder / self.FEATURES) != self.manifest.get("content_sha256"):
+        if sha256_file(self.folder / self.FEATURES) != self.manifest.get("content_sha256"):
             raise StoreMismatch(f"feature store {self.folder}: features.npy does not match its content hash")
 
     def index(self, sequence_ids: Sequence[int]) -> np.ndarray:
@@ -347,7 +339,7 @@ def build_feature_store(
     del features
     if dist.is_main and done.all() and "content_sha256" not in store.manifest:
         atomic_json(folder / "manifest.json",
-                    {**store.manifest, "content_sha256": _file_sha256(folder / FeatureStore.FEATURES)},
+                    {**store.manifest, "content_sha256": sha256_file(folder / FeatureStore.FEATURES)},
                     indent=2, sort_keys=True)
     dist.barrier()
     return FeatureStore.load(folder)

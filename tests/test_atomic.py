@@ -78,3 +78,13 @@ def test_outputs_are_written_through_the_atomic_helpers():
             if in_place.search(line) and "lambda" not in line and rel not in allowed:
                 found.append(f"{rel}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_sha256_file_is_the_digest_of_the_bytes_whatever_the_block(tmp_path):
+    import hashlib
+
+    from mechmem.atomic import sha256_file
+
+    data = bytes(range(256)) * 1000
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f") == sha256_file(tmp_path / "f", block=7) == hashlib.sha256(data).hexdigest()

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechmem.atomic import atomic_json, atomic_write
+from mechmem.atomic import atomic_json, atomic_write, sha256_file
 from mechmem.data import (PREFIX_LEN, SEQ_LEN, add_derived_columns, check_vocab, load_memorization_data, tokens_array,
                           validate)
 from mechmem.distributed import Dist
@@ -76,14 +76,6 @@ def corpus_paths(paths: list[str]) -> list[str]:
         else:
             out.append(p)
     return out
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ samples
@@ -232,7 +224,7 @@ def build_table(model, model_name: str, revision: str | None, corpus: Corpus, cf
     files = corpus.describe()
     if cfg.hash_corpus:
         for f in tqdm(files, desc="hashing corpus", disable=not progress or len(files) < 2):
-            f["sha256"] = _sha256(f["path"])
+            f["sha256"] = sha256_file(f["path"])
     memo = table["memorization_score"].to_numpy() == 1
     manifest = {
         "model": model_name, "revision": revision, "weights_fingerprint": labeller.weights,

@@ -21,7 +21,6 @@ machine than the corpus and table stages.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mechmem.atomic import sha256_file
 from mechmem.testbed import ASSETS, DATA_FILE, MANIFEST_FILE, MODEL_DIR
 from mechmem.testbed.corpus import EOS, Corpus, CorpusConfig, build_corpus
 from mechmem.testbed.train import TrainConfig
@@ -39,14 +39,6 @@ from mechmem.testbed.train import TrainConfig
 STAGES = ("corpus", "train", "score", "table", "report")
 FIGURE = Path(__file__).resolve().parents[2] / "docs" / "testbed_memorization.png"
 logger = logging.getLogger(__name__)
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tokenizer(work: Path):
@@ -161,7 +153,7 @@ def stage_report(work: Path, out: Path, figure: Path, argv: list[str]) -> dict:
             "table_rows": int(len(table)),
             "class_counts": class_counts(table),
         },
-        "assets": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha_file(p)}
+        "assets": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in assets},
     }
     (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=1, default=_json_default))

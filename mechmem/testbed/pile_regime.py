@@ -311,7 +311,8 @@ def stage_label(work: Path, out: Path, cfg: PileConfig, device: str) -> None:
 
 # --------------------------------------------------------------------------- report
 def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dict:
-    from mechmem.testbed.build import _json_default, _sha_file
+    from mechmem.atomic import sha256_file
+    from mechmem.testbed.build import _json_default
     from mechmem.testbed.report import class_counts, rate_by_duplicates, rate_by_source, rate_figure
 
     log = json.loads((work / "train_log.json").read_text())
@@ -330,7 +331,7 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
             "rate_by_duplicates": rate_by_duplicates(table).to_dict("records"),
             "rate_by_source": rate_by_source(table).reset_index().to_dict("records"),
             "class_counts": class_counts(table),
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha_file(p)}
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                       for p in sorted(folder.iterdir()) if p.is_file()},
         }
         final = (step, table)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mechmem.atomic import atomic_json, atomic_write
+from mechmem.atomic import atomic_json, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +113,6 @@ PILE_SOURCES: tuple[Source, ...] = tuple(Source(k, n, v) for k, n, v in [
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- fetching
@@ -258,7 +250,7 @@ def _write_shard(path: Path, files: list[tuple[str, bytes]], preset: int) -> dic
         raise ValueError(f"{path.name} is {size / 2**20:.1f} MiB compressed, over {SHARD_LIMIT / 2**20:.0f} MiB: "
                          f"pass a smaller shard_raw")
     logger.info(f"pack: {path.name} {size / 2**20:.1f} MiB ({sum(len(d) for _, d in files) / 2**20:.0f} MiB of text)")
-    return {"file": path.name, "bytes": size, "sha256": sha_file(path), "files": len(files)}
+    return {"file": path.name, "bytes": size, "sha256": sha256_file(path), "files": len(files)}
 
 
 def write_pack(groups: Iterator[tuple[dict, list[tuple[str, str]]]], out: Path, *, shard_raw: int = 128 * 2**20,
@@ -309,7 +301,7 @@ def pack(sources: tuple[Source, ...], downloads: Path, out: Path, **kwargs) -> d
             artefact = _artefact(src, downloads)
             if artefact is None:
                 raise FileNotFoundError(f"{src.label} is not downloaded in {downloads}: run `fetch` first")
-            record = {**asdict(src), "artefact": artefact.name, "artefact_sha256": sha_file(artefact)}
+            record = {**asdict(src), "artefact": artefact.name, "artefact_sha256": sha256_file(artefact)}
             yield record, source_files(src, artefact)
     return write_pack(groups(), out, **kwargs)
 
@@ -338,7 +330,7 @@ def unpack(pack_dir: Path, expected: dict | None | str = "shipped") -> tuple[lis
     texts: dict[str, str] = {}
     for shard in tqdm(meta["shards"], desc="unpacking"):
         path = pack_dir / shard["file"]
-        if sha_file(path) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             raise ValueError(f"{path} is corrupt (SHA-256 differs from pack.json)")
         with lzma.open(path) as xz:
             for name, data in _tar_files(xz):
