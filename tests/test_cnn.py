@@ -339,7 +339,7 @@ def test_numpy_memmap_features_give_same_result(tmp_path):
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_training_sets_cudnn_deterministic_and_restores_it(monkeypatch, deterministic):
     """On a GPU only deterministic cuDNN kernels make a rerun (or another rank) train the same CNNs."""
-    import mechmem.cnn as cnn
+    import mechmem.cnn.training as cnn
 
     cudnn, seen = torch.backends.cudnn, []
     monkeypatch.setattr(cudnn, "deterministic", False)
@@ -387,7 +387,7 @@ def test_overlapping_split_warns(caplog):
     with caplog.at_level("WARNING", logger="mechmem"):
         train_cnns(feats, POOLS, labels, np.arange(10), np.arange(8, 12), 3, QUICK_GRID[:1],
                    TrainConfig(protocol="paper", epochs=1), progress=False)
-    assert [r.name for r in caplog.records if "overlap" in r.getMessage()] == ["mechmem.cnn"]
+    assert [r.name for r in caplog.records if "overlap" in r.getMessage()] == ["mechmem.cnn.training"]
 
 
 # ----------------------------------------------------------------------------- save / load
