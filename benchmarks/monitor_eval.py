@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from mechmem.alignment import shuffled_control  # noqa: E402
 from mechmem.atomic import atomic_json, atomic_text  # noqa: E402
-from mechmem.cnn import AttentionCNN, Task, train_cnn_tasks  # noqa: E402
+from mechmem.cnn import AttentionCNN, Task, load_cnns, save_cnns, train_cnn_tasks  # noqa: E402
 from mechmem.data import load_memorization_data  # noqa: E402
 from mechmem.features import extract_attention  # noqa: E402
 from mechmem.localize import run_labels  # noqa: E402
@@ -83,21 +83,27 @@ def control_classifiers(run: Path, taxonomy: str, table: pd.DataFrame, n_seeds: 
     """Shuffled-label control CNNs, one set per shuffle seed k (training labels permuted by
     `alignment.shuffled_control(task, k)`, CNN seed train.seed + k): the row's configs and protocol,
     but trained for exactly E epochs on the whole training split and kept at their last weights, E the
-    real CNNs' mean best epoch. (Early stopping on shuffled labels would stop at noise.) Returns (sets, E)."""
+    real CNNs' mean best epoch. (Early stopping on shuffled labels would stop at noise.) Each set is saved
+    in the run folder, cnns/<slug>/control_fixed_e<E>/shuffle<k>/, and reused by later evaluations of the
+    row (the sampled variant reads the greedy one's). Returns (sets, E)."""
     folder = RunFolder(run)
     slug, row = folder.find_row(taxonomy)
     real = [t for i in folder.seed_indices(slug) for t in folder.load_cnns(slug, i)]
     epochs = max(1, int(round(float(np.mean([t.best_epoch for t in real])))))
     train_cfg = folder.read_config().config.train
-    task, features = row_task(run, taxonomy, table)
-    pools = folder.feature_store().pooling
     configs = [t.config for t in folder.load_cnns(slug, 0)]
+    task, features = None, None
     out = []
     for k in tqdm(range(n_seeds), desc="shuffled-label controls"):
-        cfg = replace(train_cfg, val_fraction=0.0, epochs=epochs, seed=train_cfg.seed + k, device=device)
-        cnns = train_cnn_tasks(torch.from_numpy(features), pools, [shuffled_control(task, k)],
-                               len(row["class_names"]), configs, cfg, progress=False)[0]
-        out.append(SpanClassifier([t.model for t in cnns], row["class_names"], name=f"control {k}"))
+        saved = folder.cnn_folder(slug) / f"control_fixed_e{epochs}" / f"shuffle{k}"
+        if not (saved / "cnns.json").is_file():
+            if task is None:
+                task, features = row_task(run, taxonomy, table)
+            cfg = replace(train_cfg, val_fraction=0.0, epochs=epochs, seed=train_cfg.seed + k, device=device)
+            save_cnns(train_cnn_tasks(torch.from_numpy(features), folder.feature_store().pooling,
+                                      [shuffled_control(task, k)], len(row["class_names"]), configs, cfg,
+                                      progress=False)[0], saved)
+        out.append(SpanClassifier([t.model for t in load_cnns(saved)], row["class_names"], name=f"control {k}"))
     return out, epochs
 
 
