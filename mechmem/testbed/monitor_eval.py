@@ -7,8 +7,9 @@ Held-out prompts: 32-token windows of the testbed's own streams, from:
   heldout          standard-library text never trained on
   stdlib           standard-library text trained on once
 Each prompt carries its `source_id`, the document it was cut from ("stream:first token"; a planted
-passage, a pattern document, a standard-library file): prompts of one document are not independent (the 200 prompts of
-the top copy tier come from 6 passages), so every interval resamples documents (`grouped_bootstrap`).
+passage, a pattern document, a standard-library file). Prompts of one document are not independent
+(before the held-out rule, the 200 prompts of the top copy tier came from 6 passages), so every
+interval resamples documents (`grouped_bootstrap`).
 
 Held-out rule (`TrainingOverlap`): a prompt is left out when any 64-token window the CNNs read for it
 (prompt + the model's own continuation, and every later stretch) shares a run of `overlap` (32)
