@@ -5,12 +5,14 @@
 
 Needs the testbed's training stream for the ground truth: rebuilt (about a minute, then cached) on
 the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.testbed.monitor_eval`
-for the prompt sources, the ground truth and the two questions. Beside the monitor and the two
-baselines the issue names (confidence, the membership index), the same stretches go through the
-row's controls: its shuffled-label CNNs and the attention-statistics probe fit on its training split.
-Writes metrics.csv/.md (per question and method, prompt-bootstrap 95% intervals; monitor rows per CNN
-training seed too), by_source.csv,
-stretches.csv (every stretch: source, truth, scores) and settings.json.
+for the prompt sources, the held-out rule, the ground truth and the two questions. Beside the monitor and
+the two baselines the issue names (confidence, the membership index), the same stretches go through the
+row's CNNs of every training seed, the attention-statistics probe fit on its training split, shuffled-label
+control CNNs (`--control-seeds` shuffles, each trained for the real CNNs' mean best epoch, no early
+stopping, last weights) and untrained CNNs; every one scored in the monitor's direction.
+Writes metrics.csv/.md (per question and method, 95% intervals resampling source documents; per seed
+rows too), heldout.csv (the held-out rule's exclusions by source), by_source.csv, stretches.csv (every
+kept stretch: source, document, truth, scores) and settings.json.
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mechmem.alignment import shuffled_control  # noqa: E402
 from mechmem.atomic import atomic_json, atomic_text  # noqa: E402
-from mechmem.cnn import AttentionCNN  # noqa: E402
+from mechmem.cnn import AttentionCNN, Task, load_cnns, save_cnns, train_cnn_tasks  # noqa: E402
 from mechmem.data import load_memorization_data  # noqa: E402
 from mechmem.features import extract_attention  # noqa: E402
 from mechmem.localize import run_labels  # noqa: E402
@@ -38,23 +42,69 @@ from mechmem.monitor import MonitorConfig, SpanClassifier, monitor  # noqa: E402
 from mechmem.probe import attention_statistics, train_probe  # noqa: E402
 from mechmem.run import RunFolder  # noqa: E402
 from mechmem.testbed.membership import membership_index, training_corpus  # noqa: E402
-from mechmem.testbed.monitor_eval import (EvalConfig, by_source, evaluate, heldout_prompts,  # noqa: E402
-                                          stretch_table, stretch_windows)
+from mechmem.testbed.monitor_eval import (EvalConfig, TrainingOverlap, by_source, evaluate,  # noqa: E402
+                                          heldout_prompts, overlapping_prompts, stretch_table, stretch_windows)
 from mechmem.viz.samples import PROPOSED_TAXONOMY  # noqa: E402
 
 N_RANDOM = 5  # untrained CNN draws
 
 
 def seed_classifiers(run: Path, taxonomy: str) -> list[SpanClassifier]:
-    """The row's CNNs per training seed, then its shuffled-label control CNNs (named "control")."""
+    """The row's CNNs, one classifier per training seed."""
     folder = RunFolder(run)
     slug, row = folder.find_row(taxonomy)
+    return [SpanClassifier([t.model for t in folder.load_cnns(slug, i)], row["class_names"], name=f"seed {i}")
+            for i in folder.seed_indices(slug)]
+
+
+def training_samples(run: Path, taxonomy: str, table: pd.DataFrame) -> np.ndarray:
+    """[sample, 64] tokens of every sample the row's CNNs were trained or scored on (train + eval ids)."""
+    folder = RunFolder(run)
+    split = folder.split(folder.find_row(taxonomy)[0])
+    ids = np.concatenate([split.train_ids, split.eval_ids])
+    tokens = pd.Series(list(table["tokens"].to_numpy()), index=table["sequence_id"].to_numpy())
+    return np.stack([np.asarray(t, dtype=np.int64) for t in tokens.loc[ids]])
+
+
+def row_task(run: Path, taxonomy: str, table: pd.DataFrame) -> tuple[Task, np.ndarray]:
+    """The row's split as a Task on its run's feature store, and the store's features (float16)."""
+    folder = RunFolder(run)
+    slug, row = folder.find_row(taxonomy)
+    split, store = folder.split(slug), folder.feature_store()
+    tr, ev = store.index(split.train_ids), store.index(split.eval_ids)
+    labels = np.zeros(len(store.sequence_ids), dtype=np.int64)
+    labels[tr] = run_labels(folder, row, split.train_ids, table)
+    labels[ev] = run_labels(folder, row, split.eval_ids, table)
+    return Task(labels, tr, ev), np.array(store.features)
+
+
+def control_classifiers(run: Path, taxonomy: str, table: pd.DataFrame, n_seeds: int, device: str
+                        ) -> tuple[list[SpanClassifier], int]:
+    """Shuffled-label control CNNs, one set per shuffle seed k (training labels permuted by
+    `alignment.shuffled_control(task, k)`, CNN seed train.seed + k): the row's configs and protocol,
+    but trained for exactly E epochs on the whole training split and kept at their last weights, E the
+    real CNNs' mean best epoch. (Early stopping on shuffled labels would stop at noise.) Each set is saved
+    in the run folder, cnns/<slug>/control_fixed_e<E>/shuffle<k>/, and reused by later evaluations of the
+    row (the sampled variant reads the greedy one's). Returns (sets, E)."""
+    folder = RunFolder(run)
+    slug, row = folder.find_row(taxonomy)
+    real = [t for i in folder.seed_indices(slug) for t in folder.load_cnns(slug, i)]
+    epochs = max(1, int(round(float(np.mean([t.best_epoch for t in real])))))
+    train_cfg = folder.read_config().config.train
+    configs = [t.config for t in folder.load_cnns(slug, 0)]
+    task, features = None, None
     out = []
-    for i in [*folder.seed_indices(slug), "control"]:
-        if (folder.cnn_folder(slug, i) / "cnns.json").is_file():
-            out.append(SpanClassifier([t.model for t in folder.load_cnns(slug, i)], row["class_names"],
-                                      name=f"seed {i}" if i != "control" else "control"))
-    return out
+    for k in tqdm(range(n_seeds), desc="shuffled-label controls"):
+        saved = folder.cnn_folder(slug) / f"control_fixed_e{epochs}" / f"shuffle{k}"
+        if not (saved / "cnns.json").is_file():
+            if task is None:
+                task, features = row_task(run, taxonomy, table)
+            cfg = replace(train_cfg, val_fraction=0.0, epochs=epochs, seed=train_cfg.seed + k, device=device)
+            save_cnns(train_cnn_tasks(torch.from_numpy(features), folder.feature_store().pooling,
+                                      [shuffled_control(task, k)], len(row["class_names"]), configs, cfg,
+                                      progress=False)[0], saved)
+        out.append(SpanClassifier([t.model for t in load_cnns(saved)], row["class_names"], name=f"control {k}"))
+    return out, epochs
 
 
 def probe_probabilities(run: Path, taxonomy: str, feats: torch.Tensor, table: pd.DataFrame) -> np.ndarray:
@@ -103,16 +153,24 @@ def md_table(df: pd.DataFrame) -> str:
 
 
 def markdown(metrics: pd.DataFrame) -> str:
-    lines = ["| question | method | n | positives | flagged | AUROC [95% CI] | precision [95% CI] | recall [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| question | method | n | documents | positives | flagged | AUROC [95% CI] | precision [95% CI] | "
+             "recall [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
+
     def cell(r, k: str) -> str:
         lo, hi = getattr(r, k + "_ci")
         return f"{fmt(getattr(r, k))} [{fmt(lo)}, {fmt(hi)}]"
 
     for r in metrics.itertuples():
-        lines.append(f"| {r.question} | {r.method} | {r.n} | {r.positives} | {r.flagged} | {cell(r, 'auroc')} | "
-                     f"{cell(r, 'precision')} | {cell(r, 'recall')} |")
+        lines.append(f"| {r.question} | {r.method} | {r.n} | {r.groups} | {r.positives} | {r.flagged} | "
+                     f"{cell(r, 'auroc')} | {cell(r, 'precision')} | {cell(r, 'recall')} |")
     return "\n".join(lines) + "\n"
+
+
+def spread(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """AUROC (and precision, recall) over the seeds of each kind of classifier: mean, sd, min, max."""
+    out = per_seed.groupby(["kind", "question"], sort=False)["auroc"].agg(["count", "mean", "std", "min", "max"])
+    prec = per_seed.groupby(["kind", "question"], sort=False)[["precision", "recall"]].mean()
+    return out.join(prec.add_suffix(" (mean)")).reset_index().rename(columns={"count": "seeds", "std": "sd"})
 
 
 def main(argv=None) -> int:
@@ -122,61 +180,75 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-per-source", type=int, default=EvalConfig.prompts_per_source)
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)
     p.add_argument("--n-boot", type=int, default=EvalConfig.n_boot)
+    p.add_argument("--overlap", type=int, default=EvalConfig.overlap,
+                   help="held-out rule: drop a prompt whose windows share this many consecutive tokens with a "
+                        "training sample")
+    p.add_argument("--control-seeds", type=int, default=5, help="shuffled-label control CNN sets")
     p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "monitor_eval")
     args = p.parse_args(argv)
-    cfg = EvalConfig(args.prompts_per_source, args.max_new_tokens, args.n_boot)
+    cfg = EvalConfig(args.prompts_per_source, args.max_new_tokens, args.n_boot, overlap=args.overlap)
     t0 = time.time()
     model = load_model("testbed", device=args.device)
     tok = model.tokenizer
     corpus = training_corpus()
     index = membership_index(corpus)
     table = load_memorization_data("testbed", progress=False)
-    prompts = heldout_prompts(corpus, np.stack(table["tokens"].to_numpy()), tok.eos_token_id, cfg)
+    overlap = TrainingOverlap(training_samples(args.run, args.taxonomy, table), cfg.overlap)
+    prompts, skipped = heldout_prompts(corpus, overlap, tok.eos_token_id, cfg)
     clf = SpanClassifier.from_run(args.run, args.taxonomy)
     mcfg = MonitorConfig(max_new_tokens=cfg.max_new_tokens, sample=args.sample, temperature=args.temperature,
                          seed=args.seed)
     result = monitor(model, np.stack(prompts["prompt"].to_numpy()), clf, mcfg, tokenizer=None)
     t_monitor = time.time() - t0
-    df = stretch_table(result, prompts, index, tok)
+
+    # The held-out rule after generation: every window the CNNs read for a prompt, the model's own text.
+    excluded = overlapping_prompts(result, overlap)
+    prompts["excluded"] = excluded
+    kept = prompts[~excluded]
+    by = prompts.groupby("source")
+    heldout = pd.DataFrame({"skipped at selection": pd.Series(skipped), "generated": by.size(),
+                            "excluded after generation": by["excluded"].sum(), "kept": kept.groupby("source").size(),
+                            "documents kept": kept.groupby("source")["source_id"].nunique()})
+    heldout = heldout.reindex(list(skipped)).fillna(0).astype(int).rename_axis("source").reset_index()
+    all_df = stretch_table(result, prompts, index, tok)
+    keep = ~excluded[all_df["prompt"].to_numpy()]
+    df = all_df[keep].reset_index(drop=True)
     metrics = evaluate(df, result.class_names, cfg.n_boot, cfg.seed).assign(cnns="first seed (what the CLI uses)")
 
-    # The same stretches through each training seed's CNNs and the probe: features once (every pooling
-    # of the run's store), every classifier reading the pools it needs.
+    # The same stretches through every classifier: features once (every pooling of the run's store),
+    # each classifier reading the pools it needs.
     store_pooling = RunFolder(args.run).feature_store().pooling
-    all_feats = extract_attention(model, torch.as_tensor(stretch_windows(result)), pooling=store_pooling,
+    all_feats = extract_attention(model, torch.as_tensor(stretch_windows(result)[keep]), pooling=store_pooling,
                                   progress=True)
     feats = all_feats[:, [store_pooling.index(p) for p in clf.pooling]]
-    per_seed = []
-    for sc in seed_classifiers(args.run, args.taxonomy):
-        d = with_probabilities(df, sc(feats).numpy(), result.class_names)
-        m = evaluate(d, result.class_names, n_boot=cfg.n_boot if sc.name == "control" else 0)
-        per_seed.append(m[m["method"] == "monitor (CNNs)"].assign(cnns=sc.name))
+
+    def monitor_rows(sc: SpanClassifier, kind: str) -> pd.DataFrame:
+        m = evaluate(with_probabilities(df, sc(feats).numpy(), result.class_names), result.class_names, n_boot=0)
+        return m[m["method"] == "monitor (CNNs)"].assign(kind=kind, cnns=sc.name)
+
+    per_seed = [monitor_rows(sc, "trained CNNs (training seeds)") for sc in seed_classifiers(args.run, args.taxonomy)]
+    controls, control_epochs = control_classifiers(args.run, args.taxonomy, table, args.control_seeds, args.device)
+    per_seed += [monitor_rows(sc, "shuffled-label control CNNs (shuffle seeds)") for sc in controls]
     # Untrained CNNs (the row's configs and input scaling, random weights): how far the attention, as
     # the CNNs see it, sorts the stretches before any training.
     for k in range(N_RANDOM):
         torch.manual_seed(1000 + k)
         rnd = SpanClassifier([untrained_like(c) for c in clf.cnns], result.class_names, name=f"random {k}")
-        m = evaluate(with_probabilities(df, rnd(feats).numpy(), result.class_names), result.class_names, n_boot=0)
-        per_seed.append(m[m["method"] == "monitor (CNNs)"].assign(cnns=rnd.name))
+        per_seed.append(monitor_rows(rnd, "untrained CNNs (initialisations)"))
     seeds = pd.concat(per_seed)
-    untrained = seeds[seeds["cnns"].str.startswith("random")]
-    seeds = seeds[~seeds["cnns"].str.startswith("random")]
-    control = seeds[seeds["cnns"] == "control"].assign(method="shuffled-label control CNNs")
-    seeds = seeds[seeds["cnns"] != "control"]
-    spread = seeds.groupby("question", sort=False)[["auroc", "precision", "recall"]].agg(["mean", "std"])
-    spread.columns = [f"{a} {b}" for a, b in spread.columns]
 
     args.out.mkdir(parents=True, exist_ok=True)
     probe = evaluate(with_probabilities(df, probe_probabilities(args.run, args.taxonomy, all_feats, table),
                                         result.class_names),
                      result.class_names, cfg.n_boot, cfg.seed)
     probe = probe[probe["method"] == "monitor (CNNs)"].assign(method="attention-statistics probe", cnns="")
-    metrics = pd.concat([metrics, probe, control])
-    atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds, untrained]).to_csv(index=False))
+    metrics = pd.concat([metrics, probe])
+    atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds]).to_csv(index=False))
+    atomic_text(args.out / "heldout.csv", heldout.to_csv(index=False))
     sources = by_source(df, result.class_names)
     atomic_text(args.out / "by_source.csv", sources.to_csv(index=False, float_format="%.3f"))
     atomic_text(args.out / "stretches.csv", df.to_csv(index=False, float_format="%.4f"))
@@ -184,21 +256,28 @@ def main(argv=None) -> int:
                             for start, g in df.groupby("start")])
     by_stretch = by_stretch[by_stretch["method"] != "membership index (ceiling)"][["start", "question", "method", "n",
                                                                                    "auroc"]]
-    spread_random = untrained.groupby("question", sort=False)["auroc"].agg(["mean", "min", "max"]).reset_index()
-    md = markdown(metrics) + "\nMonitor over CNN training seeds (one CNN set per seed; mean, sd):\n\n" \
-        + md_table(spread.reset_index()) \
-        + f"\nUntrained CNNs (the row's configs and input scaling, {N_RANDOM} random initialisations), AUROC:\n\n" \
-        + md_table(spread_random) \
-        + "\nBy stretch (start 0: attention captured during generation; 32: re-encoded), AUROC:\n\n" \
-        + md_table(by_stretch) + "\n\nBy source:\n\n" \
-        + md_table(sources) + "\n"
+    md = (f"Held-out rule: a prompt is left out when a window the CNNs read for it shares {cfg.overlap} consecutive "
+          f"tokens (any offset) with one of the row's {overlap.n_rows} train/eval samples. Skipped at selection "
+          f"(the true text overlaps): {sum(skipped.values())}; excluded after generation (the generated windows "
+          f"overlap): {int(excluded.sum())} of {len(prompts)}; kept: {int((~excluded).sum())} prompts, "
+          f"{len(df)} stretches, {df['source_id'].nunique()} source documents.\n\n" + md_table(heldout)
+          + "\nIntervals: 95%, resampling source documents.\n\n" + markdown(metrics)
+          + f"\nOver seeds, AUROC in the monitor's direction (never flipped). Shuffled-label controls: "
+          f"{args.control_seeds} shuffles, each trained {control_epochs} epochs (the real CNNs' mean best epoch), "
+          f"last weights. Untrained: {N_RANDOM} initialisations, the row's input scaling.\n\n"
+          + md_table(spread(seeds))
+          + "\nBy stretch (start 0: attention captured during generation; 32: re-encoded), AUROC:\n\n"
+          + md_table(by_stretch) + "\n\nBy source:\n\n" + md_table(sources) + "\n")
     atomic_text(args.out / "metrics.md", md)
     atomic_json(args.out / "settings.json", {
         "argv": sys.argv[1:], "run": str(args.run), "taxonomy": args.taxonomy, "eval": asdict(cfg),
-        "monitor": asdict(mcfg), "prompts": int(len(prompts)), "stretches": int(len(df)),
+        "monitor": asdict(mcfg), "candidates_skipped": int(sum(skipped.values())), "prompts": int(len(prompts)),
+        "prompts_excluded": int(excluded.sum()), "prompts_kept": int((~excluded).sum()),
+        "stretches": int(len(df)), "documents": int(df["source_id"].nunique()), "training_samples": overlap.n_rows,
+        "control_seeds": args.control_seeds, "control_epochs": control_epochs,
         "seconds": round(time.time() - t0, 1), "monitor_seconds": round(t_monitor, 1), "device": args.device})
     print(md)
-    print(f"{len(prompts)} prompts, {len(df)} stretches, {time.time() - t0:.0f} s")
+    print(f"{int((~excluded).sum())} of {len(prompts)} prompts kept, {len(df)} stretches, {time.time() - t0:.0f} s")
     return 0
 
 

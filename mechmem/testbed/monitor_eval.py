@@ -1,29 +1,43 @@
 """How well the regurgitation monitor finds recited text on the testbed, against two baselines.
 
-Held-out prompts: 32-token windows of the testbed's own streams that no alignment row ever saw
-(none equals a row of the shipped memorization table, so none trained or scored a CNN), from:
+Held-out prompts: 32-token windows of the testbed's own streams, from:
   planted[lo-hi]   passages planted lo..hi times, cut at odd offsets (the table's windows sit at even ones)
   pattern          patterned documents trained on (1-5 copies): recited, and guessable from the prompt
   heldout_pattern  patterned documents never trained on: guessable, never recited
   heldout          standard-library text never trained on
   stdlib           standard-library text trained on once
-Every 32-token stretch the model generates after them is scored by the monitor. Ground truth:
+Each prompt carries its `source_id`, the document it was cut from ("stream:first token"; a planted
+passage, a pattern document, a standard-library file). Prompts of one document are not independent
+(before the held-out rule, the 200 prompts of the top copy tier came from 6 passages), so every
+interval resamples documents (`grouped_bootstrap`).
+
+Held-out rule (`TrainingOverlap`): a prompt is left out when any 64-token window the CNNs read for it
+(prompt + the model's own continuation, and every later stretch) shares a run of `overlap` (32)
+consecutive tokens, at any offset, with a sample the row's CNNs were trained or scored on (the run's
+train and eval sequence ids, the table's tokens). One-token shifts of a training row share 63. It is
+applied twice: at selection to the true text (prompt + the true continuation, a candidate that would
+overlap if recited is skipped for another), and after generation to the windows actually read.
+
+Every 32-token stretch the model generates after a kept prompt is scored by the monitor. Ground truth:
   recited    the stretch occurs verbatim in the training stream (`membership.WindowIndex`, exact)
   guessable  the 64-token window is repeating or incrementing, or ROUGE-L/-3 of context to stretch
              >= 0.5: the taxonomy's Guess condition (METHOD.md section 2) without "memorized"
 Questions: (1) recited or not, over all stretches: monitor score 1 - P(Non-Memo); (2) Guess or
-Recall, among recited stretches: P(Guess) / (P(Guess) + P(Recall)). Baselines: the model's own
-confidence (mean log-probability of the stretch: the usual extraction heuristic) and the membership
-index (the ceiling: it is the ground truth here, and what a deployer with the training data has).
+Recall, among recited stretches: P(Guess) / (P(Guess) + P(Recall)). Every classifier (controls
+included) is scored in this one direction, never flipped. Baselines: the model's own confidence (mean
+log-probability of the stretch: the usual extraction heuristic) and the membership index (the
+ceiling: it is the ground truth here, and what a deployer with the training data has).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Bool, Int
 from sklearn.metrics import roc_auc_score
 
 from mechmem import heuristics
@@ -41,42 +55,77 @@ class EvalConfig:
     max_new_tokens: int = 64  # two stretches a prompt: the first reuses generation's attention
     n_boot: int = 1000
     seed: int = 0
+    overlap: int = 32  # held-out rule: no run of this many tokens shared with a CNN's training sample
 
 
-def _window_keys(tokens: np.ndarray) -> set[bytes]:
-    return {np.asarray(t, dtype=np.int64).tobytes() for t in tokens}
+class TrainingOverlap:
+    """Which windows share a run of `span` consecutive tokens, at any offset, with any of `rows`.
+
+    The rows' every `span`-token run goes into one `WindowIndex` (hashed once, exact): a query window
+    of width w costs w - span + 1 look-ups, never a scan of the rows.
+    """
+
+    def __init__(self, rows: Int[np.ndarray, "row width"], span: int = 32):
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[1] < span or span < 1:
+            raise ValueError(f"rows must be [n, width >= {span}] token ids, got shape {rows.shape}")
+        self.span, self.n_rows = span, len(rows)
+        # -1 is never a token: a run that would straddle two rows can match nothing.
+        stream = np.concatenate([rows, np.full((len(rows), 1), -1, dtype=np.int64)], axis=1).ravel()
+        self.index = WindowIndex(stream, span)
+
+    def hits(self, windows: Int[np.ndarray, "n width"]) -> Bool[np.ndarray, " n"]:
+        """Whether each window shares some `span`-token run with a row."""
+        windows = np.asarray(windows, dtype=np.int64)
+        if windows.ndim != 2 or windows.shape[1] < self.span:
+            raise ValueError(f"windows must be [n, width >= {self.span}], got shape {windows.shape}")
+        if not len(windows):
+            return np.zeros(0, dtype=bool)
+        runs = np.lib.stride_tricks.sliding_window_view(windows, self.span, axis=1)  # [n, run, span]
+        found = self.index.contains(runs.reshape(-1, self.span))
+        return np.asarray(found.reshape(len(windows), -1).any(axis=1))
 
 
-def heldout_prompts(corpus: Corpus, table_tokens: np.ndarray, eos: int, cfg: EvalConfig = EvalConfig()
-                    ) -> pd.DataFrame:
-    """Prompts (32 tokens) with their source and the true 32 tokens that follow, none a table row.
+def heldout_prompts(corpus: Corpus, overlap: TrainingOverlap, eos: int, cfg: EvalConfig = EvalConfig()
+                    ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Prompts (32 tokens) with their source, document and the true 32 tokens that follow; and per
+    source, how many candidates the held-out rule skipped.
 
-    A candidate window of the corpus shifted by one token: the window stays inside the same
-    document, while every 64-token window the table holds is left out explicitly.
+    A candidate is a corpus window shifted by one token (the window stays inside its document). It is
+    skipped when its true text (prompt and up to `max_new_tokens` true tokens, to the document's end)
+    shares a run of `overlap.span` tokens with a training sample: were it recited, the CNNs would read it.
     """
     rng = np.random.default_rng(cfg.seed)
     w = corpus.windows
     streams = [corpus.train_stream.astype(np.int64), corpus.heldout_stream.astype(np.int64)]
-    seen = _window_keys(table_tokens)
+    ends = [np.flatnonzero(s == eos) for s in streams]
     groups = [(f"planted[{lo}-{hi}]", (w["source"] == "planted") & (w["planted_count"] >= lo)
                & (w["planted_count"] <= hi)) for lo, hi in PLANTED_TIERS]
     groups += [(s, w["source"] == s) for s in SOURCES[1:]]
-    rows = []
+    rows, skipped = [], {}
     for name, mask in groups:
-        picked = 0
+        picked = skipped[name] = 0
         for r in rng.permutation(np.flatnonzero(mask)):
-            stream = streams[int(w["stream"][r])]
-            pos = int(w["position"][r]) + 1
+            s = int(w["stream"][r])
+            stream, pos = streams[s], int(w["position"][r]) + 1
             window = stream[pos:pos + CONTEXT + STRETCH]
-            if len(window) < CONTEXT + STRETCH or (window == eos).any() or window.tobytes() in seen:
+            if len(window) < CONTEXT + STRETCH or (window == eos).any():
                 continue
-            rows.append({"source": name, "stream": int(w["stream"][r]), "position": pos,
+            k = int(np.searchsorted(ends[s], pos))  # EOS tokens before the prompt: the document's number
+            doc_start = int(ends[s][k - 1]) + 1 if k else 0
+            doc_end = int(ends[s][k]) if k < len(ends[s]) else len(stream)
+            true_text = stream[pos:min(pos + CONTEXT + cfg.max_new_tokens, doc_end)]
+            if overlap.hits(true_text[None])[0]:
+                skipped[name] += 1
+                continue
+            rows.append({"source": name, "source_id": f"{s}:{doc_start}",
+                         "stream": s, "position": pos,
                          "planted_count": int(w["planted_count"][r]), "family": str(w["family"][r]),
                          "prompt": window[:CONTEXT], "true_continuation": window[CONTEXT:]})
             picked += 1
             if picked == cfg.prompts_per_source:
                 break
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), skipped
 
 
 def guessable(windows: np.ndarray, tokenizer, rho: float = 0.5) -> np.ndarray:
@@ -94,14 +143,23 @@ def stretch_windows(result: MonitorResult) -> np.ndarray:
                                     len(result.prompts[s.prompt]) + s.end] for s in result.spans])
 
 
+def overlapping_prompts(result: MonitorResult, overlap: TrainingOverlap) -> Bool[np.ndarray, " prompt"]:
+    """The held-out rule after generation: prompts of which some window the CNNs read overlaps a training sample."""
+    hit = overlap.hits(stretch_windows(result)) if result.spans else np.zeros(0, dtype=bool)
+    out = np.zeros(len(result.prompts), dtype=bool)
+    out[np.array([s.prompt for s in result.spans], dtype=np.int64)[hit]] = True
+    return out
+
+
 def stretch_table(result: MonitorResult, prompts: pd.DataFrame, index: WindowIndex, tokenizer) -> pd.DataFrame:
     """One row per scored stretch: where it came from, ground truth, the monitor's and the baselines' scores."""
     windows = stretch_windows(result)
     stretch = windows[:, CONTEXT:]
     names = result.class_names
+    of_prompt = np.array([s.prompt for s in result.spans])
     df = pd.DataFrame({
-        "prompt": [s.prompt for s in result.spans], "start": [s.start for s in result.spans],
-        "source": prompts["source"].to_numpy()[[s.prompt for s in result.spans]],
+        "prompt": of_prompt, "start": [s.start for s in result.spans],
+        "source": prompts["source"].to_numpy()[of_prompt], "source_id": prompts["source_id"].to_numpy()[of_prompt],
         "reused": [s.reused for s in result.spans],
         "recited": index.contains(stretch), "guessable": guessable(windows, tokenizer),
         "label": [s.label for s in result.spans], "flagged": [s.flagged for s in result.spans],
@@ -112,14 +170,22 @@ def stretch_table(result: MonitorResult, prompts: pd.DataFrame, index: WindowInd
     return df
 
 
-def _bootstrap(groups: np.ndarray, stat, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% interval of `stat(rows)` resampling whole prompts (a prompt's stretches are not independent)."""
+def grouped_bootstrap(groups: np.ndarray, stat: Callable[[np.ndarray], float], n_boot: int, seed: int
+                      ) -> tuple[float, float]:
+    """95% percentile interval of `stat(rows)`, resampling whole groups with replacement (a cluster bootstrap).
+
+    Rows of one group (stretches of prompts cut from one document) are not independent: resampling
+    rows would treat 200 prompts from 6 passages as 200 draws. The unit resampled is the group.
+    Resamples where `stat` is undefined (nan: one class missing) are dropped; none left gives nan.
+    """
     rng = np.random.default_rng(seed)
-    ids = np.unique(groups)
-    rows_of = {g: np.flatnonzero(groups == g) for g in ids}
+    ids, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(ids)))])
+    rows_of = [order[bounds[g]:bounds[g + 1]] for g in range(len(ids))]
     vals = []
     for _ in range(n_boot):
-        rows = np.concatenate([rows_of[g] for g in rng.choice(ids, len(ids))])
+        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(ids), len(ids))])
         v = stat(rows)
         if np.isfinite(v):
             vals.append(v)
@@ -140,14 +206,15 @@ def _prec_rec(y: np.ndarray, flag: np.ndarray) -> tuple[float, float]:
 
 def detection_metrics(y: np.ndarray, score: np.ndarray, flag: np.ndarray, groups: np.ndarray,
                       n_boot: int = 1000, seed: int = 0) -> dict:
-    """AUROC, precision and recall (at the decision `flag`), each with a prompt-bootstrap 95% interval."""
+    """AUROC, precision and recall (at the decision `flag`), each with a 95% interval resampling `groups`."""
     y, score, flag = np.asarray(y, bool), np.asarray(score, float), np.asarray(flag, bool)
-    out: dict[str, Any] = {"n": int(len(y)), "positives": int(y.sum()), "flagged": int(flag.sum())}
+    out: dict[str, Any] = {"n": int(len(y)), "positives": int(y.sum()), "flagged": int(flag.sum()),
+                           "groups": int(len(np.unique(groups)))}
     stats = {"auroc": lambda r: _auroc(y[r], score[r]), "precision": lambda r: _prec_rec(y[r], flag[r])[0],
              "recall": lambda r: _prec_rec(y[r], flag[r])[1]}
     for name, stat in stats.items():
         out[name] = stat(np.arange(len(y)))
-        out[f"{name}_ci"] = _bootstrap(groups, stat, n_boot, seed)
+        out[f"{name}_ci"] = grouped_bootstrap(groups, stat, n_boot, seed)
     return out
 
 
@@ -159,10 +226,12 @@ def at_same_rate(score: np.ndarray, n_flagged: int) -> np.ndarray:
     return flag
 
 
-def evaluate(df: pd.DataFrame, class_names: list[str], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """The two questions, for the monitor and its baselines: one row per (question, method)."""
+def evaluate(df: pd.DataFrame, class_names: list[str], n_boot: int = 1000, seed: int = 0,
+             group: str = "source_id") -> pd.DataFrame:
+    """The two questions, for the monitor and its baselines: one row per (question, method).
+    Intervals resample the `group` column's units (source documents)."""
     non_memo = "Non-Memo" if "Non-Memo" in class_names else class_names[0]
-    groups = df["prompt"].to_numpy()
+    groups = df[group].to_numpy()
     rows = []
     y = df["recited"].to_numpy()
     monitor_score = 1 - df[f"p_{non_memo}"].to_numpy()
@@ -182,7 +251,7 @@ def evaluate(df: pd.DataFrame, class_names: list[str], n_boot: int = 1000, seed:
         guess_score = pg / np.maximum(pg + pr, 1e-12)
         decision = guess_score > 0.5
         conf2 = sub["mean_logprob"].to_numpy()
-        g2 = sub["prompt"].to_numpy()
+        g2 = sub[group].to_numpy()
         for method, score, dec in [("monitor (CNNs)", guess_score, decision),
                                    ("confidence (mean log-prob)", conf2, at_same_rate(conf2, int(decision.sum())))]:
             rows.append({"question": "Guess vs Recall (recited)", "method": method,
@@ -191,10 +260,10 @@ def evaluate(df: pd.DataFrame, class_names: list[str], n_boot: int = 1000, seed:
 
 
 def by_source(df: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
-    """Per prompt source: how many stretches are recited/guessable, and what the monitor calls them."""
+    """Per prompt source: how many stretches (and documents) are recited/guessable, and what the monitor calls them."""
     out = df.groupby("source", sort=False).agg(
-        stretches=("recited", "size"), recited=("recited", "mean"), guessable=("guessable", "mean"),
-        flagged=("flagged", "mean"), mean_logprob=("mean_logprob", "mean"))
+        stretches=("recited", "size"), documents=("source_id", "nunique"), recited=("recited", "mean"),
+        guessable=("guessable", "mean"), flagged=("flagged", "mean"), mean_logprob=("mean_logprob", "mean"))
     for c in class_names:
         out[f"called {c}"] = df.groupby("source", sort=False)["label"].apply(lambda s, c=c: (s == c).mean())
     return out.reset_index()
