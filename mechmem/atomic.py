@@ -54,3 +54,14 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_default(x: Any) -> Any:
+    """json.dumps's `default` for numpy scalars (manifests built from numpy results)."""
+    import numpy as np
+
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")

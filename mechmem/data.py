@@ -305,7 +305,7 @@ def load_memorization_data(source: str | os.PathLike, *, local_dir: str | os.Pat
         df = _testbed_table()
         df.attrs["greedy_model"] = "testbed"  # its greedy_suffix column was decoded by load_model("testbed")
     elif text.partition("@")[0] in PILE_NAMES:
-        from mechmem.testbed.pile_regime import TABLE_FILE, checkpoint_folder
+        from mechmem.testbed import TABLE_FILE, checkpoint_folder
 
         folder = checkpoint_folder(text)
         df = pd.read_parquet(folder / TABLE_FILE)

@@ -271,7 +271,7 @@ def load_model(
         return _boot(str(MODEL_DIR), device=device, dtype=dtype,
                      compatibility_mode=compatibility_mode, name="testbed")
     if name.partition("@")[0] in PILE_NAMES:
-        from mechmem.testbed.pile_regime import checkpoint_folder
+        from mechmem.testbed import checkpoint_folder
 
         try:
             folder = checkpoint_folder(name, revision)

@@ -54,6 +54,7 @@ from mechmem.cnn.metrics import (
     ClassMetrics,
     mean_min_f1,
     score_summary,
+    TrainedCNN,
 )
 from mechmem.cnn.training import (
     input_statistics,
@@ -62,7 +63,6 @@ from mechmem.cnn.training import (
     train_cnn,
     train_cnn_tasks,
     train_cnns,
-    TrainedCNN,
 )
 from mechmem.cnn.saving import (
     INDEX_FILE,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,8 +12,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: training imports this module
-    from mechmem.cnn.training import TrainedCNN
+from mechmem.cnn.config import CNNConfig
+from mechmem.cnn.model import AttentionCNN
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -57,6 +56,22 @@ class ClassMetrics:
     def from_dict(cls, d: dict) -> "ClassMetrics":
         return cls(np.array(d["precision"]), np.array(d["recall"]), np.array(d["f1"]),
                    np.array(d["confusion"], dtype=np.int64), float(d["loss"]))
+
+
+@dataclass
+class TrainedCNN:
+    config: CNNConfig
+    model: AttentionCNN  # in eval mode
+    eval_logits: Float[Tensor, "eval class"]  # on cpu
+    eval_metrics: ClassMetrics
+    train_losses: list[float] = field(default_factory=list)  # mean training cross-entropy per epoch
+    val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch (if any)
+    epochs_run: int = 0  # epochs trained before stopping (or the fixed count)
+    best_epoch: int = 0  # the epoch whose weights were kept (1-based; the last one without validation)
+
+    @property
+    def eval_predictions(self) -> Int[Tensor, " eval"]:
+        return self.eval_logits.argmax(-1)
 
 
 def _as_labels(y, n_classes: int, what: str) -> np.ndarray:

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from mechmem.atomic import atomic_write
 from mechmem.cnn.config import CNNConfig
-from mechmem.cnn.metrics import ClassMetrics
+from mechmem.cnn.metrics import ClassMetrics, TrainedCNN
 from mechmem.cnn.model import AttentionCNN
-from mechmem.cnn.training import TrainedCNN
+
 
 
 INDEX_FILE = "cnns.json"

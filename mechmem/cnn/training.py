@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from collections.abc import Sequence
 
@@ -18,26 +18,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechmem.cnn.config import _config_seed, CNNConfig, LOG_EPS, QUICK_GRID, SCALE_EPS, TrainConfig
-from mechmem.cnn.metrics import _as_labels, classification_metrics, ClassMetrics
+from mechmem.cnn.metrics import TrainedCNN, _as_labels, classification_metrics
 from mechmem.cnn.model import _CNNStack, AttentionCNN, feature_side
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainedCNN:
-    config: CNNConfig
-    model: AttentionCNN  # in eval mode
-    eval_logits: Float[Tensor, "eval class"]  # on cpu
-    eval_metrics: ClassMetrics
-    train_losses: list[float] = field(default_factory=list)  # mean training cross-entropy per epoch
-    val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch (if any)
-    epochs_run: int = 0  # epochs trained before stopping (or the fixed count)
-    best_epoch: int = 0  # the epoch whose weights were kept (1-based; the last one without validation)
-
-    @property
-    def eval_predictions(self) -> Int[Tensor, " eval"]:
-        return self.eval_logits.argmax(-1)
 
 
 def _as_indices(idx, n_samples: int, what: str) -> np.ndarray:

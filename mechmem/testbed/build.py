@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mechmem.atomic import sha256_file
+from mechmem.atomic import json_default, sha256_file
 from mechmem.testbed import ASSETS, DATA_FILE, MANIFEST_FILE, MODEL_DIR
 from mechmem.testbed.corpus import EOS, Corpus, CorpusConfig, build_corpus
 from mechmem.testbed.train import TrainConfig
@@ -156,17 +156,10 @@ def stage_report(work: Path, out: Path, figure: Path, argv: list[str]) -> dict:
         "assets": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in assets},
     }
-    (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=1, default=_json_default))
-    logger.info(json.dumps(manifest["results"], indent=1, default=_json_default))
+    (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=1, default=json_default))
+    logger.info(json.dumps(manifest["results"], indent=1, default=json_default))
     return manifest
 
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    raise TypeError(type(x))
 
 
 def export(work: Path, dest: Path) -> None:

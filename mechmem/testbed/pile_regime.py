@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -40,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from mechmem.atomic import atomic_json, atomic_text, atomic_write
-from mechmem.testbed import PILE_NAMES
+from mechmem.testbed import (BUILD_COMMAND, MANIFEST, PILE_NAMES, TABLE_FILE, cache_root,  # noqa: F401  (re-exported)
+                             checkpoint_folder, checkpoints, step_dir, testbed_dir)
 from mechmem.testbed.corpus import EOS, WINDOW, Corpus, CorpusConfig, build_corpus, stdlib_files
 from mechmem.testbed.train import TrainConfig
 
@@ -48,18 +48,7 @@ logger = logging.getLogger(__name__)
 
 NAME, TINY_NAME = PILE_NAMES
 STAGES = ("corpus", "train", "label", "report")
-TABLE_FILE = "memorization.parquet"
-MANIFEST = "manifest.json"
-BUILD_COMMAND = "python -m mechmem.testbed.build --preset pile-regime --device cuda"
 EXIT_STOPPED = 75  # training stopped for time (EX_TEMPFAIL): the same command resumes it
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MECHMEM_CACHE", Path.home() / ".cache" / "mechmem")).expanduser()
-
-
-def testbed_dir(name: str = NAME) -> Path:
-    return cache_root() / name
 
 
 @dataclass
@@ -103,38 +92,6 @@ def preset(name: str) -> PileConfig:
 def log_steps(total: int) -> list[int]:
     """Pythia's early checkpoint steps: 0, 1, 2, 4, ... below `total`, then `total`."""
     return [0] + [2**i for i in range(int(math.log2(max(total, 1))) + 1) if 2**i < total] + [total]
-
-
-def step_dir(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"step{step}"
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every saved checkpoint, by step."""
-    found = [(int(p.name[4:]), p) for p in (out / "checkpoints").glob("step*")
-             if p.name[4:].isdigit() and (p / "config.json").exists()]
-    return sorted(found)
-
-
-def checkpoint_folder(name: str, revision: str | None = None) -> Path:
-    """The folder of a built checkpoint: "testbed-pile" (the final one), "testbed-pile@step512",
-    or `revision="step512"`. Raises FileNotFoundError saying which command builds it."""
-    base, _, at = name.partition("@")
-    if base not in PILE_NAMES:
-        raise ValueError(f"{name!r} is not a second-testbed name ({', '.join(PILE_NAMES)})")
-    if at and revision and at != revision:
-        raise ValueError(f"{name!r} and revision={revision!r} name different checkpoints")
-    revision = revision or at or None
-    out = testbed_dir(base)
-    if not (out / MANIFEST).is_file():
-        command = BUILD_COMMAND + (" --tiny" if base == TINY_NAME else "")
-        raise FileNotFoundError(f"the {base} testbed is not built ({out / MANIFEST} is missing); "
-                                f"build it with `{command}`")
-    revision = revision or json.loads((out / MANIFEST).read_text())["final"]
-    built = [f"step{s}" for s, _ in checkpoints(out)]
-    if revision not in built:
-        raise FileNotFoundError(f"{base} has no checkpoint {revision!r}; built: {', '.join(built)}")
-    return step_dir(out, int(revision[4:]))
 
 
 # --------------------------------------------------------------------------- corpus
@@ -311,8 +268,7 @@ def stage_label(work: Path, out: Path, cfg: PileConfig, device: str) -> None:
 
 # --------------------------------------------------------------------------- report
 def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dict:
-    from mechmem.atomic import sha256_file
-    from mechmem.testbed.build import _json_default
+    from mechmem.atomic import json_default, sha256_file
     from mechmem.testbed.report import class_counts, rate_by_duplicates, rate_by_source, rate_figure
 
     log = json.loads((work / "train_log.json").read_text())
@@ -348,14 +304,14 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
         "training": log,
         "checkpoints": per_step,
     }
-    manifest = json.loads(json.dumps(manifest, default=_json_default))  # NaN rates and numpy scalars as JSON has them
+    manifest = json.loads(json.dumps(manifest, default=json_default))  # NaN rates and numpy scalars as JSON has them
     atomic_json(out / MANIFEST, manifest)
     atomic_text(out / "summary.md", summary(manifest))
     checkpoint_figure(manifest, out / "checkpoints.png")
     logger.info(json.dumps({"final": manifest["final"], "tokens": corpus_manifest["train_tokens"],
                             "epochs": log["epochs"], "n_params": log["n_params"], "seconds": log["seconds"],
                             "extractable_by_duplicates": per_step[manifest["final"]]["rate_by_duplicates"]},
-                           indent=1, default=_json_default))
+                           indent=1, default=json_default))
     return manifest
 
 
