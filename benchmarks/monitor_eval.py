@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mechmem.alignment import shuffled_control  # noqa: E402
+from mechmem.controls import shuffled_control  # noqa: E402
 from mechmem.atomic import atomic_json, atomic_text  # noqa: E402
 from mechmem.cnn import AttentionCNN, Task, load_cnns, save_cnns, train_cnn_tasks  # noqa: E402
 from mechmem.data import load_memorization_data  # noqa: E402
@@ -81,7 +81,7 @@ def row_task(run: Path, taxonomy: str, table: pd.DataFrame) -> tuple[Task, np.nd
 def control_classifiers(run: Path, taxonomy: str, table: pd.DataFrame, n_seeds: int, device: str
                         ) -> tuple[list[SpanClassifier], int]:
     """Shuffled-label control CNNs, one set per shuffle seed k (training labels permuted by
-    `alignment.shuffled_control(task, k)`, CNN seed train.seed + k): the row's configs and protocol,
+    `controls.shuffled_control(task, k)`, CNN seed train.seed + k): the row's configs and protocol,
     but trained for exactly E epochs on the whole training split and kept at their last weights, E the
     real CNNs' mean best epoch. (Early stopping on shuffled labels would stop at noise.) Each set is saved
     in the run folder, cnns/<slug>/control_fixed_e<E>/shuffle<k>/, and reused by later evaluations of the

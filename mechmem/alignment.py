@@ -58,8 +58,9 @@ TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "me
 # Beside the score, what it is measured against (see `_write_row`): the chance level, the permutation
 # null's 95th percentile, the same CNNs trained on shuffled labels, the attention-statistics probe,
 # the paper's Pythia-12B figure.
-CONTROL_COLUMNS = ["min_f1_chance", "min_f1_null_p95", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe", "min_f1_probe_ci_low", "min_f1_probe_ci_high",
-                   "aligned", "epochs", "control_epochs", "paper_12b_min_f1"]
+CONTROL_COLUMNS = ["min_f1_chance", "min_f1_null_p95", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe",
+                   "min_f1_probe_ci_low", "min_f1_probe_ci_high", "aligned", "epochs", "control_epochs",
+                   "paper_12b_min_f1"]
 SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
 CONTROL_SEED_COLUMN = "min_f1_control_seed_sd"  # with control_seeds > 1: the controls' spread over shuffles
 
@@ -272,14 +273,15 @@ def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence
     summary |= null_summary(null, summary["min_f1"])
     if control_by_seed:
         control = [cnn for seed_cnns in control_by_seed for cnn in seed_cnns]
-        c = score_summary([centred(t.eval_logits) for t in control], y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
+        centred_by_seed = [[centred(t.eval_logits) for t in seed_cnns] for seed_cnns in control_by_seed]
+        c = score_summary([lg for seed_logits in centred_by_seed for lg in seed_logits], y_eval, n_boot=cfg.n_boot,
+                          seed=cfg.seed)
         summary |= {"min_f1_control": c["min_f1"], "min_f1_control_ci_low": c["min_f1_ci_low"],
                     "min_f1_control_ci_high": c["min_f1_ci_high"],
                     "min_f1_control_argmax": alignment_summary(control, y_eval, n_boot=1)["min_f1"],
                     "control_epochs": float(np.mean([t.epochs_run for t in control]))}
         if len(control_by_seed) > 1:
-            per_shuffle = [score_summary([centred(t.eval_logits) for t in c], y_eval, n_boot=1)["min_f1"]
-                           for c in control_by_seed]
+            per_shuffle = [score_summary(seed_logits, y_eval, n_boot=1)["min_f1"] for seed_logits in centred_by_seed]
             summary |= {"min_f1_control_per_seed": per_shuffle, CONTROL_SEED_COLUMN: float(np.std(per_shuffle, ddof=1))}
     summary["aligned"] = is_aligned(summary)
     if probe is not None:

@@ -140,3 +140,23 @@ def test_centred_logits_spread_a_near_uniform_classifiers_decisions():
     assert set(logits.argmax(-1).tolist()) == {1}
     counts = np.bincount(centred(logits).argmax(-1).numpy(), minlength=3)
     assert counts.min() > 60
+
+
+def test_several_control_shuffles_are_averaged_and_their_spread_reported():
+    from mechmem.cnn import ClassMetrics, TrainedCNN
+
+    y = np.repeat([0, 1, 2], 40)
+    g = torch.Generator().manual_seed(0)
+
+    def fake(logits):
+        return TrainedCNN(CONFIGS[0], None, logits, ClassMetrics.__new__(ClassMetrics), epochs_run=5)  # type: ignore[arg-type]
+
+    real = [fake(torch.nn.functional.one_hot(torch.from_numpy(y), 3).float())]
+    shuffles = [[fake(torch.randn(120, 3, generator=g))] for _ in range(2)]
+    cfg = al.AlignmentConfig(rows=(al.Row("merge_2_other_guess_recollect_recite", 5),), configs=CONFIGS,
+                             eval_per_class=40, n_boot=100)
+    s = al.score_row([real], shuffles, None, y, 3, cfg)
+    per = s["min_f1_control_per_seed"]
+    assert len(per) == 2 and s["min_f1_control_seed_sd"] == pytest.approx(np.std(per, ddof=1))
+    assert s["min_f1_control"] == pytest.approx(np.mean(per))  # one CNN a shuffle: the mean of theirs
+    assert s["aligned"] and s["control_epochs"] == 5
