@@ -1,11 +1,15 @@
-"""Wall-clock of the whole `--grid paper` study for one model size: free generation, extraction, 54 rows x 8 CNNs.
+"""Wall-clock of the whole `--grid paper` study for one model size: free generation, extraction, 54 rows x 8 CNNs,
+their controls and the probe, with where the time goes (`mechmem.timing` phases).
 
-    python benchmarks/grid_timing.py --size 2.8b --out /tmp/grid                       # one GPU
-    torchrun --nproc-per-node 2 benchmarks/grid_timing.py --size 2.8b --out /tmp/grid  # two
+    python benchmarks/grid_timing.py --size 2.8b --out /tmp/grid --epochs 22 --patience 0  # one GPU
+    torchrun --nproc-per-node 2 benchmarks/grid_timing.py --size 2.8b --out /tmp/grid     # two
 
 Random Pythia weights (bf16) and a synthetic memorization table in the published schema, drawn so
 that every one of the paper's 54 rows has enough samples in every class: the timings are real, the
-min F1 scores mean nothing. An interrupted run resumes from --out like run_alignment.py does.
+min F1 scores mean nothing. On such features early stopping stops at once, which would flatter the
+time: `--epochs N --patience 0` trains every CNN exactly N epochs (the converged protocol trained
+22.2 epochs on average on the testbed's grid, docs/results/testbed_grid_paper_converged). An
+interrupted run resumes from --out like run_alignment.py does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mechmem.cnn import PAPER_GRID, PRECISIONS, PROTOCOLS, TrainConfig
 from mechmem.distributed import init_from_env, shutdown
 from mechmem.models import random_pythia
 from mechmem.run import RunFolder
+from mechmem.timing import PHASES
 
 
 def timing_table(n: int, vocab: int = 50_000, seed: int = 0) -> pd.DataFrame:
@@ -56,17 +61,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--rows", type=int, default=54, help="only the first ROWS of the paper's rows (smoke tests)")
+    p.add_argument("--rows-per-class-count", type=int, default=None,
+                   help="only the first N four-class and N three-class rows (the whole study scales with rows)")
+    p.add_argument("--patience", type=int, default=None, help="0: never stop early (with --epochs: a fixed count)")
     p.add_argument("--training", choices=PROTOCOLS, default="converged")
     p.add_argument("--epochs", type=int, default=None, help="default: the protocol's (paper: 3, converged: cap 60)")
     p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32")
     args = p.parse_args()
     dist = init_from_env()
+    PHASES.start()
     t0 = time.perf_counter()
     df = timing_table(args.samples)
     model = random_pythia(args.size, device="cuda" if torch.cuda.is_available() else "cpu", dtype=args.dtype)
-    cfg = al.AlignmentConfig(rows=al.paper_rows()[: args.rows], train_per_class=args.train_per_class,
+    rows = al.paper_rows()[: args.rows]
+    if args.rows_per_class_count is not None:
+        rows = tuple(r for k in (4, 3) for r in [r for r in rows if len(r.class_names()) == k][:args.rows_per_class_count])
+    cfg = al.AlignmentConfig(rows=rows, train_per_class=args.train_per_class,
                              eval_per_class=args.eval_per_class, configs=PAPER_GRID,
-                             train=TrainConfig(protocol=args.training, epochs=args.epochs,
+                             train=TrainConfig(protocol=args.training, epochs=args.epochs, patience=args.patience,
                                                precision=args.cnn_precision))
     t1 = time.perf_counter()
     plan = al.plan_rows(df, cfg.rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
@@ -81,8 +93,10 @@ def main() -> None:
               "configs_per_row": len(cfg.configs), "cnn_precision": args.cnn_precision, "train_per_class": args.train_per_class,
               "eval_per_class": args.eval_per_class, "samples_extracted": int(store.manifest["n_samples"]),
               "setup_s": t1 - t0, "generation_and_extraction_s": t2 - t1, "cnn_training_s": t3 - t2,
-              "study_s": t3 - t1}
+              "study_s": t3 - t1, "epochs": cfg.train.epochs, "patience": cfg.train.patience,
+              "phases_s": {k: round(v, 3) for k, v in PHASES.seconds.items()}}
     if dist.is_main:
+        print(PHASES.table(), flush=True)
         print(json.dumps(record), flush=True)
         (args.out / "timing.json").write_text(json.dumps(record, indent=1))
     shutdown()

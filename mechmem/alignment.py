@@ -39,6 +39,7 @@ from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
 from mechmem.probe import attention_statistics, train_probe
 from mechmem.run import MODEL_VIEW, RunFolder
+from mechmem.timing import phase
 
 # The quick preset: the paper's proposed taxonomy, the original Recite/Reconstruct/Recollect
 # family, and a four-class neighbour (display names, as in the paper's tables). Five rows: with
@@ -178,35 +179,43 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
 
     store = feature_store_for(model, df, plan.samples, run.features_dir, cfg, progress=progress, dist=dist)
     positions = plan.samples
-    features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
+    with phase("load features"):
+        features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
     my_configs = shard_configs(cfg.configs, dist)
     # Rows with as many classes and training samples train together, in lockstep (`train_cnn_tasks`).
     groups: dict[tuple[int, int], list[Row]] = {}
     for row in todo:
         groups.setdefault((len(row.class_names()), len(plan.splits[row][1])), []).append(row)
-    statistics = attention_statistics(features) if cfg.probe and main else None
+    with phase("probe"), phase("statistics"):
+        statistics = attention_statistics(features) if cfg.probe and main else None
     for (n_classes, _), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
         tasks = [_store_task(plan.splits[row], positions) for row in rows]
         by_seed, control_by_seed = [], []  # [seed][row] -> the row's CNNs (all configs on rank 0)
         for k in range(cfg.cnn_seeds):
             train = replace(cfg.train, seed=cfg.train.seed + k)
-            mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, train,
-                                   progress=progress) if my_configs else [[] for _ in tasks]
-            by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, k), dist)
-                            for row, row_cnns in zip(rows, mine)])
+            with phase("cnns"):
+                mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, train,
+                                       progress=progress) if my_configs else [[] for _ in tasks]
+            with phase("saving"):
+                by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, k), dist)
+                                for row, row_cnns in zip(rows, mine)])
             if cfg.controls and k < cfg.control_seeds:  # after its twin: it trains the twin's epoch counts
                 controls = [shuffled_control(task, cfg.seed + k, twin_epochs(twin) if twin else None)
                             for task, twin in zip(tasks, mine)]
-                mine = train_cnn_tasks(features, store.pooling, controls, n_classes, my_configs, train,
-                                       progress=progress) if my_configs else [[] for _ in tasks]
-                control_by_seed.append([_gather_cnns(row_cnns, cfg.configs,
-                                                     run.cnn_folder(row.slug, f"control{k or ''}"), dist)
-                                        for row, row_cnns in zip(rows, mine)])
+                with phase("controls"):
+                    mine = train_cnn_tasks(features, store.pooling, controls, n_classes, my_configs, train,
+                                           progress=progress) if my_configs else [[] for _ in tasks]
+                with phase("saving"):
+                    control_by_seed.append([_gather_cnns(row_cnns, cfg.configs,
+                                                         run.cnn_folder(row.slug, f"control{k or ''}"), dist)
+                                            for row, row_cnns in zip(rows, mine)])
         for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
-                probe = _probe_logits(statistics, task, n_classes, cfg) if statistics is not None else None
-                _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
-                           [seed_cnns[i] for seed_cnns in control_by_seed], probe, task, plan.splits[row], cfg)
+                with phase("probe"), phase("fit"):
+                    probe = _probe_logits(statistics, task, n_classes, cfg) if statistics is not None else None
+                with phase("scoring"):
+                    _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
+                               [seed_cnns[i] for seed_cnns in control_by_seed], probe, task, plan.splits[row], cfg)
     dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
     if main:
@@ -339,13 +348,15 @@ def feature_store_for(model, df: pd.DataFrame, positions: np.ndarray, folder: Pa
         tokens = cache["tokens"]
     else:  # each rank decodes a contiguous slice; the slices are joined in order
         part = np.array_split(positions, dist.world_size)[dist.rank]
-        tokens = np.concatenate(dist.all_gather(generate_model_view(model, df, part)))
+        with phase("generation"):
+            tokens = np.concatenate(dist.all_gather(generate_model_view(model, df, part)))
         if dist.is_main:
             view_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(view_file, lambda tmp: np.savez(tmp, sequence_ids=ids, tokens=tokens))
-    return build_feature_store(folder, model, ids, tokens, pooling=cfg.pooling,
-                               batch_size=cfg.extraction_batch_size, chunk_size=cfg.chunk_size, progress=progress,
-                               dist=dist)
+    with phase("extraction"):
+        return build_feature_store(folder, model, ids, tokens, pooling=cfg.pooling,
+                                   batch_size=cfg.extraction_batch_size, chunk_size=cfg.chunk_size,
+                                   progress=progress, dist=dist)
 
 
 def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:

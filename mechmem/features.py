@@ -34,6 +34,7 @@ from mechmem.distributed import Dist
 from mechmem.fastpath import pattern_forward, supports
 from mechmem.hooks import pattern_hook
 from mechmem.models import default_device, model_identity
+from mechmem.timing import phase
 
 POOLINGS: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda pattern: pattern.mean(dim=1),
@@ -328,18 +329,22 @@ def build_feature_store(
         for c in mine:
             rows = slice(c * chunk_size, min(n, (c + 1) * chunk_size))
             # Cast to the store's dtype on the device: half the copy to the host, no casting on the CPU.
-            pooled, batch_size = _extract(model, torch.from_numpy(tokens[rows]), pooling=pooling,
-                                          batch_size=batch_size, device=device, out_dtype=out_dtype)
-            features[rows] = pooled.numpy()
-            features.flush()
+            with phase("forward"):
+                pooled, batch_size = _extract(model, torch.from_numpy(tokens[rows]), pooling=pooling,
+                                              batch_size=batch_size, device=device, out_dtype=out_dtype)
+            with phase("store writes"):
+                features[rows] = pooled.numpy()
+                features.flush()
         finished = [c for cs in dist.all_gather(list(mine)) for c in cs]  # all ranks have flushed these
         if dist.is_main:
             done[finished] = True
             _atomic_save_npy(folder / FeatureStore.DONE, done)
     del features
     if dist.is_main and done.all() and "content_sha256" not in store.manifest:
+        with phase("store hash"):
+            digest = sha256_file(folder / FeatureStore.FEATURES)
         atomic_json(folder / "manifest.json",
-                    {**store.manifest, "content_sha256": sha256_file(folder / FeatureStore.FEATURES)},
+                    {**store.manifest, "content_sha256": digest},
                     indent=2, sort_keys=True)
     dist.barrier()
     return FeatureStore.load(folder)

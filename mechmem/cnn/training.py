@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from mechmem.cnn.config import _config_seed, CNNConfig, LOG_EPS, QUICK_GRID, SCALE_EPS, TrainConfig
 from mechmem.cnn.metrics import TrainedCNN, _as_labels, classification_metrics
 from mechmem.cnn.model import _CNNStack, AttentionCNN, feature_side
+from mechmem.timing import phase
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +347,8 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     for c in checked:
         key = c[3].tobytes()
         if train.input_scaling != "raw" and key not in stats:
-            stats[key] = input_statistics(features, np.array(used_pools), c[3], train.input_scaling, device)
+            with phase("statistics"):
+                stats[key] = input_statistics(features, np.array(used_pools), c[3], train.input_scaling, device)
         task_stats.append(stats.get(key))
 
     # Stacks of (task, config) members: on a GPU, every task's same-shaped configs in one grouped network;
@@ -434,6 +436,8 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
         perm = fit_idx[:, torch.randperm(n_fit, generator=order).numpy()]  # the permutation a lone task draws
         perm_dev = torch.from_numpy(perm).to(device)  # one copy an epoch, none a step
         totals = {s: torch.zeros(len(stack_members[s]), device=device) for s in active}
+        steps = phase("steps")
+        steps.__enter__()
         for start in range(0, n_fit, train.batch_size):
             idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
             x = read_tasks(idx, idx_dev)
@@ -448,14 +452,16 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
             optimizer.zero_grad(set_to_none=True)  # a finished stack's parameters get no gradient: AdamW skips them
             loss.backward()
             optimizer.step()
+        steps.__exit__(None, None, None)
         epochs_done = epoch
         for s, total in totals.items():
             for g, t in enumerate((total / n_fit).tolist()):
                 if not history[(s, g)]["stopped"]:
                     history[(s, g)]["train"].append(t)
         if val_idx.shape[1]:
-            _track_validation(history, evaluate(list(val_idx), active), val_labels, member_task, stacks, epoch,
-                              train.patience)
+            with phase("validation"):
+                _track_validation(history, evaluate(list(val_idx), active), val_labels, member_task, stacks, epoch,
+                                  train.patience)
         for (s, g), h in history.items():  # members of fixed-epoch tasks stop here, with their last weights
             if h["fixed"] == epoch:
                 h["stopped"], h["best_epoch"], h["state"] = epoch, epoch, stacks[s].member_state(g)
@@ -472,7 +478,8 @@ def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress
     for (s, g), h in history.items():
         if h["state"] is not None:
             stacks[s].load_member_state(g, h["state"])
-    eval_logits = evaluate(eval_idx, range(len(stacks)))
+    with phase("evaluation"):
+        eval_logits = evaluate(eval_idx, range(len(stacks)))
     trained: list[list[TrainedCNN | None]] = [[None] * len(configs) for _ in range(n_tasks)]
     for s, (members, stack) in enumerate(zip(stack_members, stacks)):
         logits = eval_logits[s]
