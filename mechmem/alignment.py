@@ -31,8 +31,7 @@ from mechmem.alignment_config import PROBE_FITS, AlignmentConfig, Row  # noqa: F
 from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401  (atomic_json: re-exported)
 from mechmem.cnn import (CNNConfig, Task, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, split_validation, train_cnn_tasks, write_cnn_index)
-from mechmem.controls import (centred, is_aligned, null_summary, permutation_null, shuffled_control,
-                              twin_epochs)
+from mechmem.controls import centred, is_aligned, null_summary, permutation_null, shuffled_control
 from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
@@ -179,8 +178,8 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
 
     store = feature_store_for(model, df, plan.samples, run.features_dir, cfg, progress=progress, dist=dist)
     positions = plan.samples
-    with phase("load features"):
-        features = torch.from_numpy(np.array(store.features))  # float16, read into memory once for all rows
+    with phase("load features"):  # float16, read once for all rows, onto the device that trains the CNNs
+        features = store.tensor(cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     my_configs = shard_configs(cfg.configs, dist)
     # Rows with as many classes and training samples train together, in lockstep (`train_cnn_tasks`).
     groups: dict[tuple[int, int], list[Row]] = {}
@@ -193,22 +192,20 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         by_seed, control_by_seed = [], []  # [seed][row] -> the row's CNNs (all configs on rank 0)
         for k in range(cfg.cnn_seeds):
             train = replace(cfg.train, seed=cfg.train.seed + k)
+            # Each row's shuffled-label control trains beside it, in the same pass, and stops with it
+            # (config by config, last weights: `Task.follows`).
+            controls = [shuffled_control(task, cfg.seed + k, follows=i) for i, task in enumerate(tasks)] \
+                if cfg.controls and k < cfg.control_seeds else []
             with phase("cnns"):
-                mine = train_cnn_tasks(features, store.pooling, tasks, n_classes, my_configs, train,
-                                       progress=progress) if my_configs else [[] for _ in tasks]
+                mine = train_cnn_tasks(features, store.pooling, tasks + controls, n_classes, my_configs, train,
+                                       progress=progress) if my_configs else [[] for _ in tasks + controls]
             with phase("saving"):
                 by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, k), dist)
                                 for row, row_cnns in zip(rows, mine)])
-            if cfg.controls and k < cfg.control_seeds:  # after its twin: it trains the twin's epoch counts
-                controls = [shuffled_control(task, cfg.seed + k, twin_epochs(twin) if twin else None)
-                            for task, twin in zip(tasks, mine)]
-                with phase("controls"):
-                    mine = train_cnn_tasks(features, store.pooling, controls, n_classes, my_configs, train,
-                                           progress=progress) if my_configs else [[] for _ in tasks]
-                with phase("saving"):
+                if controls:
                     control_by_seed.append([_gather_cnns(row_cnns, cfg.configs,
                                                          run.cnn_folder(row.slug, f"control{k or ''}"), dist)
-                                            for row, row_cnns in zip(rows, mine)])
+                                            for row, row_cnns in zip(rows, mine[len(tasks):])])
         for i, (row, task) in enumerate(zip(rows, tasks)):
             if main:
                 with phase("probe"), phase("fit"):

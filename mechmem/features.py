@@ -14,6 +14,7 @@ them once per (model, sample) in one memory-mapped file per run, and every taxon
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from mechmem.fastpath import pattern_forward, supports
 from mechmem.hooks import pattern_hook
 from mechmem.models import default_device, model_identity
 from mechmem.timing import phase
+
+logger = logging.getLogger(__name__)
 
 POOLINGS: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda pattern: pattern.mean(dim=1),
@@ -201,6 +204,22 @@ class FeatureStore:
     def features(self) -> np.memmap:
         mode: Literal["r", "r+"] = "r" if self.complete else "r+"
         return np.load(self.folder / self.FEATURES, mmap_mode=mode)
+
+    def tensor(self, device: str | torch.device = "cpu", chunk: int = 1024) -> Float[Tensor, "sample pool layer query key"]:
+        """The features as one tensor of the store's dtype on `device`, read chunk by chunk (on the
+        way to a GPU no second copy of the whole store is made in host memory). Where they do not
+        fit the device, in host memory, with a warning."""
+        src = self.features
+        device = torch.device(device)
+        dtype = torch.from_numpy(np.empty(0, dtype=src.dtype)).dtype
+        try:
+            out = torch.empty(src.shape, dtype=dtype, device=device)
+        except torch.OutOfMemoryError:
+            logger.warning("the feature store (%.1f GB) does not fit on %s: kept in host memory", src.nbytes / 1e9, device)
+            out = torch.empty(src.shape, dtype=dtype)
+        for start in range(0, len(src), chunk):
+            out[start:start + chunk] = torch.from_numpy(np.array(src[start:start + chunk])).to(out.device)
+        return out
 
     @property
     def sequence_ids(self) -> np.ndarray:

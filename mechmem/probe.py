@@ -33,19 +33,20 @@ def attention_statistics(
     features: Float[Tensor, "sample pool layer query key"] | np.ndarray, chunk: int = 512
 ) -> Float[np.ndarray, "sample stat"]:
     """Per sample: STATISTICS x (prefix, suffix half of queries) for every pool and layer, flattened
-    in (pool, layer, stat, half) order. Reads float16 memmaps chunk by chunk."""
+    in (pool, layer, stat, half) order. Reads float16 memmaps chunk by chunk, and a tensor on its device."""
     n, _, _, seq, _ = features.shape
     half = seq // 2
     out = []
     for start in range(0, n, chunk):
-        a = torch.as_tensor(np.asarray(features[start:start + chunk])).double()  # (b, p, l, q, k)
+        part = features[start:start + chunk]  # a tensor is read where it lies (a GPU's, for the alignment runner)
+        a = (part if isinstance(part, Tensor) else torch.as_tensor(np.asarray(part))).double()  # (b, p, l, q, k)
         entropy = -(a * torch.log(a.clamp_min(1e-12))).sum(-1)  # (b, p, l, q)
         diagonal = torch.diagonal(a, dim1=-2, dim2=-1)
         previous = torch.nn.functional.pad(torch.diagonal(a, offset=-1, dim1=-2, dim2=-1), (1, 0))  # query 0: none
         first = a[..., 0]
         stats = torch.stack([entropy, diagonal, previous, first], dim=-2)  # (b, p, l, stat, q)
         halves = torch.stack([stats[..., :half].mean(-1), stats[..., half:].mean(-1)], dim=-1)
-        out.append(halves.flatten(1).float().numpy())
+        out.append(halves.flatten(1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mechmem.cnn import (
     PAPER_GRID,
@@ -344,11 +345,11 @@ def test_training_sets_cudnn_deterministic_and_restores_it(monkeypatch, determin
     cudnn, seen = torch.backends.cudnn, []
     monkeypatch.setattr(cudnn, "deterministic", False)
     monkeypatch.setattr(cudnn, "benchmark", True)
-    real = cnn._train_cnn_tasks
-    monkeypatch.setattr(cnn, "_train_cnn_tasks",
+    real = cnn._Fleet.train_epoch
+    monkeypatch.setattr(cnn._Fleet, "train_epoch",
                         lambda *a: seen.append((cudnn.deterministic, cudnn.benchmark)) or real(*a))
     small_run(QUICK_GRID, deterministic=deterministic)
-    assert seen == [(True, False) if deterministic else (False, True)]
+    assert seen and set(seen) == {(True, False) if deterministic else (False, True)}
     assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
 
 
@@ -539,12 +540,17 @@ def test_config_from_a_bad_name_is_a_value_error(name):
     (TrainConfig(protocol="converged", epochs=3, input_scaling="log-pixel", device="cpu"), False),
 ], ids=["paper", "converged-early-stopping", "log-pixel"])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_plain_loop_equals_lockstep_and_fused_training(train, stops, fuse):
+def test_plain_loop_equals_lockstep_and_fused_training(train, stops, fuse, monkeypatch):
     """train_cnn (one CNN, a plain loop) is what train_cnns gives for each config, trained beside
-    others, fused or not: same weights, eval logits, losses, epochs and best epoch."""
+    others, fused or not: same weights, eval logits, losses, epochs and best epoch. Fused, CNNs that
+    stop leave their stack (`_CNNStack.keep`) and the others train on as before."""
     from dataclasses import replace
 
     from mechmem.cnn import train_cnn
+
+    kept = []
+    real_keep = _CNNStack.keep
+    monkeypatch.setattr(_CNNStack, "keep", lambda self, members: kept.append(list(members)) or real_keep(self, members))
 
     feats, labels = diagonal_toy(60, seq_len=32)
     labels = labels.numpy().copy()
@@ -562,6 +568,43 @@ def test_plain_loop_equals_lockstep_and_fused_training(train, stops, fuse):
         torch.testing.assert_close(plain.eval_logits, t.eval_logits, rtol=1e-4, atol=1e-5)
     if stops:  # early stopping was exercised, at different epochs for different CNNs
         assert any(t.epochs_run < train.epochs for t in together)
+        assert bool(kept) == fuse  # and stopped CNNs left a fused stack
+
+
+@pytest.mark.parametrize("k, side, groups", [(6, 64, 3), (8, 64, 2), (6, 29, 4)])
+def test_fft_convolution_is_the_direct_one(k, side, groups):
+    """fft_conv2d computes F.conv2d's grouped valid cross-correlation, values and gradients."""
+    from mechmem.cnn.model import fft_conv2d
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.rand(3, groups * 5, side, side, generator=g, requires_grad=True)
+    w = (torch.randn(groups * 4, 5, k, k, generator=g) / 10).requires_grad_()
+    b = torch.randn(groups * 4, generator=g, requires_grad=True)
+    direct, fft = F.conv2d(x, w, b, groups=groups), fft_conv2d(x, w, b, groups)
+    torch.testing.assert_close(fft, direct, rtol=1e-5, atol=1e-5)
+    for a, c in zip(torch.autograd.grad(direct.square().sum(), (x, w, b)), torch.autograd.grad(fft.square().sum(), (x, w, b))):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-3 * a.abs().max().item())
+    assert not torch.equal(fft_conv2d(x, w.flip(-1), b, groups), direct)  # (a flipped kernel is another function)
+
+
+def test_fused_training_through_the_fft_is_the_plain_loop_to_float_rounding():
+    """TrainConfig.fft (the default on a GPU): fused CNNs convolving through the FFT train what the
+    plain loop (direct convolutions) trains, to float rounding: same epochs, close weights and logits."""
+    from mechmem.cnn import train_cnn
+
+    feats, labels = diagonal_toy(60, seq_len=32)
+    labels = labels.numpy().copy()
+    labels[::4] = (labels[::4] + 1) % 3
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(6, 4, "max", n_feat_fc=16))
+    train = TrainConfig(protocol="converged", epochs=6, patience=2, batch_size=8, device="cpu")
+    train_idx, eval_idx = np.arange(44), np.arange(44, 60)
+    fft = train_cnns(feats, POOLS, labels, train_idx, eval_idx, 3, configs, TrainConfig(
+        protocol="converged", epochs=6, patience=2, batch_size=8, device="cpu", fuse=True, fft=True), progress=False)
+    for config, t in zip(configs, fft):
+        plain = train_cnn(feats, POOLS, labels, train_idx, eval_idx, 3, config, train)
+        assert (plain.epochs_run, plain.best_epoch) == (t.epochs_run, t.best_epoch)
+        assert plain.val_losses == pytest.approx(t.val_losses, rel=1e-4)
+        torch.testing.assert_close(t.eval_logits, plain.eval_logits, rtol=1e-3, atol=1e-4)
 
 
 def test_dropout_masks_come_from_the_cnns_own_generator():
@@ -608,6 +651,48 @@ def test_fixed_epoch_task_trains_exactly_its_count_and_keeps_its_last_weights(fu
         assert plain.val_losses == pytest.approx(c.val_losses, rel=1e-5)
         assert_same_weights(state(plain.model), state(c.model))
         torch.testing.assert_close(plain.eval_logits, c.eval_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_follower_trains_as_a_fixed_count_of_its_twins_epochs(fuse):
+    """Task.follows (the control beside its twin, in one pass) gives what a separate call with the
+    twin's epoch counts gives (`Task.epochs`): same epochs, weights, losses, eval logits."""
+    from dataclasses import replace
+
+    from mechmem.cnn import Task
+    from mechmem.controls import twin_epochs
+
+    feats, labels = diagonal_toy(60, seq_len=32)
+    labels = labels.numpy().copy()
+    labels[::4] = (labels[::4] + 1) % 3
+    shuffled = labels.copy()
+    shuffled[:44] = np.random.default_rng(0).permutation(labels[:44])
+    configs = (CNNConfig(6, 4, "mean", n_feat_fc=16), CNNConfig(6, 4, "max", n_feat_fc=16), CNNConfig(5, 2, "max"))
+    train = TrainConfig(protocol="converged", epochs=12, patience=2, batch_size=8, lr=3e-3, device="cpu", fuse=fuse)
+    train_idx, eval_idx = np.arange(44), np.arange(44, 60)
+    real, follower = train_cnn_tasks(feats, POOLS, [Task(labels, train_idx, eval_idx),
+                                                    Task(shuffled, train_idx, eval_idx, follows=0)],
+                                     3, configs, train, progress=False)
+    epochs = twin_epochs(real)
+    assert len(set(epochs)) > 1 and min(epochs) < train.epochs  # the twins stopped early, at different epochs
+    (fixed,) = train_cnn_tasks(feats, POOLS, [Task(shuffled, train_idx, eval_idx, epochs=epochs)], 3, configs,
+                               replace(train, fuse=False), progress=False)
+    for f, x, n in zip(follower, fixed, epochs):
+        assert (f.epochs_run, f.best_epoch, len(f.train_losses)) == (x.epochs_run, x.best_epoch, n) == (n, n, n)
+        assert f.val_losses == pytest.approx(x.val_losses, rel=1e-5)
+        assert_same_weights(state(f.model), state(x.model))
+        torch.testing.assert_close(f.eval_logits, x.eval_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("follows, epochs", [(1, None), (5, None), (0, 3)])  # itself, no such task, both rules
+def test_a_bad_twin_is_refused(follows, epochs):
+    from mechmem.cnn import Task
+
+    feats, labels = diagonal_toy(20, seq_len=32)
+    tasks = [Task(labels, np.arange(12), np.arange(12, 20)),
+             Task(labels, np.arange(12), np.arange(12, 20), epochs=epochs, follows=follows)]
+    with pytest.raises(ValueError, match="follow"):
+        train_cnn_tasks(feats, POOLS, tasks, 3, QUICK_GRID, TrainConfig(epochs=12, device="cpu"), progress=False)
 
 
 @pytest.mark.parametrize("epochs", [0, 13, [3], [1, 2, 3]])

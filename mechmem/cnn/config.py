@@ -103,6 +103,10 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     fuse: bool | None = None  # run same-shaped configs as one grouped network; None: only on cuda
+    # The fused network's convolutions through the FFT (`model.fft_conv2d`): the same function to float
+    # rounding, several times faster than cuDNN's grouped convolutions on a GPU; None: on cuda. The
+    # plain loop (`train_cnn`) and saved CNNs always convolve directly.
+    fft: bool | None = None
     eval_batch_size: int = 256
     # cuDNN's deterministic kernels, no autotuning: on a GPU a rerun, or the same configs on another
     # rank under torchrun, trains bit for bit the same CNNs. False lets cuDNN pick (not reproducible).

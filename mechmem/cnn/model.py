@@ -70,6 +70,26 @@ def _layer_shapes(config: CNNConfig, n_layers: int, n_classes: int, seq_len: int
     return {"conv1": (n_layers, c), "conv2": (c, c), "fc1": (c * side * side, fc), "fc2": (fc, n_classes)}
 
 
+def fft_conv2d(x: Float[Tensor, "batch group_in h w"], weight: Float[Tensor, "group_out c_in k k"],
+               bias: Float[Tensor, " group_out"], groups: int) -> Float[Tensor, "batch group_out h_out w_out"]:
+    """What `F.conv2d(x, weight, bias, groups=groups)` computes (valid cross-correlation, stride 1),
+    through the FFT: a k x k kernel on an h x w map costs a product per frequency instead of k^2
+    multiply-adds a pixel (36 and 64 for the paper's kernels), and the transforms run at memory speed.
+    cuDNN's grouped convolutions of the fused stack run near 10 TFLOP/s on an H100, far from its
+    tensor cores; this is what makes the paper's grid at Pythia scale minutes (benchmarks/README.md).
+    Float32 inside (also under bf16 autocast); it agrees with the direct convolution to float
+    rounding (about 1e-6 relative), not bit for bit.
+    """
+    _, _, h, w = x.shape
+    n_out, n_in, k, _ = weight.shape
+    xf = torch.fft.rfft2(x.float()).unflatten(1, (groups, n_in))
+    wf = torch.fft.rfft2(weight.float(), s=(h, w)).unflatten(0, (groups, n_out // groups))
+    # Circular cross-correlation is X * conj(W) per frequency; its first h-k+1 rows and columns never wrap.
+    yf = einsum(xf, wf.conj(), "b g i h f, g o i h f -> b g o h f")
+    y = torch.fft.irfft2(yf, s=(h, w))[..., : h - k + 1, : w - k + 1]
+    return y.flatten(1, 2) + bias[:, None, None]
+
+
 def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
     """Dropout's keep-mask drawn from `generator`: a CNN's masks come from its own generator, so it
     trains the same alone, in a stack, or in the plain loop."""
@@ -172,6 +192,7 @@ class _CNNStack(nn.Module):
         for g, m in enumerate(members):
             self.load_member_state(g, m.state_dict())
         self.generators: list[torch.Generator] | None = None  # per-member dropout RNGs, set to train
+        self.fft = False  # convolutions through the FFT (`fft_conv2d`), set by the trainer on a GPU
 
     def _member_views(self, g: int) -> dict[str, Tensor]:
         """Member g's trained parameters as views into the stack, named as in an AttentionCNN."""
@@ -210,7 +231,8 @@ class _CNNStack(nn.Module):
             x = scale_input(x, self.scale_mean, self.scale_std, self.log)
         for name, kind in LAYERS:
             if kind == "conv":
-                x = getattr(self, name)(x)
+                conv = getattr(self, name)
+                x = fft_conv2d(x, conv.weight, conv.bias, conv.groups) if self.fft else conv(x)
             elif kind == "linear":
                 x = einsum(x, getattr(self, f"{name}_w"), "b g i, g o i -> b g o") + getattr(self, f"{name}_b")
             elif kind == "relu":
@@ -223,11 +245,38 @@ class _CNNStack(nn.Module):
                 x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
         return x
 
-    def unstack(self) -> list[AttentionCNN]:
-        """The members as standalone AttentionCNNs (copies, on this stack's device)."""
+    def keep(self, members: Sequence[int]) -> dict[str, Tensor]:
+        """Keep only these members (positions, in this order), dropping the others' compute.
+
+        Every parameter and buffer has the member axis first ("(member ...)"), so keeping is one
+        slice each. Returns the index that slices a tensor of the old stack's layout (an optimizer's
+        state) into the new one's: `select(t, index, n_old)`.
+        """
+        index = torch.tensor(list(members), dtype=torch.long, device=next(self.parameters()).device)
+        G = self.n_members
+        for module in [self, *[getattr(self, name) for name, kind in LAYERS if kind == "conv"]]:
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(select(param.detach(), index, G)))
+            for name, buf in list(module.named_buffers(recurse=False)):
+                setattr(module, name, select(buf, index, G))
+        for name, kind in LAYERS:
+            if kind == "conv":
+                conv = getattr(self, name)
+                conv.in_channels = conv.in_channels // G * len(index)
+                conv.out_channels = conv.out_channels // G * len(index)
+                conv.groups = len(index)
+        self.configs = [self.configs[g] for g in members]
+        if self.generators is not None:
+            self.generators = [self.generators[g] for g in members]
+        self.n_members = len(index)
+        return index
+
+    def unstack(self, members: Sequence[int] | None = None) -> list[AttentionCNN]:
+        """The members (all, or these positions) as standalone AttentionCNNs (copies, on this stack's device)."""
         out = []
         L = self.n_layers
-        for g, config in enumerate(self.configs):
+        for g in range(self.n_members) if members is None else members:
+            config = self.configs[g]
             model = AttentionCNN(self.n_layers, self.n_classes, config, self.seq_len, self.input_scaling)
             state = self.member_state(g)
             if self.input_scaling != "raw":
@@ -238,3 +287,8 @@ class _CNNStack(nn.Module):
         return out
 
 
+
+
+def select(t: Tensor, index: Tensor, n_members: int) -> Tensor:
+    """The members `index` of a tensor whose first axis is "(member ...)" over `n_members` members."""
+    return t.unflatten(0, (n_members, -1))[index].flatten(0, 1).contiguous()

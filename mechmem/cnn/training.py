@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mechmem.cnn.config import _config_seed, CNNConfig, LOG_EPS, QUICK_GRID, SCALE_EPS, TrainConfig
 from mechmem.cnn.metrics import TrainedCNN, _as_labels, classification_metrics
-from mechmem.cnn.model import _CNNStack, AttentionCNN, feature_side
+from mechmem.cnn.model import _CNNStack, AttentionCNN, feature_side, select
 from mechmem.timing import phase
 
 logger = logging.getLogger(__name__)
@@ -267,6 +266,10 @@ class Task:
     # last weights kept, never early-stopped - the shuffled-label control trains its twin's epoch
     # count this way (`mechmem.controls`), since stopping on shuffled validation labels collapses it.
     epochs: int | Sequence[int] | None = None
+    # The index of another task trained in the same call whose CNNs this task's CNNs stop with,
+    # config by config, keeping their last weights: what `epochs` set to the twin's epoch counts
+    # gives, in the twin's own pass (the shuffled-label control trains beside its twin this way).
+    follows: int | None = None
 
 
 def _fixed_epochs(epochs: int | Sequence[int] | None, n_configs: int, train: TrainConfig) -> list[int]:
@@ -282,6 +285,19 @@ def _fixed_epochs(epochs: int | Sequence[int] | None, n_configs: int, train: Tra
     return counts
 
 
+def _check_follows(tasks: Sequence[Task]) -> None:
+    for t, task in enumerate(tasks):
+        if task.follows is None:
+            continue
+        twin = task.follows
+        if not 0 <= twin < len(tasks) or twin == t:
+            raise ValueError(f"task {t} follows task {twin}: it must be another task of the same call (0-{len(tasks) - 1})")
+        if tasks[twin].follows is not None:
+            raise ValueError(f"task {t} follows task {twin}, which follows another: follow the twin itself")
+        if task.epochs is not None:
+            raise ValueError(f"task {t} has both fixed epochs and a twin to follow: give one")
+
+
 @contextmanager
 def _cudnn_deterministic(on: bool):
     """cuDNN deterministic (and not autotuned) inside, as it was outside after."""
@@ -293,6 +309,19 @@ def _cudnn_deterministic(on: bool):
         yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved
+
+
+def place_features(features: Tensor | np.ndarray, device: torch.device | str) -> Tensor | np.ndarray:
+    """The features where training reads them fastest: a tensor on `device` when it fits (once for
+    every call of `train_cnn_tasks`), else where they are."""
+    device = torch.device(device)
+    if not isinstance(features, Tensor) or features.device == device:
+        return features
+    try:
+        return features.to(device)
+    except torch.OutOfMemoryError:
+        logger.warning("features do not fit on %s; reading them from %s", device, features.device)
+        return features
 
 
 def train_cnn_tasks(
@@ -310,210 +339,336 @@ def train_cnn_tasks(
     A task's CNNs train exactly as they would alone: its batch order is the permutation a lone task
     draws, and initialisation and dropout come from per-config seeds. On a GPU the CNNs of every task
     and same-shaped config run as one grouped network, so a step costs about as many kernel launches
-    for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN).
+    for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN); a CNN that
+    has stopped leaves its group, so the others no longer pay for it.
     """
     with _cudnn_deterministic(train.deterministic):
-        return _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress)
+        setup = _Setup.of(features, pools, tasks, n_classes, configs, train)
+        fleet = _Fleet(setup)
+        bar = tqdm(total=train.epochs, desc=f"training {len(tasks)}x{len(setup.configs)} CNNs", unit="epoch",
+                   disable=not progress)
+        order = torch.Generator().manual_seed(train.seed)
+        for epoch in range(1, train.epochs + 1):
+            perm = setup.fit_idx[:, torch.randperm(setup.fit_idx.shape[1], generator=order).numpy()]  # a lone task's
+            with phase("steps"):
+                fleet.train_epoch(perm)
+            if setup.val_idx.shape[1]:
+                with phase("validation"):
+                    fleet.validate(epoch)
+            fleet.stop_fixed_and_followers(epoch)
+            with phase("compaction"):
+                fleet.drop_stopped()
+            bar.update()
+            bar.set_postfix_str(f"{fleet.running}/{len(fleet.members)} training")
+            if fleet.running == 0:
+                break
+        bar.close()
+        with phase("evaluation"):
+            return fleet.results()
 
 
-def _train_cnn_tasks(features, pools, tasks, n_classes, configs, train, progress) -> list[list[TrainedCNN]]:
-    checked = [_check_inputs(features, pools, t.labels, t.train_idx, t.eval_idx, n_classes, configs, train)
-               for t in tasks]
-    if not checked:
-        raise ValueError("tasks must not be empty")
-    configs, pools = checked[0][0], checked[0][1]
-    fixed = [_fixed_epochs(t.epochs, len(configs), train) for t in tasks]  # fixed[task][config]; 0: none
-    labels = np.stack([c[2] for c in checked])
-    if len({len(c[3]) for c in checked}) != 1:
-        raise ValueError(f"tasks trained together need as many training samples each, got {[len(c[3]) for c in checked]}")
-    # The validation part comes out of each task's training split, never its eval split.
-    fit_val = [split_validation(c[2], c[3], train.val_fraction, train.seed) for c in checked]
-    fit_idx, val_idx = np.stack([f for f, _ in fit_val]), np.stack([v for _, v in fit_val])
-    eval_idx = [c[4] for c in checked]
-    n_tasks, n_fit = fit_idx.shape
-    _, _, n_layers, seq_len, _ = features.shape
-    device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(features, Tensor) and features.device != device:
-        try:
-            features = features.to(device)
-        except torch.OutOfMemoryError:
-            logger.warning("features do not fit on %s; reading them from %s", device, features.device)
-    used_pools = sorted({pools.index(c.pooling) for c in configs})
+@dataclass
+class _Setup:
+    """What every step of the lockstep trainer reads: checked inputs, each task's fit/validation/eval
+    samples, the device and features on it, and each task's input statistics."""
 
-    # Input statistics per task, from its whole training split (fit and validation parts); tasks with
-    # the same split (a row and its shuffled-label control) share them.
-    stats: dict[bytes, tuple[Tensor, Tensor]] = {}
-    task_stats: list[tuple[Tensor, Tensor] | None] = []
-    for c in checked:
-        key = c[3].tobytes()
-        if train.input_scaling != "raw" and key not in stats:
-            with phase("statistics"):
-                stats[key] = input_statistics(features, np.array(used_pools), c[3], train.input_scaling, device)
-        task_stats.append(stats.get(key))
+    configs: tuple[CNNConfig, ...]
+    pools: tuple[str, ...]
+    used_pools: list[int]  # the feature pools some config reads; a stack's input holds these
+    features: Tensor | np.ndarray
+    labels: np.ndarray  # (task, sample)
+    fit_idx: np.ndarray  # (task, fit)
+    val_idx: np.ndarray  # (task, val)
+    eval_idx: list[np.ndarray]
+    fixed: list[list[int]]  # (task, config): a fixed epoch count; 0: none
+    follows: list[int | None]
+    stats: list[tuple[Tensor, Tensor] | None]  # per task: mean and std over used_pools
+    n_classes: int
+    train: TrainConfig
+    device: torch.device
 
-    # Stacks of (task, config) members: on a GPU, every task's same-shaped configs in one grouped network;
-    # else one network each. (Fusing pays on a GPU, where small kernels are launch-bound; on CPU grouped
-    # convs run slower than separate ones, see benchmarks/bench_cnn.py.)
-    fuse = device.type == "cuda" if train.fuse is None else train.fuse
-    by_shape: dict = {}
-    for i, c in enumerate(configs):
-        by_shape.setdefault(c.shape_key, []).append(i)
-    if fuse:
-        stack_members = [[(t, i) for t in range(n_tasks) for i in group] for group in by_shape.values()]
-    else:
-        stack_members = [[(t, i)] for t in range(n_tasks) for i in range(len(configs))]
-    # On CPU, channels-last convolutions run faster for these shapes (1.3x at batch 16, benchmarks/README.md).
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    def member_stats(t: int, i: int) -> tuple[Tensor, Tensor] | None:
+    @classmethod
+    def of(cls, features, pools, tasks, n_classes, configs, train: TrainConfig) -> _Setup:
+        checked = [_check_inputs(features, pools, t.labels, t.train_idx, t.eval_idx, n_classes, configs, train)
+                   for t in tasks]
+        if not checked:
+            raise ValueError("tasks must not be empty")
+        _check_follows(tasks)
+        configs, pools = checked[0][0], checked[0][1]
+        if len({len(c[3]) for c in checked}) != 1:
+            raise ValueError(f"tasks trained together need as many training samples each, got "
+                             f"{[len(c[3]) for c in checked]}")
+        # The validation part comes out of each task's training split, never its eval split.
+        fit_val = [split_validation(c[2], c[3], train.val_fraction, train.seed) for c in checked]
+        device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        features = place_features(features, device)
+        used_pools = sorted({pools.index(c.pooling) for c in configs})
+        # Input statistics per task, from its whole training split (fit and validation parts); tasks
+        # with the same split (a row and its shuffled-label control) share them.
+        by_split: dict[bytes, tuple[Tensor, Tensor]] = {}
+        stats: list[tuple[Tensor, Tensor] | None] = []
+        for c in checked:
+            key = c[3].tobytes()
+            if train.input_scaling != "raw" and key not in by_split:
+                with phase("statistics"):
+                    by_split[key] = input_statistics(features, np.array(used_pools), c[3], train.input_scaling, device)
+            stats.append(by_split.get(key))
+        return cls(configs, pools, used_pools, features, np.stack([c[2] for c in checked]),
+                   np.stack([f for f, _ in fit_val]), np.stack([v for _, v in fit_val]), [c[4] for c in checked],
+                   [_fixed_epochs(t.epochs, len(configs), train) for t in tasks], [t.follows for t in tasks],
+                   stats, n_classes, train, device)
+
+    def member_stats(self, t: int, i: int) -> tuple[Tensor, Tensor] | None:
         """Task t's input statistics for the pool config i reads."""
-        both = task_stats[t]
+        both = self.stats[t]
         if both is None:
             return None
-        k = used_pools.index(pools.index(configs[i].pooling))
+        k = self.used_pools.index(self.pools.index(self.configs[i].pooling))
         return both[0][k], both[1][k]
 
-    stacks: list[_CNNStack] = []
-    member_task: list[Tensor] = []
-    member_pool: list[Tensor] = []
-    for members in stack_members:
-        stack = _CNNStack([
-            _init_member(configs[i], n_layers, n_classes, seq_len, train.seed, train.input_scaling, member_stats(t, i))
-            for t, i in members])
-        stack = stack.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
-        stack.generators = [torch.Generator(device=device).manual_seed(_config_seed(train.seed, configs[i], "dropout"))
-                            for _, i in members]
-        stacks.append(stack)
-        member_task.append(torch.tensor([t for t, _ in members], device=device))
-        member_pool.append(torch.tensor([used_pools.index(pools.index(configs[i].pooling)) for _, i in members],
-                                        device=device))
-    # One AdamW over every CNN's parameters: it is elementwise, so this equals one optimizer per CNN,
-    # with fewer kernel launches (a single fused kernel on cuda).
-    optimizer = torch.optim.AdamW([p for s in stacks for p in s.parameters()], lr=train.lr,
-                                  weight_decay=train.weight_decay, fused=device.type == "cuda")
-    labels_dev = torch.from_numpy(labels).to(device)  # (task, sample)
-    read = _batch_reader(features, np.array(used_pools), device)
-    bf16 = train.precision == "bf16"
 
-    def run(stack: _CNNStack, tasks_of: Tensor, pools_of: Tensor, x: Tensor) -> Float[Tensor, "batch member class"]:
-        """x: (task, batch, pool, layer, q, k) -> each member reads its task's batch and its pool."""
-        x = rearrange(x[tasks_of, :, pools_of], "g b l q k -> b (g l) q k").contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return stack(x).float()
+@dataclass
+class _Member:
+    """One (task, config) CNN: its losses, and when it stops with which weights."""
 
-    def read_tasks(idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
-        return read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
+    task: int
+    config: int
+    fixed: int = 0  # a fixed epoch count; 0: none
+    twin: int | None = None  # the member (index) it stops with: a follower
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best: float = math.inf
+    best_epoch: int = 0
+    state: dict[str, Tensor] | None = None  # the weights it keeps: its best epoch's, or those at its stop
+    stopped: int = 0  # the epoch it stopped at; 0: still training
+    model: AttentionCNN | None = None  # once it has left its stack: itself, with the weights it keeps
 
-    def evaluate(idx_per_task: Sequence[np.ndarray], which: Sequence[int]) -> dict[int, Float[Tensor, "sample member class"]]:
-        """Stacks `which`'s logits on each task's samples, in lockstep; shorter tasks repeat their last sample."""
-        n = max(len(e) for e in idx_per_task)
-        mat = np.stack([e[np.minimum(np.arange(n), len(e) - 1)] for e in idx_per_task])
-        mat_dev = torch.from_numpy(mat).to(device)
-        out: dict[int, list[Tensor]] = {s: [] for s in which}
-        with torch.no_grad():
-            for s in which:
-                stacks[s].eval()
-            step = max(1, train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
-            for start in range(0, n, step):
-                x = read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step])
-                for s in which:
-                    out[s].append(run(stacks[s], member_task[s], member_pool[s], x).cpu())
-        return {s: torch.cat(o) for s, o in out.items()}
+    @property
+    def keeps_best(self) -> bool:
+        """Early stopping applies (not a fixed count, not a follower)."""
+        return not self.fixed and self.twin is None
 
-    # Per member (stack s, slot g): losses, and with validation the best epoch's weights so far.
-    history: dict[tuple[int, int], dict[str, Any]] = {
-        (s, g): {"train": [], "val": [], "best": math.inf, "best_epoch": 0, "state": None, "stopped": 0,
-                 "fixed": fixed[t][i]}
-        for s, members in enumerate(stack_members) for g, (t, i) in enumerate(members)}
-    order = torch.Generator().manual_seed(train.seed)
-    val_labels = labels[np.arange(n_tasks)[:, None], val_idx]  # (task, val)
-    bar = tqdm(total=train.epochs, desc=f"training {n_tasks}x{len(configs)} CNNs", unit="epoch",
-               disable=not progress)
-    epochs_done = 0
-    active = list(range(len(stacks)))  # stacks with a member still training
-    for epoch in range(1, train.epochs + 1):
-        for s in active:
-            stacks[s].train()
-        perm = fit_idx[:, torch.randperm(n_fit, generator=order).numpy()]  # the permutation a lone task draws
-        perm_dev = torch.from_numpy(perm).to(device)  # one copy an epoch, none a step
-        totals = {s: torch.zeros(len(stack_members[s]), device=device) for s in active}
-        steps = phase("steps")
-        steps.__enter__()
-        for start in range(0, n_fit, train.batch_size):
-            idx, idx_dev = perm[:, start:start + train.batch_size], perm_dev[:, start:start + train.batch_size]
-            x = read_tasks(idx, idx_dev)
-            y = labels_dev.gather(1, idx_dev)  # (task, batch)
-            loss = torch.zeros((), device=device)
-            for s in active:
-                logits = run(stacks[s], member_task[s], member_pool[s], x)  # (b, g, class)
-                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[member_task[s]].T,
+
+class _Fleet:
+    """Every task's CNNs in stacks of same-shaped members (on a GPU one grouped network per shape,
+    else one network each), one AdamW over them all, trained one epoch at a time."""
+
+    def __init__(self, setup: _Setup):
+        self.setup = s = setup
+        configs, n_tasks = s.configs, len(s.labels)
+        self.members = [_Member(t, i, s.fixed[t][i]) for t in range(n_tasks) for i in range(len(configs))]
+        for m in self.members:
+            if s.follows[m.task] is not None:
+                m.twin = s.follows[m.task] * len(configs) + m.config
+        fuse = s.device.type == "cuda" if s.train.fuse is None else s.train.fuse
+        self.fft = s.device.type == "cuda" if s.train.fft is None else s.train.fft
+        by_shape: dict = {}
+        for i, c in enumerate(configs):
+            by_shape.setdefault(c.shape_key, []).append(i)
+        ids = [m for m in range(len(self.members))]
+        if fuse:  # every task's same-shaped configs in one stack
+            groups = [[k for k in ids if self.members[k].config in group] for group in by_shape.values()]
+        else:
+            groups = [[k] for k in ids]
+        # On CPU, channels-last convolutions run faster for these shapes (1.3x at batch 16, benchmarks/README.md).
+        self.memory_format = torch.channels_last if s.device.type == "cpu" else torch.contiguous_format
+        _, _, n_layers, seq_len, _ = s.features.shape
+        self.groups = groups  # the stacks of the start (evaluation runs in them again)
+        self.stacks: list[_CNNStack] = []
+        self.stack_ids: list[list[int]] = []  # the members of each stack, by index into self.members
+        for group in groups:
+            stack = _CNNStack([_init_member(configs[self.members[k].config], n_layers, s.n_classes, seq_len,
+                                            s.train.seed, s.train.input_scaling,
+                                            s.member_stats(self.members[k].task, self.members[k].config))
+                               for k in group])
+            stack = stack.to(device=s.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
+            stack.generators = [torch.Generator(device=s.device).manual_seed(
+                _config_seed(s.train.seed, configs[self.members[k].config], "dropout")) for k in group]
+            stack.fft = self.fft
+            self.stacks.append(stack)
+            self.stack_ids.append(list(group))
+        self._reindex()
+        # One AdamW over every CNN's parameters: it is elementwise, so this equals one optimizer per
+        # CNN, with fewer kernel launches (a single fused kernel on cuda).
+        self.optimizer = self._adamw()
+        self.labels_dev = torch.from_numpy(s.labels).to(s.device)  # (task, sample)
+        self.read = _batch_reader(s.features, np.array(s.used_pools), s.device)
+
+    def _adamw(self) -> torch.optim.AdamW:
+        s = self.setup
+        return torch.optim.AdamW([p for st in self.stacks for p in st.parameters()], lr=s.train.lr,
+                                 weight_decay=s.train.weight_decay, fused=s.device.type == "cuda")
+
+    @property
+    def running(self) -> int:
+        return sum(not m.stopped for m in self.members)
+
+    def _reindex(self) -> None:
+        """Each stack's members' tasks and the positions of their pools in the input, on the device
+        (copied once here, never in a step)."""
+        setup = self.setup
+        self.indices: list[tuple[Tensor, Tensor]] = []
+        for ids in self.stack_ids:
+            members = [self.members[k] for k in ids]
+            self.indices.append((
+                torch.tensor([m.task for m in members], device=setup.device),
+                torch.tensor([setup.used_pools.index(setup.pools.index(setup.configs[m.config].pooling))
+                              for m in members], device=setup.device)))
+
+    def _run(self, s: int, x: Tensor) -> Float[Tensor, "batch member class"]:
+        """x: (task, batch, pool, layer, q, k) -> each member of stack s reads its task's batch and its pool."""
+        tasks, pools = self.indices[s]
+        x = rearrange(x[tasks, :, pools], "g b l q k -> b (g l) q k").contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.setup.device.type, dtype=torch.bfloat16, enabled=self.setup.train.precision == "bf16"):
+            return self.stacks[s](x).float()
+
+    def _read_tasks(self, idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
+        return self.read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
+
+    def train_epoch(self, perm: np.ndarray) -> None:
+        """One epoch of every running stack over the tasks' batches (`perm`: (task, fit) in this epoch's order)."""
+        setup, n_fit = self.setup, perm.shape[1]
+        for stack in self.stacks:
+            stack.train()
+        perm_dev = torch.from_numpy(perm).to(setup.device)  # one copy an epoch, none a step
+        totals = [torch.zeros(st.n_members, device=setup.device) for st in self.stacks]
+        for start in range(0, n_fit, setup.train.batch_size):
+            idx, idx_dev = perm[:, start:start + setup.train.batch_size], perm_dev[:, start:start + setup.train.batch_size]
+            x = self._read_tasks(idx, idx_dev)
+            y = self.labels_dev.gather(1, idx_dev)  # (task, batch)
+            loss = torch.zeros((), device=setup.device)
+            for s in range(len(self.stacks)):
+                logits = self._run(s, x)  # (b, g, class)
+                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[self.indices[s][0]].T,
                                               reduction="none").mean(0)
                 loss = loss + member_loss.sum()  # each CNN's parameters only see its own loss
                 totals[s] += member_loss.detach() * idx.shape[1]
-            optimizer.zero_grad(set_to_none=True)  # a finished stack's parameters get no gradient: AdamW skips them
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-        steps.__exit__(None, None, None)
-        epochs_done = epoch
-        for s, total in totals.items():
-            for g, t in enumerate((total / n_fit).tolist()):
-                if not history[(s, g)]["stopped"]:
-                    history[(s, g)]["train"].append(t)
-        if val_idx.shape[1]:
-            with phase("validation"):
-                _track_validation(history, evaluate(list(val_idx), active), val_labels, member_task, stacks, epoch,
-                                  train.patience)
-        for (s, g), h in history.items():  # members of fixed-epoch tasks stop here, with their last weights
-            if h["fixed"] == epoch:
-                h["stopped"], h["best_epoch"], h["state"] = epoch, epoch, stacks[s].member_state(g)
-        # a stopped member has the weights it keeps saved: training it on is wasted
-        active = [s for s in active if any(not history[(s, g)]["stopped"] for g in range(len(stack_members[s])))]
-        bar.update()
-        running = sum(not h["stopped"] for h in history.values())
-        bar.set_postfix_str(f"{running}/{len(history)} training")
-        if running == 0:
-            break
-    bar.close()
+            self.optimizer.step()
+        for s, total in enumerate(totals):
+            for k, value in zip(self.stack_ids[s], (total / n_fit).tolist()):
+                self.members[k].train_losses.append(value)
 
-    # The best epoch's weights (with validation), then the eval split, in lockstep.
-    for (s, g), h in history.items():
-        if h["state"] is not None:
-            stacks[s].load_member_state(g, h["state"])
-    with phase("evaluation"):
-        eval_logits = evaluate(eval_idx, range(len(stacks)))
-    trained: list[list[TrainedCNN | None]] = [[None] * len(configs) for _ in range(n_tasks)]
-    for s, (members, stack) in enumerate(zip(stack_members, stacks)):
-        logits = eval_logits[s]
-        for g, ((t, i), model) in enumerate(zip(members, stack.unstack())):
-            h = history[(s, g)]
-            lg = logits[: len(eval_idx[t]), g].contiguous()
-            metrics = classification_metrics(labels[t][eval_idx[t]], lg.argmax(-1), n_classes, lg)
-            trained[t][i] = TrainedCNN(configs[i], model, lg, metrics, h["train"], h["val"],
-                                       epochs_run=h["stopped"] or epochs_done,
-                                       best_epoch=h["best_epoch"] if h["state"] is not None else epochs_done)
-    assert all(t is not None for row in trained for t in row)
-    return trained  # type: ignore[return-value]  # (every slot filled above)
+    def _logits(self, idx_per_task: Sequence[np.ndarray]) -> list[Float[Tensor, "sample member class"]]:
+        """Every stack's logits on each task's samples, in lockstep; shorter tasks repeat their last sample."""
+        setup = self.setup
+        n_tasks = len(idx_per_task)
+        n = max(len(e) for e in idx_per_task)
+        mat = np.stack([e[np.minimum(np.arange(n), len(e) - 1)] for e in idx_per_task])
+        mat_dev = torch.from_numpy(mat).to(setup.device)
+        out: list[list[Tensor]] = [[] for _ in self.stacks]
+        with torch.no_grad():
+            for stack in self.stacks:
+                stack.eval()
+            step = max(1, setup.train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
+            for start in range(0, n, step):
+                x = self._read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step])
+                for s in range(len(self.stacks)):
+                    out[s].append(self._run(s, x).cpu())
+        return [torch.cat(o) for o in out]
 
+    def validate(self, epoch: int) -> None:
+        """Early stopping's bookkeeping: each member's validation loss; a copy of its weights when it is
+        its best so far; its stop once `patience` epochs have passed without improvement (fixed-count
+        members and followers only record the loss)."""
+        setup = self.setup
+        val_labels = torch.from_numpy(setup.labels[np.arange(len(setup.labels))[:, None], setup.val_idx])
+        n_val = setup.val_idx.shape[1]
+        for s, logits in enumerate(self._logits(list(setup.val_idx))):
+            for g, k in enumerate(self.stack_ids[s]):
+                m = self.members[k]
+                loss = float(F.cross_entropy(logits[:n_val, g].double(), val_labels[m.task]))
+                m.val_losses.append(loss)
+                if not m.keeps_best:
+                    continue
+                if loss < m.best:
+                    m.best, m.best_epoch, m.state = loss, epoch, self.stacks[s].member_state(g)
+                elif setup.train.patience and epoch - m.best_epoch >= setup.train.patience:
+                    m.stopped = epoch
 
-def _track_validation(history: dict, val_logits: dict[int, Tensor], val_labels: np.ndarray, member_task: list[Tensor],
-                      stacks: list[_CNNStack], epoch: int, patience: int) -> None:
-    """Early stopping's bookkeeping: each member's validation loss; a copy of its weights when it is
-    its best so far; the epoch it stops at once `patience` epochs have passed without improvement
-    (members of a fixed epoch count only record the loss).
-    A stopped member is left alone (it would have stopped training alone), so neighbours never matter."""
-    y = torch.from_numpy(val_labels)
-    for s, logits in val_logits.items():
-        n_val = val_labels.shape[1]
-        for g, t in enumerate(member_task[s].tolist()):
-            h = history[(s, g)]
-            if h["stopped"]:
+    def _where(self, k: int) -> tuple[int, int]:
+        return next((s, ids.index(k)) for s, ids in enumerate(self.stack_ids) if k in ids)
+
+    def stop_fixed_and_followers(self, epoch: int) -> None:
+        """Members of a fixed count stop at it, followers with their twin; both keep their last weights."""
+        for followers in (False, True):  # fixed counts first: a follower's twin may be one
+            for k, m in enumerate(self.members):
+                if m.stopped or (m.twin is not None) != followers:
+                    continue
+                if (m.fixed == epoch) or (m.twin is not None and self.members[m.twin].stopped == epoch):
+                    s, g = self._where(k)
+                    m.stopped, m.best_epoch, m.state = epoch, epoch, self.stacks[s].member_state(g)
+
+    def drop_stopped(self) -> None:
+        """Stopped members leave their stacks (kept as standalone CNNs with the weights they keep): a
+        stack then computes only for members still training. AdamW's state is sliced along, so the
+        others train on exactly as before."""
+        if not any(self.members[k].stopped for ids in self.stack_ids for k in ids):
+            return
+        state = self.optimizer.state
+        new_state: dict[Tensor, dict] = {}
+        stacks, stack_ids = [], []
+        for stack, ids in zip(self.stacks, self.stack_ids):
+            keep = [g for g, k in enumerate(ids) if not self.members[k].stopped]
+            for g, k in enumerate(ids):
+                m = self.members[k]
+                if m.stopped:
+                    if m.state is not None:
+                        stack.load_member_state(g, m.state)
+                    m.model = stack.unstack([g])[0]
+                    m.model.set_dropout_generator(None)
+            if not keep:
                 continue
-            loss = float(F.cross_entropy(logits[:n_val, g].double(), y[t]))
-            h["val"].append(loss)
-            if h["fixed"]:  # a fixed epoch count: no best epoch, no early stop
-                continue
-            if loss < h["best"]:
-                h["best"], h["best_epoch"], h["state"] = loss, epoch, stacks[s].member_state(g)
-            elif patience and epoch - h["best_epoch"] >= patience:
-                h["stopped"] = epoch
+            if len(keep) < len(ids):
+                before = dict(stack.named_parameters())
+                n_old = stack.n_members
+                index = stack.keep(keep)
+                stack.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
+                for name, p in stack.named_parameters():
+                    new_state[p] = {key: (torch.empty_like(p).copy_(select(v, index, n_old))
+                                          if torch.is_tensor(v) and v.dim() else v.clone() if torch.is_tensor(v) else v)
+                                    for key, v in state[before[name]].items()}
+            else:
+                new_state |= {p: state[p] for p in stack.parameters() if p in state}
+            stacks.append(stack)
+            stack_ids.append([ids[g] for g in keep])
+        self.stacks, self.stack_ids = stacks, stack_ids
+        self._reindex()
+        if stacks:  # (none left: every member has stopped, training ends)
+            self.optimizer = self._adamw()
+            for p, st in new_state.items():
+                self.optimizer.state[p] = st
 
-
+    def results(self) -> list[list[TrainedCNN]]:
+        """Each member with the weights it keeps, scored on its task's eval split."""
+        setup = self.setup
+        epochs_done = max(len(m.train_losses) for m in self.members)
+        for s, ids in enumerate(self.stack_ids):  # members still in a stack trained to the cap
+            for g, k in enumerate(ids):
+                if self.members[k].state is not None:
+                    self.stacks[s].load_member_state(g, self.members[k].state)  # type: ignore[arg-type]
+            for k, model in zip(ids, self.stacks[s].unstack()):
+                self.members[k].model = model
+        # Scored in the stacks of the start, whoever left when: one lockstep pass, as a lone run's.
+        self.stacks = [_CNNStack([self.members[k].model for k in ids])  # type: ignore[misc]
+                       .to(device=setup.device, memory_format=self.memory_format) for ids in self.groups]
+        for stack in self.stacks:
+            stack.fft = self.fft
+        self.stack_ids = [list(ids) for ids in self.groups]
+        self._reindex()
+        logits = self._logits(setup.eval_idx)
+        trained: list[list[TrainedCNN | None]] = [[None] * len(setup.configs) for _ in setup.labels]
+        for s, ids in enumerate(self.stack_ids):
+            for g, k in enumerate(ids):
+                m = self.members[k]
+                assert m.model is not None
+                lg = logits[s][: len(setup.eval_idx[m.task]), g].contiguous()
+                metrics = classification_metrics(setup.labels[m.task][setup.eval_idx[m.task]], lg.argmax(-1),
+                                                 setup.n_classes, lg)
+                trained[m.task][m.config] = TrainedCNN(
+                    setup.configs[m.config], m.model, lg, metrics, m.train_losses, m.val_losses,
+                    epochs_run=m.stopped or epochs_done,
+                    best_epoch=m.best_epoch if m.state is not None else epochs_done)
+        assert all(t is not None for row in trained for t in row)
+        return trained  # type: ignore[return-value]  # (every slot filled above)
