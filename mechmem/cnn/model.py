@@ -245,7 +245,7 @@ class _CNNStack(nn.Module):
                 x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
         return x
 
-    def keep(self, members: Sequence[int]) -> dict[str, Tensor]:
+    def keep(self, members: Sequence[int]) -> Tensor:
         """Keep only these members (positions, in this order), dropping the others' compute.
 
         Every parameter and buffer has the member axis first ("(member ...)"), so keeping is one

@@ -342,6 +342,7 @@ def train_cnn_tasks(
     for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN); a CNN that
     has stopped leaves its group, so the others no longer pay for it.
     """
+    assert train.epochs and train.batch_size  # TrainConfig.__post_init__
     with _cudnn_deterministic(train.deterministic):
         setup = _Setup.of(features, pools, tasks, n_classes, configs, train)
         fleet = _Fleet(setup)
@@ -394,6 +395,7 @@ class _Setup:
         if not checked:
             raise ValueError("tasks must not be empty")
         _check_follows(tasks)
+        assert train.val_fraction is not None and train.input_scaling is not None  # TrainConfig.__post_init__
         configs, pools = checked[0][0], checked[0][1]
         if len({len(c[3]) for c in checked}) != 1:
             raise ValueError(f"tasks trained together need as many training samples each, got "
@@ -458,8 +460,9 @@ class _Fleet:
         configs, n_tasks = s.configs, len(s.labels)
         self.members = [_Member(t, i, s.fixed[t][i]) for t in range(n_tasks) for i in range(len(configs))]
         for m in self.members:
-            if s.follows[m.task] is not None:
-                m.twin = s.follows[m.task] * len(configs) + m.config
+            twin_task = s.follows[m.task]
+            if twin_task is not None:
+                m.twin = twin_task * len(configs) + m.config
         fuse = s.device.type == "cuda" if s.train.fuse is None else s.train.fuse
         self.fft = s.device.type == "cuda" if s.train.fft is None else s.train.fft
         by_shape: dict = {}
@@ -478,7 +481,7 @@ class _Fleet:
         self.stack_ids: list[list[int]] = []  # the members of each stack, by index into self.members
         for group in groups:
             stack = _CNNStack([_init_member(configs[self.members[k].config], n_layers, s.n_classes, seq_len,
-                                            s.train.seed, s.train.input_scaling,
+                                            s.train.seed, s.train.input_scaling or "raw",
                                             s.member_stats(self.members[k].task, self.members[k].config))
                                for k in group])
             stack = stack.to(device=s.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
@@ -528,12 +531,14 @@ class _Fleet:
     def train_epoch(self, perm: np.ndarray) -> None:
         """One epoch of every running stack over the tasks' batches (`perm`: (task, fit) in this epoch's order)."""
         setup, n_fit = self.setup, perm.shape[1]
+        batch = setup.train.batch_size
+        assert batch  # TrainConfig.__post_init__
         for stack in self.stacks:
             stack.train()
         perm_dev = torch.from_numpy(perm).to(setup.device)  # one copy an epoch, none a step
         totals = [torch.zeros(st.n_members, device=setup.device) for st in self.stacks]
-        for start in range(0, n_fit, setup.train.batch_size):
-            idx, idx_dev = perm[:, start:start + setup.train.batch_size], perm_dev[:, start:start + setup.train.batch_size]
+        for start in range(0, n_fit, batch):
+            idx, idx_dev = perm[:, start:start + batch], perm_dev[:, start:start + batch]
             x = self._read_tasks(idx, idx_dev)
             y = self.labels_dev.gather(1, idx_dev)  # (task, batch)
             loss = torch.zeros((), device=setup.device)
@@ -637,8 +642,8 @@ class _Fleet:
         self._reindex()
         if stacks:  # (none left: every member has stopped, training ends)
             self.optimizer = self._adamw()
-            for p, st in new_state.items():
-                self.optimizer.state[p] = st
+            for param, st in new_state.items():
+                self.optimizer.state[param] = st
 
     def results(self) -> list[list[TrainedCNN]]:
         """Each member with the weights it keeps, scored on its task's eval split."""
@@ -652,7 +657,8 @@ class _Fleet:
                 self.members[k].model = model
         # Scored in the stacks of the start, whoever left when: one lockstep pass, as a lone run's.
         self.stacks = [_CNNStack([self.members[k].model for k in ids])  # type: ignore[misc]
-                       .to(device=setup.device, memory_format=self.memory_format) for ids in self.groups]
+                       .to(device=setup.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
+                       for ids in self.groups]
         for stack in self.stacks:
             stack.fft = self.fft
         self.stack_ids = [list(ids) for ids in self.groups]
