@@ -4,7 +4,7 @@
     python benchmarks/monitor_eval.py --run runs/alignment-quick --sample --out docs/results/testbed_monitor_sampled
 
 Needs the testbed's training stream for the ground truth: rebuilt (about a minute, then cached) on
-the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.testbed.monitor_eval`
+the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.monitor_eval`
 for the prompt sources, the held-out rule, the ground truth and the two questions. Beside the monitor and
 the two baselines the issue names (confidence, the membership index), the same stretches go through the
 row's CNNs of every training seed, the attention-statistics probe fit on its training split, shuffled-label
@@ -39,11 +39,11 @@ from mechmem.features import extract_attention  # noqa: E402
 from mechmem.localize import run_labels  # noqa: E402
 from mechmem.models import load_model  # noqa: E402
 from mechmem.monitor import MonitorConfig, SpanClassifier, monitor  # noqa: E402
+from mechmem.monitor_eval import (EvalConfig, TrainingOverlap, by_source, evaluate,  # noqa: E402
+                                  heldout_prompts, overlapping_prompts, stretch_table, stretch_windows)
 from mechmem.probe import attention_statistics, train_probe  # noqa: E402
 from mechmem.run import RunFolder  # noqa: E402
 from mechmem.testbed.membership import membership_index, training_corpus  # noqa: E402
-from mechmem.testbed.monitor_eval import (EvalConfig, TrainingOverlap, by_source, evaluate,  # noqa: E402
-                                          heldout_prompts, overlapping_prompts, stretch_table, stretch_windows)
 from mechmem.viz.samples import PROPOSED_TAXONOMY  # noqa: E402
 
 N_RANDOM = 5  # untrained CNN draws

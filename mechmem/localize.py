@@ -114,7 +114,7 @@ def guided_gradients(
 def decisive_region(
     grads: Float[Tensor, "batch dest layer query key"], origin: Int[Tensor, " batch"] | int
 ) -> Float[Tensor, "batch layer query key"]:
-    """D: (B[c][c] - mean over d != c of B[c][d]) / its per-sample maximum, clipped at 0.
+    """D: (`B[c][c]` - mean over d != c of `B[c][d]`) / its per-sample maximum, clipped at 0.
 
     A sample whose contrast C is nowhere positive has no decisive region: D = 0.
     """

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 
 from mechmem.monitor import MonitorResult, Span
+from mechmem.monitor_eval import (EvalConfig, TrainingOverlap, at_same_rate, by_source, detection_metrics, evaluate,
+                                  grouped_bootstrap, guessable, heldout_prompts, overlapping_prompts, stretch_table,
+                                  stretch_windows)
 from mechmem.testbed.corpus import Corpus
 from mechmem.testbed.duplicates import WindowIndex
-from mechmem.testbed.monitor_eval import (EvalConfig, TrainingOverlap, at_same_rate, by_source, detection_metrics,
-                                          evaluate, grouped_bootstrap, guessable, heldout_prompts,
-                                          overlapping_prompts, stretch_table, stretch_windows)
 
 EOS = 99
 

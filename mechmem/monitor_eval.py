@@ -19,7 +19,7 @@ applied twice: at selection to the true text (prompt + the true continuation, a 
 overlap if recited is skipped for another), and after generation to the windows actually read.
 
 Every 32-token stretch the model generates after a kept prompt is scored by the monitor. Ground truth:
-  recited    the stretch occurs verbatim in the training stream (`membership.WindowIndex`, exact)
+  recited    the stretch occurs verbatim in the training stream (`testbed.membership` index, a `WindowIndex`: exact)
   guessable  the 64-token window is repeating or incrementing, or ROUGE-L/-3 of context to stretch
              >= 0.5: the taxonomy's Guess condition (METHOD.md section 2) without "memorized"
 Questions: (1) recited or not, over all stretches: monitor score 1 - P(Non-Memo); (2) Guess or
