@@ -72,6 +72,9 @@ def parse_args(argv=None):
                         "or the whole training split")
     p.add_argument("--cnn-precision", choices=PRECISIONS, default="float32",
                    help="bf16: train the CNNs under bfloat16 autocast (faster on a GPU; float32 is the paper's)")
+    p.add_argument("--cnn-conv", choices=["auto", "fft", "direct"], default="auto",
+                   help="the fused CNNs' convolutions: through the FFT (auto: on a GPU; the same function to float "
+                        "rounding, faster) or direct (cuDNN's, as the paper's code)")
     p.add_argument("--cnn-seeds", type=int, default=None,
                    help="train every CNN config with this many seeds (quick: 3, paper: 1): the score averages "
                         "over them and min_f1_seed_sd reports how far training noise moves it")
@@ -189,7 +192,8 @@ def run(args) -> int:
     cfg = al.AlignmentConfig(
         rows=rows, train_per_class=train_pc, eval_per_class=eval_pc, configs=configs,
         train=TrainConfig(protocol=args.training, epochs=args.epochs, input_scaling=args.input_scaling,
-                          patience=args.patience, seed=args.seed, device=args.device, precision=args.cnn_precision),
+                          patience=args.patience, seed=args.seed, device=args.device, precision=args.cnn_precision,
+                          fft={"auto": None, "fft": True, "direct": False}[args.cnn_conv]),
         extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
         split=args.split, cnn_seeds=seeds, controls=not args.no_controls, control_seeds=args.control_seeds,
         null_permutations=args.null_permutations, probe=not args.no_probe, probe_fit=args.probe_fit,

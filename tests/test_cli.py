@@ -126,6 +126,7 @@ BAD_INPUT = [
                                                  "3-class row"),
     ("run_alignment", ["--null-permutations", "50"], "the permutation null needs at least 100 permutations, got 50"),
     ("run_alignment", ["--control-seeds", "4"], "control_seeds must lie in [1, cnn_seeds = 3]"),
+    ("run_alignment", ["--cnn-conv", "fast"], "argument --cnn-conv: invalid choice"),
     ("localize", ["--run", "{tmp}/nowhere"], "--run folder {tmp}/nowhere does not exist"),
     ("localize", ["--samples-per-class", "0"], "--samples-per-class must be >= 1, got 0"),
     ("localize", ["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
