@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mechmem.cnn import PAPER_GRID, POOLINGS, Task, TrainConfig, train_cnn_tasks, train_cnns
+from mechmem.timing import PHASES
 
 
 def make_store(path: Path, n: int, n_layers: int, seq: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +63,7 @@ def time_modes(n_layers: int, n_train: int, device: str, *, memmap: bool = False
     on `n_train` samples, per mode."""
     n = n_train + n_train // 4
     times = {}
+    phases: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         feats, labels = make_store(Path(tmp) / "features.npy", n, n_layers)
         if not memmap:
@@ -74,13 +76,15 @@ def time_modes(n_layers: int, n_train: int, device: str, *, memmap: bool = False
             for _ in range(repeats):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
+                PHASES.start()
                 t = time.perf_counter()
                 MODES[mode](feats, labels, n_train, PAPER_GRID, device, **kw)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 runs.append(time.perf_counter() - t)
+                phases[mode] = PHASES.stop()
             times[mode] = min(runs)
-    return times
+    return times, phases
 
 
 def main():
@@ -96,7 +100,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16, help="the paper's 16; the converged protocol's 64")
     args = p.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    times = time_modes(args.layers, args.samples, device, memmap=args.memmap, repeats=args.repeats,
+    times, phases = time_modes(args.layers, args.samples, device, memmap=args.memmap, repeats=args.repeats,
                        deterministic=not args.nondeterministic, tasks=args.tasks, modes=args.modes,
                        batch_size=args.batch_size)
     print(f"8 configs (PAPER_GRID) x {args.tasks} task(s), 1 epoch, {args.samples} train samples, {args.layers} layers, "
@@ -105,6 +109,7 @@ def main():
     for mode, t in times.items():
         ratios = [f"{base} / this = {times[base] / t:.2f}x" for base in ("sequential", "together_fused", "together_fused_bf16") if base in times]
         print(f"  {mode:19s} {t:8.2f} s   " + "   ".join(ratios))
+        print("      of which (last repeat): " + ", ".join(f"{k} {v:.2f} s" for k, v in phases[mode].items()))
 
 
 if __name__ == "__main__":

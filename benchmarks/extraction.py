@@ -145,7 +145,7 @@ def run_size(size: str, *, n: int, batches: list, device: str, dtype: str, repea
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         n_layers = pythia_spec(size).n_layers
-        times = time_modes(n_layers, 2048, device, repeats=1, modes=("sequential", "together_fused"))
+        times, _ = time_modes(n_layers, 2048, device, repeats=1, modes=("sequential", "together_fused"))
         yield {"size": size, "device": device, "cnn_n_layers": n_layers, "cnn_train_samples": 2048,
                **{f"cnn_{k}_s": v for k, v in times.items()},
                **{f"cnn_{k}_samples_per_s": 2048 / v for k, v in times.items()},

@@ -16,7 +16,10 @@ convolutions (`_CNNStack`), so G small networks run as one set of kernels. Fusin
 elementwise and member g's parameters only see member g's loss, so it changes floating-point
 summation order, not the maths. It is on by default on cuda only: on a GPU the small kernels are
 launch-bound and fusing pays (1.9x over one-config-at-a-time for the paper's grid on an H200, see
-benchmarks/bench_cnn.py); on CPU grouped convolutions run slower than separate ones.
+benchmarks/bench_cnn.py); on CPU grouped convolutions run slower than separate ones. On a GPU the fused
+networks convolve through the FFT (`model.fft_conv2d`, `TrainConfig.fft`): the same function to float
+rounding, 1.6x faster than cuDNN's grouped convolutions for a `--grid paper` group. A CNN that stops
+early leaves its fused network, and a row's shuffled-label control trains beside it (`Task.follows`).
 
 Randomness is chosen so that a config's training never depends on which configs train beside it:
 - batch order: one generator seeded by `TrainConfig.seed`, shared by all configs (that is what lets
