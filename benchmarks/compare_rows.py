@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
+import pandas as pd
 
 
 def rows(folder: Path) -> dict[str, dict]:
@@ -25,7 +25,8 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> str:
     keys = sorted(set(a) & set(b))
     d = np.array([b[k]["min_f1"] - a[k]["min_f1"] for k in keys])
     inside = sum(a[k]["min_f1_ci_low"] <= b[k]["min_f1"] <= a[k]["min_f1_ci_high"] for k in keys)
-    rho = spearmanr([a[k]["min_f1"] for k in keys], [b[k]["min_f1"] for k in keys]).correlation
+    ranks = pd.DataFrame({"a": [a[k]["min_f1"] for k in keys], "b": [b[k]["min_f1"] for k in keys]}).rank()
+    rho = float(np.corrcoef(ranks["a"], ranks["b"])[0, 1])  # Spearman: Pearson of the ranks
     control = np.array([b[k].get("min_f1_control", np.nan) - a[k].get("min_f1_control", np.nan) for k in keys])
     probe = np.array([b[k].get("min_f1_probe", np.nan) - a[k].get("min_f1_probe", np.nan) for k in keys])
     epochs = np.array([b[k]["epochs"] - a[k]["epochs"] for k in keys])
