@@ -107,7 +107,7 @@ class TrainConfig:
     # rounding, several times faster than cuDNN's grouped convolutions on a GPU; None: on cuda. The
     # plain loop (`train_cnn`) and saved CNNs always convolve directly.
     fft: bool | None = None
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # samples an evaluation step takes, all tasks together (at least batch_size a task)
     # cuDNN's deterministic kernels, no autotuning: on a GPU a rerun, or the same configs on another
     # rank under torchrun, trains bit for bit the same CNNs. False lets cuDNN pick (not reproducible).
     deterministic: bool = True

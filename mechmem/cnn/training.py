@@ -566,7 +566,10 @@ class _Fleet:
         with torch.no_grad():
             for stack in self.stacks:
                 stack.eval()
-            step = max(1, setup.train.eval_batch_size // n_tasks)  # eval_batch_size samples a step, all tasks together
+            # eval_batch_size samples a step, all tasks together, but never fewer a task than a training
+            # step takes (which fits, gradients and all): 54 tasks at 256 were 4 samples a task, and
+            # evaluation then cost half as much as training (H100, benchmarks/README.md).
+            step = max(setup.train.batch_size or 1, setup.train.eval_batch_size // n_tasks)
             for start in range(0, n, step):
                 x = self._read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step])
                 for s in range(len(self.stacks)):
