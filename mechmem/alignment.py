@@ -390,11 +390,48 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     run = RunFolder(out)
     atomic_write(run.table_file, lambda tmp: csv.to_csv(tmp, index=False))
     atomic_text(run.table_md_file, markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
+    atomic_json(run.path / "paper_agreement.json", paper_agreement(table), indent=2)
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
     for tag, r in (("best", best), ("worst", worst)):
         confusion_png(np.array(r["confusion"]), r["class_names"], f"{r['tax_name']} (min F1 {r['min_f1']:.1f})",
                       out / f"confusion_{tag}.png")
+
+
+HEADLINE_ROW = "Non-Memo, Guess, Others"  # the paper's best taxonomy (89.2 at 12B)
+
+
+def paper_agreement(table: pd.DataFrame) -> dict:
+    """How a run's table agrees with the paper's Pythia-12B figures, the questions a new model or
+    testbed is asked first: Spearman rank correlation of min F1 over the rows the paper reports
+    (all of them, the three-class ones, the four-class ones; with p-values: within a class count the
+    rows are few), where the paper's headline row ranks, and on how many rows the CNN beats the
+    attention-statistics probe (score above the probe's interval), ties it (intervals overlap) or
+    loses (probe above the CNN's interval). Written beside alignment.csv as paper_agreement.json."""
+    from scipy.stats import spearmanr
+
+    out: dict = {"rows": int(len(table))}
+    ranked = table.sort_values("min_f1", ascending=False).reset_index(drop=True)
+    if HEADLINE_ROW in set(ranked["tax_name"]):
+        out["headline_row"] = {"name": HEADLINE_ROW, "rank": int(ranked.index[ranked["tax_name"] == HEADLINE_ROW][0]) + 1,
+                               "of": int(len(ranked)), "min_f1": float(ranked.loc[ranked["tax_name"] == HEADLINE_ROW,
+                                                                                   "min_f1"].iloc[0])}
+    if "paper_12b_min_f1" in table:
+        with_paper = table.dropna(subset=["paper_12b_min_f1"])
+        for key, part in (("all", with_paper), ("3 classes", with_paper[with_paper["num_classes"] == 3]),
+                          ("4 classes", with_paper[with_paper["num_classes"] == 4])):
+            if len(part) >= 3:
+                rho, p = spearmanr(part["min_f1"], part["paper_12b_min_f1"])
+                out.setdefault("spearman_with_paper_12b", {})[key] = {"rho": float(rho), "p": float(p),
+                                                                      "rows": int(len(part))}
+    if {"min_f1_probe_ci_low", "min_f1_probe_ci_high"} <= set(table):
+        probe = table.dropna(subset=["min_f1_probe"])
+        out["cnn_vs_probe"] = {
+            "cnn_above_probe_interval": int((probe["min_f1"] > probe["min_f1_probe_ci_high"]).sum()),
+            "probe_above_cnn_interval": int((probe["min_f1_probe"] > probe["min_f1_ci_high"]).sum()),
+            "cnn_at_or_above_probe": int((probe["min_f1"] >= probe["min_f1_probe"]).sum()),
+            "rows": int(len(probe))}
+    return out
 
 
 def markdown_table(table: pd.DataFrame) -> str:

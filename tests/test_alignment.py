@@ -305,3 +305,23 @@ def test_min_f1_figure_draws_the_controls(tmp_path, monkeypatch):
     drawn.clear()
     plots.min_f1_bar_png(_table(), tmp_path / "g.png")  # a table without controls: bars only
     assert drawn == []
+
+
+def test_paper_agreement_reads_the_table_as_the_report_does():
+    """Spearman with the paper per class count, the headline row's rank, CNN against probe: on a table
+    whose answers are known (3-class rows in the paper's order, 4-class rows reversed)."""
+    import pandas as pd
+
+    rows = [("Non-Memo, Guess, Others", 3, 70.0, 90.0), ("A", 3, 60.0, 80.0), ("B", 3, 50.0, 70.0),
+            ("C", 4, 40.0, 60.0), ("D", 4, 45.0, 50.0), ("E", 4, 50.0, 40.0), ("no paper figure", 3, 80.0, None)]
+    table = pd.DataFrame(rows, columns=["tax_name", "num_classes", "min_f1", "paper_12b_min_f1"])
+    table["min_f1_ci_low"], table["min_f1_ci_high"] = table["min_f1"] - 2, table["min_f1"] + 2
+    table["min_f1_probe"] = [75.0, 59.0, 40.0, 40.0, 45.0, 50.0, 80.0]  # above, tie, below, tie...
+    table["min_f1_probe_ci_low"], table["min_f1_probe_ci_high"] = table["min_f1_probe"] - 1, table["min_f1_probe"] + 1
+    out = al.paper_agreement(table)
+    assert out["headline_row"] == {"name": "Non-Memo, Guess, Others", "rank": 2, "of": 7, "min_f1": 70.0}
+    sp = out["spearman_with_paper_12b"]
+    assert sp["3 classes"]["rho"] == pytest.approx(1.0) and sp["3 classes"]["rows"] == 3
+    assert sp["4 classes"]["rho"] == pytest.approx(-1.0) and sp["all"]["rows"] == 6
+    assert out["cnn_vs_probe"] == {"cnn_above_probe_interval": 1, "probe_above_cnn_interval": 1,
+                                   "cnn_at_or_above_probe": 6, "rows": 7}
