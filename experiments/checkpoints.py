@@ -16,6 +16,10 @@ checkpoint's labels (kept for the rerun). Writes OUT/checkpoints.csv (one row a
 taxonomy x checkpoint: min F1 with its interval, control, probe, extractable samples),
 OUT/checkpoints_min_f1.csv (taxonomy x checkpoint) and OUT/checkpoints.png (min F1 against training
 step per taxonomy, with intervals). An interrupted study resumes: finished labels and rows are kept.
+
+`--data` may name each checkpoint's own table with `{revision}` (e.g. `testbed-pile@{revision}`, the
+second testbed, whose build labels every checkpoint): a table already labelled by its checkpoint is
+used as it is, not decoded again.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="hub name whose --revisions to study")
     p.add_argument("--revisions", nargs="+", default=None, help="e.g. step1000 step8000 step143000")
     p.add_argument("--checkpoints", nargs="+", default=None, help="local checkpoint folders (HF format)")
-    p.add_argument("--data", default="testbed", help="the table whose samples every checkpoint relabels")
+    p.add_argument("--data", default="testbed",
+                   help="the table whose samples every checkpoint relabels; '{revision}' in it: each checkpoint's own")
     p.add_argument("--device", default=None, help="for relabelling (pass run_alignment's own after --)")
     p.add_argument("--dtype", default=None, help="model dtype for relabelling")
     p.add_argument("--batch-size", type=int, default=256, help="greedy decoding batch")
@@ -78,7 +83,7 @@ def run(args) -> int:
     from mechmem.atomic import atomic_write
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import _resolve_dtype, load_model
-    from mechmem.tables.checkpoints import checkpoint_list, label_checkpoint, plot_min_f1, summarize
+    from mechmem.tables.checkpoints import checkpoint_list, data_name, label_checkpoint, plot_min_f1, summarize
     from mechmem.tables.relabel import check_available
 
     checkpoints = checkpoint_list(args.model, args.revisions, args.checkpoints)
@@ -90,12 +95,14 @@ def run(args) -> int:
             raise cli.CliError(f"{flag} is set per checkpoint by this script: leave it out after --")
     for ck in checkpoints:  # every checkpoint loadable: before any work
         check_available(ck.model, ck.revision)
-    df = load_memorization_data(args.data, progress=not args.quiet)
+    df = load_memorization_data(data_name(args.data, checkpoints[0]), progress=not args.quiet)
     print(f"{len(checkpoints)} checkpoints: " + ", ".join(f"{c.label} (step {c.step})" for c in checkpoints))
     results = []
     for ck in checkpoints:
         labels = args.out / ck.label / "labels.parquet"
         if not labels.exists():
+            if "{revision}" in args.data and ck is not checkpoints[0]:
+                df = load_memorization_data(data_name(args.data, ck), progress=not args.quiet)
             model = load_model(ck.model, device=args.device, dtype=args.dtype, revision=ck.revision)
             check_vocab(df, model.cfg.d_vocab)
             label_checkpoint(df, model, ck, labels, batch_size=args.batch_size, device=args.device,

@@ -120,3 +120,33 @@ def test_run_alignments_own_errors_stop_the_study_in_one_line(tmp_path, capfd):
     lines = [line for line in capfd.readouterr().err.strip().splitlines() if "error" in line]
     assert len(lines) == 1 and "--grid" in lines[0], lines
     assert (tmp_path / "out" / "step4000" / "labels.parquet").exists()  # kept for the rerun
+
+
+def test_each_checkpoint_can_read_its_own_table():
+    from mechmem.tables.checkpoints import data_name
+
+    assert data_name("testbed-pile@{revision}", Checkpoint("testbed-pile", "step512", 512)) == "testbed-pile@step512"
+    assert data_name("runs/t.parquet", Checkpoint("testbed-pile", "step512", 512)) == "runs/t.parquet"
+
+
+@built
+def test_a_table_labelled_by_its_checkpoint_is_not_decoded_again(tmp_path, monkeypatch):
+    """The second testbed labels every checkpoint at build time (attrs greedy_model 'name@revision'):
+    the study takes those labels as they are; another checkpoint's labels are decoded again."""
+    import mechmem.tables.checkpoints as ckm
+    from mechmem.data import load_memorization_data
+    from mechmem.models import load_model
+
+    model = load_model("testbed", device="cpu")
+    df = load_memorization_data("testbed").head(12)
+    decoded = []
+    monkeypatch.setattr(ckm, "relabel_table", lambda table, *a, **k: decoded.append(1) or table.assign(
+        label_model="testbed", label_revision="step9", label_weights=None))
+    df.attrs["greedy_model"] = "testbed@step7"
+    ckm.label_checkpoint(df, model, Checkpoint("testbed", "step7", 7), tmp_path / "own.parquet", progress=False)
+    assert decoded == []
+    own = pd.read_parquet(tmp_path / "own.parquet")
+    assert set(own["label_revision"]) == {"step7"}
+    np.testing.assert_array_equal(own["memorization_score"], df["memorization_score"])
+    ckm.label_checkpoint(df, model, Checkpoint("testbed", "step9", 9), tmp_path / "other.parquet", progress=False)
+    assert decoded == [1]

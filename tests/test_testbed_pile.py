@@ -191,3 +191,26 @@ def test_rerun_resumes_instead_of_redoing(built):
     before = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
     assert pile_regime.main(["--preset", "pile-regime", "--tiny", "--device", "cpu", "--stages", "train,label"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == before  # trained and labelled once
+
+
+def test_the_checkpoint_study_takes_each_checkpoints_own_labels(built, tmp_path, monkeypatch):
+    """experiments/checkpoints.py over this testbed by name (`--model testbed-pile --revisions ...
+    --data 'testbed-pile@{revision}'`): each checkpoint is found (a missing one refused in one line),
+    and its own table, labelled at build time, is taken as it is: nothing decoded again."""
+    import pandas as pd
+
+    import mechmem.tables.checkpoints as ckm
+    from mechmem.data import load_memorization_data
+    from mechmem.models import ModelNotFound, load_model
+    from mechmem.tables.relabel import check_available
+
+    check_available(TINY_NAME, "step4")
+    with pytest.raises(ModelNotFound, match="no checkpoint 'step3'"):
+        check_available(TINY_NAME, "step3")
+    ck = ckm.Checkpoint(TINY_NAME, "step4", 4)
+    df = load_memorization_data(ckm.data_name(f"{TINY_NAME}@{{revision}}", ck), progress=False)
+    model = load_model(TINY_NAME, device="cpu", revision="step4")
+    monkeypatch.setattr(ckm, "relabel_table", lambda *a, **k: pytest.fail("decoded again"))
+    labels = pd.read_parquet(ckm.label_checkpoint(df, model, ck, tmp_path / "labels.parquet", progress=False))
+    assert set(labels["label_model"]) == {TINY_NAME} and set(labels["label_revision"]) == {"step4"}
+    np.testing.assert_array_equal(labels["memorization_score"], df["memorization_score"])

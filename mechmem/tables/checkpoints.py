@@ -67,6 +67,12 @@ def checkpoint_list(model: str | None, revisions: list[str] | None, folders: lis
     return out
 
 
+def data_name(data: str, ck: Checkpoint) -> str:
+    """The table a checkpoint is benchmarked on: `data`, or with `{revision}` in it that checkpoint's own
+    (`testbed-pile@{revision}` -> `testbed-pile@step512`)."""
+    return data.format(revision=ck.revision or ck.label) if "{revision}" in data else data
+
+
 def label_checkpoint(df: pd.DataFrame, model, ck: Checkpoint, path: str | os.PathLike, *, batch_size: int = 256,
                      device=None, progress: bool = True) -> Path:
     """The table labelled by this checkpoint, written to `path` (kept: a resumed study reads it)."""

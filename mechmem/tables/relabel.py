@@ -81,8 +81,10 @@ def table_labeller(df: pd.DataFrame) -> Labeller | None:
             weights = first.get("label_weights")
             return Labeller(str(models[0]), None if pd.isna(revision) else str(revision),
                             None if pd.isna(weights) else str(weights))
-    if df.attrs.get("greedy_model") == "testbed":
-        return Labeller("testbed")
+    greedy = df.attrs.get("greedy_model")  # a table shipped or built with its model's labels: "testbed",
+    if isinstance(greedy, str):           # "testbed-pile@step512" (load_model's name @ revision)
+        name, _, revision = greedy.partition("@")
+        return Labeller(name, revision or None)
     source = df.attrs.get("source")
     published = parse_published(source) if isinstance(source, str) else None
     if published is not None:
@@ -144,6 +146,7 @@ def check_available(name: str | os.PathLike, revision: str | None = None) -> Non
     no testbed, a folder without config.json, a hub name (at that revision) neither cached nor
     reachable."""
     from mechmem import models
+    from mechmem.testbed import PILE_NAMES, checkpoint_folder
 
     text = os.fspath(name)
     if text == "testbed":
@@ -154,6 +157,12 @@ def check_available(name: str | os.PathLike, revision: str | None = None) -> Non
         if revision is not None:
             raise models.ModelNotFound("the testbed ships only its final weights: no --revision; pass a local "
                                        "checkpoint folder as --model instead")
+        return
+    if text.partition("@")[0] in PILE_NAMES:  # the second testbed, by name: its checkpoint must be built
+        try:
+            checkpoint_folder(text, revision)
+        except (FileNotFoundError, ValueError) as err:
+            raise models.ModelNotFound(str(err)) from None
         return
     path = Path(text).expanduser()
     if path.exists():
