@@ -2,6 +2,7 @@
 
     python benchmarks/monitor_eval.py --run runs/alignment-quick --out docs/results/testbed_monitor
     python benchmarks/monitor_eval.py --run runs/alignment-quick --sample --out docs/results/testbed_monitor_sampled
+    python benchmarks/monitor_eval.py --model testbed-pile --run runs/pile/grid --out runs/pile/monitor   # second testbed
 
 Needs the testbed's training stream for the ground truth: rebuilt (about a minute, then cached) on
 the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.monitor_eval`
@@ -43,7 +44,7 @@ from mechmem.monitor_eval import (EvalConfig, TrainingOverlap, by_source, evalua
                                   heldout_prompts, overlapping_prompts, stretch_table, stretch_windows)
 from mechmem.probe import attention_statistics, train_probe  # noqa: E402
 from mechmem.run import RunFolder  # noqa: E402
-from mechmem.testbed.membership import membership_index, training_corpus  # noqa: E402
+from mechmem.testbed.membership import membership_index, testbed_corpus  # noqa: E402
 from mechmem.viz.samples import PROPOSED_TAXONOMY  # noqa: E402
 
 N_RANDOM = 5  # untrained CNN draws
@@ -175,6 +176,7 @@ def spread(per_seed: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="testbed", help="'testbed', or the second testbed by name (testbed-pile[@stepN])")
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "alignment-quick")
     p.add_argument("--taxonomy", default=PROPOSED_TAXONOMY)
     p.add_argument("--prompts-per-source", type=int, default=EvalConfig.prompts_per_source)
@@ -192,11 +194,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = EvalConfig(args.prompts_per_source, args.max_new_tokens, args.n_boot, overlap=args.overlap)
     t0 = time.time()
-    model = load_model("testbed", device=args.device)
+    corpus = testbed_corpus(args.model)
+    model = load_model(args.model, device=args.device)
     tok = model.tokenizer
-    corpus = training_corpus()
     index = membership_index(corpus)
-    table = load_memorization_data("testbed", progress=False)
+    table = load_memorization_data(args.model, progress=False)
     overlap = TrainingOverlap(training_samples(args.run, args.taxonomy, table), cfg.overlap)
     prompts, skipped = heldout_prompts(corpus, overlap, tok.eos_token_id, cfg)
     clf = SpanClassifier.from_run(args.run, args.taxonomy)

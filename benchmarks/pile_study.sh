@@ -8,7 +8,9 @@
 # 2. the quick preset on every checkpoint, each with the labels its build gave it (OUT/checkpoints,
 #    checkpoints.png: alignment across training);
 # 3. localization of "Non-Memo, Guess, Others" on the grid's CNNs and ablation of its top heads
-#    against random heads (OUT/localize, OUT/ablate).
+#    against random heads (OUT/localize, OUT/ablate);
+# 4. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
+#    the membership index (OUT/monitor, benchmarks/monitor_eval.py).
 # OUT/summary.tgz then holds every table, figure and row (no features, CNNs or labels): small enough
 # to come back from a GPU machine.
 set -euo pipefail
@@ -23,6 +25,7 @@ python3 experiments/checkpoints.py --model "$name" --revisions $(ls "$root") --d
 python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" --device "$dev" --quiet \
     --out "$out/localize"
 python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
+python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
 tar czf "$out/summary.tgz" --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
-    --exclude='*.safetensors' -C "$out" grid checkpoints localize ablate
+    --exclude='*.safetensors' -C "$out" grid checkpoints localize ablate monitor
 echo "wrote $out/summary.tgz ($(du -h "$out/summary.tgz" | cut -f1))"

@@ -214,3 +214,22 @@ def test_the_checkpoint_study_takes_each_checkpoints_own_labels(built, tmp_path,
     labels = pd.read_parquet(ckm.label_checkpoint(df, model, ck, tmp_path / "labels.parquet", progress=False))
     assert set(labels["label_model"]) == {TINY_NAME} and set(labels["label_revision"]) == {"step4"}
     np.testing.assert_array_equal(labels["memorization_score"], df["memorization_score"])
+
+
+def test_the_monitor_evaluation_reads_this_testbeds_corpus(built):
+    """benchmarks/monitor_eval.py --model testbed-pile: the build's corpus (its windows carry the
+    sources the monitor's held-out prompts are drawn from) and its membership index."""
+    from mechmem.monitor_eval import SOURCES, EvalConfig, TrainingOverlap, heldout_prompts
+    from mechmem.testbed.membership import membership_index, testbed_corpus
+
+    out, manifest, corpus = built
+    loaded = testbed_corpus(f"{TINY_NAME}@step4")
+    np.testing.assert_array_equal(loaded.train_stream, corpus.train_stream)
+    assert set(np.asarray(loaded.windows["source"])) <= set(SOURCES)
+    prompts, _ = heldout_prompts(loaded, TrainingOverlap(np.zeros((0, 64), dtype=np.int64), 32), 0,
+                                 EvalConfig(prompts_per_source=3))
+    assert len(prompts) and set(prompts["source"]) >= {"heldout", "stdlib"}
+    index = membership_index(loaded)
+    assert index.contains(loaded.train_stream[None, 100:132].astype(np.int64)).all()
+    with pytest.raises(ValueError, match="not a testbed"):
+        testbed_corpus("EleutherAI/pythia-160m")

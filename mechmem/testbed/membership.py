@@ -70,6 +70,22 @@ def training_corpus(cache: Path | None = None, manifest_file: Path = MANIFEST_FI
     return corpus
 
 
+def testbed_corpus(name: str = "testbed") -> Corpus:
+    """The training corpus of a testbed, by the name `load_model` takes: the first testbed's, rebuilt
+    (`training_corpus`); the second's (`testbed-pile[@stepN]`), as its build saved it (same layout)."""
+    from mechmem.testbed import BUILD_COMMAND, PILE_NAMES, testbed_dir
+
+    base = name.partition("@")[0]
+    if base in PILE_NAMES:
+        folder = testbed_dir(base) / "work" / "corpus"
+        if not (folder / "train_stream.npy").is_file():
+            raise FileNotFoundError(f"no corpus of {base} at {folder}: build it with `{BUILD_COMMAND}`")
+        return Corpus.load(folder)
+    if name != "testbed":
+        raise ValueError(f"{name!r} is not a testbed ('testbed', {', '.join(PILE_NAMES)}): no corpus to read")
+    return training_corpus()
+
+
 def membership_index(corpus: Corpus | None = None, width: int = 32) -> WindowIndex:
     """Every `width`-token window of the training stream (default: the testbed's rebuilt corpus)."""
     corpus = corpus if corpus is not None else training_corpus()
