@@ -222,9 +222,14 @@ class _CNNStack(nn.Module):
             return x
         if self.generators is None:
             raise RuntimeError("set _CNNStack.generators before training")
-        masks = [dropout_mask(chunk.shape, self.p, g, x.device)
-                 for chunk, g in zip(x.chunk(self.n_members, dim=1), self.generators)]
-        return x * torch.cat(masks, dim=1) / (1 - self.p)
+        # Each member's uniforms drawn into its own contiguous slice, in the shape a lone member draws
+        # (the numbers `dropout_mask` gives), then one comparison and one reshape for the whole stack:
+        # half the kernels of a draw, a comparison and a concatenation a member.
+        G = self.n_members
+        u = torch.empty((G, x.shape[0], x.shape[1] // G, *x.shape[2:]), device=x.device)
+        for g, generator in enumerate(self.generators):
+            u[g].uniform_(generator=generator)
+        return x * rearrange(u >= self.p, "g b c ... -> b (g c) ...") / (1 - self.p)
 
     def forward(self, x: Float[Tensor, "batch member_layer query key"]) -> Float[Tensor, "batch member class"]:
         if self.input_scaling != "raw":
