@@ -95,14 +95,16 @@ def run(args) -> int:
             raise cli.CliError(f"{flag} is set per checkpoint by this script: leave it out after --")
     for ck in checkpoints:  # every checkpoint loadable: before any work
         check_available(ck.model, ck.revision)
-    df = load_memorization_data(data_name(args.data, checkpoints[0]), progress=not args.quiet)
+    loaded = data_name(args.data, checkpoints[0])
+    df = load_memorization_data(loaded, progress=not args.quiet)
     print(f"{len(checkpoints)} checkpoints: " + ", ".join(f"{c.label} (step {c.step})" for c in checkpoints))
     results = []
     for ck in checkpoints:
         labels = args.out / ck.label / "labels.parquet"
         if not labels.exists():
-            if "{revision}" in args.data and ck is not checkpoints[0]:
-                df = load_memorization_data(data_name(args.data, ck), progress=not args.quiet)
+            if data_name(args.data, ck) != loaded:  # each checkpoint's own table
+                loaded = data_name(args.data, ck)
+                df = load_memorization_data(loaded, progress=not args.quiet)
             model = load_model(ck.model, device=args.device, dtype=args.dtype, revision=ck.revision)
             check_vocab(df, model.cfg.d_vocab)
             label_checkpoint(df, model, ck, labels, batch_size=args.batch_size, device=args.device,

@@ -36,6 +36,7 @@ from mechmem.data import tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
+from mechmem.models import default_device
 from mechmem.probe import attention_statistics, train_probe
 from mechmem.run import MODEL_VIEW, RunFolder
 from mechmem.timing import phase
@@ -179,7 +180,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     store = feature_store_for(model, df, plan.samples, run.features_dir, cfg, progress=progress, dist=dist)
     positions = plan.samples
     with phase("load features"):  # float16, read once for all rows, onto the device that trains the CNNs
-        features = store.tensor(cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        features = store.tensor(default_device(cfg.train.device))
     my_configs = shard_configs(cfg.configs, dist)
     # Rows with as many classes and training samples train together, in lockstep (`train_cnn_tasks`).
     groups: dict[tuple[int, int], list[Row]] = {}

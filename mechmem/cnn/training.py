@@ -468,7 +468,7 @@ class _Fleet:
         by_shape: dict = {}
         for i, c in enumerate(configs):
             by_shape.setdefault(c.shape_key, []).append(i)
-        ids = [m for m in range(len(self.members))]
+        ids = range(len(self.members))
         if fuse:  # every task's same-shaped configs in one stack
             groups = [[k for k in ids if self.members[k].config in group] for group in by_shape.values()]
         else:
