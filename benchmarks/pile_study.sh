@@ -2,30 +2,48 @@
 # Issue 23's study of the second testbed, once it is built (python -m mechmem.testbed.build --preset
 # pile-regime --device cuda), on the same machine; every step resumes where a cut-off call left it:
 #   MECHMEM_CACHE=$PWD/.device/cache DEVICE=cuda bash benchmarks/pile_study.sh OUT [NAME]
-# 1. the paper's grid on the final checkpoint, 1000 + 500 a class, converged, controls and probe
+# 1. the paper's grid on the final checkpoint, 1000 + 500 a class (TRAIN_PER_CLASS, EVAL_PER_CLASS),
+#    converged, controls and probe
 #    (OUT/grid; paper_agreement.json: Spearman with the paper's 12B figures, the headline row's rank,
 #    CNN against probe);
-# 2. the quick preset on every checkpoint, each with the labels its build gave it (OUT/checkpoints,
-#    checkpoints.png: alignment across training);
-# 3. localization of "Non-Memo, Guess, Others" on the grid's CNNs and ablation of its top heads
+# 2. localization of "Non-Memo, Guess, Others" on the grid's CNNs and ablation of its top heads
 #    against random heads (OUT/localize, OUT/ablate);
-# 4. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
-#    the membership index (OUT/monitor, benchmarks/monitor_eval.py).
-# OUT/summary.tgz then holds every table, figure and row (no features, CNNs or labels): small enough
-# to come back from a GPU machine.
-set -euo pipefail
+# 3. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
+#    the membership index (OUT/monitor, benchmarks/monitor_eval.py);
+# 4. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some), each with the
+#    labels its build gave it (OUT/checkpoints, checkpoints.png: alignment across training).
+# A step that fails is reported and the next one runs (the script then exits 1). After each step
+# OUT/summary.tgz holds every table, figure and row made so far (no features, CNNs or labels): small
+# enough to come back from a GPU machine.
+set -uo pipefail
 out=$1
 name=${2:-testbed-pile}
 dev=${DEVICE:-cuda}
 root="${MECHMEM_CACHE:-$HOME/.cache/mechmem}/$name/checkpoints"
-python3 experiments/run_alignment.py --grid paper --train-per-class 1000 --eval-per-class 500 \
+revisions=${REVISIONS:-$(ls "$root")}
+failed=0
+
+step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if it fails
+    local label=$1 t0=$SECONDS
+    shift
+    echo "== $label"
+    if "$@"; then echo "== $label done in $((SECONDS - t0)) s"; else echo "== $label FAILED after $((SECONDS - t0)) s"; failed=1; fi
+    local parts=()
+    for d in grid localize ablate monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
+    tar czf "$out/summary.tgz.part" --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
+        --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$out/summary.tgz.part" "$out/summary.tgz"
+}
+
+mkdir -p "$out"
+step grid python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
+    --eval-per-class "${EVAL_PER_CLASS:-500}" \
     --model "$name" --data "$name" --device "$dev" --quiet --out "$out/grid"
-python3 experiments/checkpoints.py --model "$name" --revisions $(ls "$root") --data "$name@{revision}" \
+step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
+    --device "$dev" --quiet --out "$out/localize"
+step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
+step monitor python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
+# shellcheck disable=SC2086  # one word a revision
+step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \
     --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev"
-python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" --device "$dev" --quiet \
-    --out "$out/localize"
-python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
-python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
-tar czf "$out/summary.tgz" --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
-    --exclude='*.safetensors' -C "$out" grid checkpoints localize ablate monitor
 echo "wrote $out/summary.tgz ($(du -h "$out/summary.tgz" | cut -f1))"
+exit $failed

@@ -161,6 +161,21 @@ def test_loaded_by_name(built):
         checkpoint_folder(TINY_NAME, "step3")
 
 
+def test_the_final_checkpoint_by_its_bare_name_takes_its_own_labels(built):
+    """`run_alignment.py --model testbed-pile --data testbed-pile`: both name the final checkpoint,
+    so its labels are its own; an earlier checkpoint's table is refused in one line."""
+    from mechmem.data import load_memorization_data
+    from mechmem.models import load_model
+    from mechmem.tables.relabel import check_labels
+
+    model = load_model(TINY_NAME, device="cpu")
+    df = load_memorization_data(TINY_NAME, progress=False)
+    assert check_labels(df, model, TINY_NAME, None) is df
+    early = load_memorization_data(f"{TINY_NAME}@step2", progress=False)
+    with pytest.raises(ValueError, match=f"labels are {TINY_NAME}@step2's, the model is {TINY_NAME}@step"):
+        check_labels(early, model, TINY_NAME, None)
+
+
 def test_not_built_says_which_command_builds_it(tmp_path, monkeypatch):
     from mechmem.data import load_memorization_data
     from mechmem.models import ModelNotFound, load_model

@@ -94,8 +94,14 @@ def table_labeller(df: pd.DataFrame) -> Labeller | None:
 
 
 def loaded_labeller(model, name: str | os.PathLike, revision: str | None) -> Labeller:
+    """Who `load_model(name, revision=)` is: by the name it resolved to where it says one
+    ("testbed-pile" loads "testbed-pile@step1680", its final checkpoint), else as asked for."""
     from mechmem.models import weights_fingerprint
 
+    resolved = getattr(model, "mechmem_name", None)
+    if isinstance(resolved, str) and resolved.partition("@")[0] == os.fspath(name).partition("@")[0]:
+        base, _, at = resolved.partition("@")
+        return Labeller(base, at or None, weights_fingerprint(model))
     return Labeller(os.fspath(name), revision, weights_fingerprint(model))
 
 

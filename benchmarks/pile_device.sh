@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 23 on one GPU machine, start to end, as one background job that outlives the ten-minute
+# commands (each call only waits and collects):
+#   MECHMEM_CACHE=/tmp/mmc setsid nohup bash benchmarks/pile_device.sh PACK_DIR RUN_DIR > RUN_DIR.log 2>&1 &
+# build (corpus, train, label, report) into $MECHMEM_CACHE/testbed-pile, then pile_study.sh into
+# RUN_DIR/study; RUN_DIR/results.tgz (refreshed after each stage) holds the build's manifest,
+# summary and figures and the study's summary.tgz. RUN_DIR/done holds the exit status at the end.
+# Labels in bfloat16 (13 checkpoints in float32 would take some 7 of the session's 30 GPU minutes);
+# TINY=1 DEVICE=cpu: the same at toy size on a CPU. RUN_DIR/label_dtype.json then measures what that changed on the final checkpoint against float32.
+set -uo pipefail
+pack=$1
+run=$2
+dev=${DEVICE:-cuda}
+name=testbed-pile
+tiny=()
+if [ -n "${TINY:-}" ]; then name=testbed-pile-tiny; tiny=(--tiny); fi  # a dry run of this script on a CPU
+cache="${MECHMEM_CACHE:?set MECHMEM_CACHE}/$name"
+mkdir -p "$run"
+collect() {
+    local files=()
+    for f in manifest.json summary.md checkpoints.png testbed_memorization.png work/train_log.json; do
+        [ -f "$cache/$f" ] && files+=("$cache/$f")
+    done
+    for f in "$run"/study/summary.tgz "$run"/label_dtype.json "$run".log; do [ -f "$f" ] && files+=("$f"); done
+    [ ${#files[@]} -gt 0 ] && tar czf "$run/results.tgz.part" -P "${files[@]}" && mv "$run/results.tgz.part" "$run/results.tgz"
+}
+t0=$SECONDS
+python3 -m mechmem.testbed.build --preset pile-regime "${tiny[@]}" --device "$dev" --pack "$pack" --label-dtype bfloat16 \
+    --max-seconds "${MAX_SECONDS:-600}"
+status=$?
+echo "== build exit $status after $((SECONDS - t0)) s"
+collect
+if [ $status -eq 0 ]; then
+    # What the labels allow: the grid at 1000 + 500 a class where the headline taxonomy's smallest
+    # class has 1,500 samples (else two thirds and a third of it), and the checkpoint study on the
+    # last six checkpoints whose classes all hold the quick preset's 300 + 150.
+    read -r train_pc eval_pc revisions < <(python3 - "$cache/manifest.json" <<'PY'
+import json, sys
+steps = json.load(open(sys.argv[1]))["checkpoints"]
+def smallest(info):
+    counts = next(v for k, v in info["class_counts"].items() if k.startswith("Non-Memo, Guess, Others"))
+    return min(counts.values())
+final = smallest(list(steps.values())[-1])
+train, held = (1000, 500) if final >= 1500 else (2 * (final // 3), final // 3)
+print(train, held, " ".join([s for s, info in steps.items() if smallest(info) >= 450][-6:]))
+PY
+)
+    echo "== study: $train_pc + $eval_pc a class; checkpoints: $revisions"
+    TRAIN_PER_CLASS=$train_pc EVAL_PER_CLASS=$eval_pc REVISIONS=$revisions \
+        bash benchmarks/pile_study.sh "$run/study" "$name"
+    status=$?
+    collect
+    final=$(python3 -c "import json; print(json.load(open('$cache/manifest.json'))['final'])")
+    python3 benchmarks/label_dtype.py --model "$name@$final" --device "$dev" --out "$run/label_dtype.json" || status=1
+    collect
+fi
+echo "== all done, exit $status, $((SECONDS - t0)) s"
+collect
+echo "$status" > "$run/done"
