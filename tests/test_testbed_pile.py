@@ -248,3 +248,29 @@ def test_the_monitor_evaluation_reads_this_testbeds_corpus(built):
     assert index.contains(loaded.train_stream[None, 100:132].astype(np.int64)).all()
     with pytest.raises(ValueError, match="not a testbed"):
         testbed_corpus("EleutherAI/pythia-160m")
+
+
+def test_label_dtype_check_finds_every_changed_label(built, tmp_path):
+    """benchmarks/label_dtype.py: decoding the final checkpoint again in float32 (as the tiny build
+    labelled it) changes nothing; a table whose labels were changed is caught window by window."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "label_dtype.py"
+    spec = importlib.util.spec_from_file_location("label_dtype", path)
+    label_dtype = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(label_dtype)
+    out, manifest, _ = built
+    assert label_dtype.main(["--model", f"{TINY_NAME}@{manifest['final']}", "--device", "cpu",
+                             "--out", str(tmp_path / "same.json")]) == 0
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["continuation_differs"] == same["score_differs"] == 0 and same["windows"] > 200
+    table = pd.read_parquet(checkpoint_folder(TINY_NAME) / "memorization.parquet")
+    greedy = np.stack(table["greedy_suffix"].to_numpy())
+    tokens = np.stack(table["tokens"].to_numpy())
+    greedy[:3, -1] = (greedy[:3, -1] + 1) % 512          # three continuations differ in their last token
+    greedy[3:5] = tokens[3:5, 32:]                         # two windows become extractable
+    changed = label_dtype.compare(table, greedy)
+    assert changed["continuation_differs"] == 5
+    extractable = int((table["memorization_score"] == 1).sum())
+    assert changed["extractable"]["again"] == extractable + int((table["memorization_score"].iloc[3:5] < 1).sum())
