@@ -15,7 +15,9 @@ them itself, before its own work: a bad one stops the study in one line, exit 2,
 checkpoint's labels (kept for the rerun). Writes OUT/checkpoints.csv (one row a
 taxonomy x checkpoint: min F1 with its interval, control, probe, extractable samples),
 OUT/checkpoints_min_f1.csv (taxonomy x checkpoint) and OUT/checkpoints.png (min F1 against training
-step per taxonomy, with intervals). An interrupted study resumes: finished labels and rows are kept.
+step per taxonomy, with intervals). A checkpoint where no row has enough samples in every class
+(early in training few samples are memorized) is skipped, its reasons in
+OUT/skipped_checkpoints.json. An interrupted study resumes: finished labels and rows are kept.
 
 `--data` may name each checkpoint's own table with `{revision}` (e.g. `testbed-pile@{revision}`, the
 second testbed, whose build labels every checkpoint): a table already labelled by its checkpoint is
@@ -80,7 +82,10 @@ def run(args) -> int:
 
     import pandas as pd
 
-    from mechmem.atomic import atomic_write
+    import json
+
+    from mechmem.atomic import atomic_json, atomic_write
+    from mechmem.run import SKIPPED
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import _resolve_dtype, load_model
     from mechmem.tables.checkpoints import checkpoint_list, data_name, label_checkpoint, plot_min_f1, summarize
@@ -98,7 +103,7 @@ def run(args) -> int:
     loaded = data_name(args.data, checkpoints[0])
     df = load_memorization_data(loaded, progress=not args.quiet)
     print(f"{len(checkpoints)} checkpoints: " + ", ".join(f"{c.label} (step {c.step})" for c in checkpoints))
-    results = []
+    results, skipped = [], {}
     for ck in checkpoints:
         labels = args.out / ck.label / "labels.parquet"
         if not labels.exists():
@@ -113,12 +118,24 @@ def run(args) -> int:
             gc.collect()
         extractable = int((pd.read_parquet(labels, columns=["memorization_score"])["memorization_score"] == 1).sum())
         print(f"== {ck.label} (step {ck.step}): {extractable} extractable samples of {len(df)}")
+        run_dir = args.out / ck.label / "alignment"
+        (run_dir / SKIPPED).unlink(missing_ok=True)  # rewritten by every run: only this run's may be read
         code = _run_alignment(_alignment_argv(args, ck, labels))
+        if code != 0 and (run_dir / SKIPPED).is_file() and not (run_dir / "alignment.csv").is_file():
+            # No row has enough samples at this checkpoint (early in training, few are memorized):
+            # recorded, and the study goes on.
+            skipped[ck.label] = json.loads((run_dir / SKIPPED).read_text())
+            print(f"== {ck.label}: no taxonomy row has enough samples in every class; skipped")
+            continue
         if code != 0:
             return code
-        results.append((ck, pd.read_csv(args.out / ck.label / "alignment" / "alignment.csv"), extractable))
-    long, wide = summarize(results)
+        results.append((ck, pd.read_csv(run_dir / "alignment.csv"), extractable))
     args.out.mkdir(parents=True, exist_ok=True)
+    atomic_json(args.out / "skipped_checkpoints.json", skipped)
+    if not results:
+        raise cli.CliError(f"no checkpoint has a taxonomy row with enough samples in every class (reasons: "
+                           f"{args.out / 'skipped_checkpoints.json'}); lower --train-per-class/--eval-per-class after --")
+    long, wide = summarize(results)
     atomic_write(args.out / "checkpoints.csv", lambda p: long.to_csv(p, index=False))
     atomic_write(args.out / "checkpoints_min_f1.csv", lambda p: wide.to_csv(p, index=False))
     plot_min_f1(long, args.out / "checkpoints.png")

@@ -167,9 +167,11 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     for row, reason in plan.skipped.items():
         if main:
             logger.info("skipped %s: %s", row.name, reason)
-    if not plan.splits:
-        raise ValueError("no taxonomy row has enough samples in every class; lower --train-per-class/--eval-per-class")
     run = RunFolder(out)
+    if not plan.splits:
+        if main:  # why each row was skipped: a study across checkpoints records it and goes on
+            atomic_json(run.skipped_file, {r.name: reason for r, reason in plan.skipped.items()})
+        raise ValueError("no taxonomy row has enough samples in every class; lower --train-per-class/--eval-per-class")
     todo = [row for row in plan.splits if not run.has_row(row.slug)]
     dist.barrier()  # every rank has its to-do list before rank 0 writes anything
     if main:

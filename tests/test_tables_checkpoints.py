@@ -88,6 +88,31 @@ def test_checkpoints_study_relabels_each_checkpoint_and_plots(tmp_path):
         assert pd.read_csv(out / ck / "alignment" / "alignment.csv").shape[0] == 1
 
 
+@built
+def test_a_checkpoint_without_enough_samples_is_recorded_and_the_study_goes_on(tmp_path, capsys):
+    """Early in training few samples are memorized: a checkpoint where no row has enough samples in
+    every class is skipped with its reasons (skipped_checkpoints.json), not the end of the study;
+    when every checkpoint is, the study says so in one line, exit 2."""
+    import json
+
+    checkpoints = load_experiment("checkpoints")
+    early = perturbed_testbed(tmp_path / "ckpts" / "step1000", scale=2.0)  # recites nothing
+    final = tmp_path / "ckpts" / "step4000"
+    shutil.copytree(MODEL_DIR, final)
+    data = _subset(tmp_path)
+    out = tmp_path / "study"
+    assert checkpoints.main(["--checkpoints", str(early), str(final), "--data", str(data), "--device", "cpu",
+                             "--quiet", "--out", str(out), "--", *ALIGNMENT]) == 0
+    assert pd.read_csv(out / "checkpoints.csv")["checkpoint"].tolist() == ["step4000"]
+    skipped = json.loads((out / "skipped_checkpoints.json").read_text())
+    assert list(skipped) == ["step1000"] and "not enough samples" in skipped["step1000"]["Non-Memo, Guess, Others"]
+    capsys.readouterr()
+    assert checkpoints.main(["--checkpoints", str(early), "--data", str(data), "--device", "cpu", "--quiet",
+                             "--out", str(tmp_path / "early"), "--", *ALIGNMENT]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and "no checkpoint has a taxonomy row" in err[0], err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoints", "./no/such/ckpt"], "not found"),
     (["--model", "EleutherAI/pythia-160m-deduped", "--revisions", "step1000"], "not cached"),

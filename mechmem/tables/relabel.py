@@ -99,9 +99,10 @@ def loaded_labeller(model, name: str | os.PathLike, revision: str | None) -> Lab
     from mechmem.models import weights_fingerprint
 
     resolved = getattr(model, "mechmem_name", None)
-    if isinstance(resolved, str) and resolved.partition("@")[0] == os.fspath(name).partition("@")[0]:
+    if isinstance(resolved, str) and "@" in resolved and revision is None:
         base, _, at = resolved.partition("@")
-        return Labeller(base, at or None, weights_fingerprint(model))
+        if base == os.fspath(name).partition("@")[0]:
+            return Labeller(base, at, weights_fingerprint(model))
     return Labeller(os.fspath(name), revision, weights_fingerprint(model))
 
 
