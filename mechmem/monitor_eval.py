@@ -6,6 +6,7 @@ Held-out prompts: 32-token windows of the testbed's own streams, from:
   heldout_pattern  patterned documents never trained on: guessable, never recited
   heldout          standard-library text never trained on
   stdlib           standard-library text trained on once
+  duplicated       natural text the stream repeats (the second testbed's extra windows; none in the first)
 Each prompt carries its `source_id`, the document it was cut from ("stream:first token"; a planted
 passage, a pattern document, a standard-library file). Prompts of one document are not independent
 (before the held-out rule, the 200 prompts of the top copy tier came from 6 passages), so every
@@ -46,7 +47,7 @@ from mechmem.testbed.corpus import Corpus
 from mechmem.testbed.duplicates import WindowIndex
 
 PLANTED_TIERS = ((1, 5), (6, 50), (51, 1000), (1001, 2000))
-SOURCES = ("planted", "pattern", "heldout_pattern", "heldout", "stdlib")
+SOURCES = ("planted", "pattern", "heldout_pattern", "heldout", "stdlib", "duplicated")  # last: earlier draws unchanged
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,37 @@ def test_count_windows_survives_hash_collisions(monkeypatch):
                                   [truth[tuple(q)] for q in queries])
 
 
+def test_duplicated_windows_are_distinct_repeated_and_capped():
+    """The second testbed's extra candidates: natural windows the stream repeats, each distinct, in
+    its copy tier (counted exactly here), at most `per_doc` a document, every tier filled as far as
+    the stream allows."""
+    from mechmem.testbed.corpus import DUPLICATE_TIERS, WINDOW, duplicated_windows
+
+    rng = np.random.default_rng(0)
+    boiler = rng.integers(0, 1000, 80)  # a licence header: in every document
+    docs = [np.concatenate([boiler, rng.integers(0, 1000, 150)]) for _ in range(12)]
+    docs += [docs[0].copy() for _ in range(3)]  # a vendored file: four copies in all
+    starts = np.cumsum([0] + [len(d) + 1 for d in docs[:-1]])
+    stream = np.concatenate([np.r_[d, 1000] for d in docs]).astype(np.int64)
+    lengths = np.array([len(d) for d in docs])
+    got = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, n=4000, per_doc=1000)
+    windows = np.stack([stream[p:p + WINDOW] for p in got])
+    assert len({w.tobytes() for w in windows}) == len(got)  # distinct
+    copies = count_windows(stream, windows, progress=False)
+    assert (copies >= 2).all()
+    every = np.lib.stride_tricks.sliding_window_view(stream, WINDOW)
+    inside = np.concatenate([np.arange(a, a + n - WINDOW + 1) for a, n in zip(starts, lengths)])
+    repeated = {w.tobytes() for w, c in zip(every[inside], count_windows(stream, every[inside], progress=False))
+                if c >= 2}
+    assert {w.tobytes() for w in windows} == repeated  # room for all: every repeated window is taken
+    assert set(copies.tolist()) == {4, 15}  # the vendored file's own windows, and the licence's
+    capped = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, n=4000, per_doc=5)
+    doc_of = np.searchsorted(starts, capped, side="right") - 1
+    assert set(doc_of.tolist()) == {0} and len(capped) == 5  # each first seen in document 0
+    few = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, n=4 * 3, per_doc=1000)
+    assert len(few) == 6 and len(DUPLICATE_TIERS) == 4  # 3 a tier, two tiers (2-5, 6-50) non-empty
+
+
 def test_patterns_are_deterministic_and_detected():
     from mechmem import heuristics
 

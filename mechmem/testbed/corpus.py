@@ -38,8 +38,9 @@ WINDOW = 64
 TEXT_SUFFIXES = {".py", ".pyw", ".txt", ".rst", ".html", ".css", ".def", ".cfg", ".bat", ".ps1", ".fish",
                  ".csh", ""}
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
-# Source codes used in window tables.
-SOURCES = ("stdlib", "planted", "pattern", "heldout", "heldout_pattern")
+# Source codes used in window tables ("duplicated": natural text trained on, picked for its copies).
+SOURCES = ("stdlib", "planted", "pattern", "heldout", "heldout_pattern", "duplicated")
+DUPLICATE_TIERS = ((2, 5), (6, 50), (51, 1000), (1001, None))  # copies in the whole stream
 
 
 @dataclass
@@ -60,6 +61,8 @@ class CorpusConfig:
     passage_stride: int = 2             # planted passages: a window every `stride` tokens
     max_files: int | None = None        # only for dry runs: the first files in path order
     tokenizer_chars: int | None = None  # train the BPE on about this much natural text (None: all of it)
+    n_duplicated_windows: int = 0       # natural windows the stream repeats, spread over DUPLICATE_TIERS
+    duplicated_per_doc: int = 16        # at most this many of them from one document
 
     @classmethod
     def tiny(cls) -> "CorpusConfig":
@@ -235,6 +238,48 @@ def _doc_windows(rng, starts, lengths, n):
     return starts[doc] + flat - (cum[doc] - room[doc])
 
 
+def duplicated_windows(rng, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n: int,
+                       per_doc: int) -> np.ndarray:
+    """Positions of natural-text windows that the stream repeats: up to n / 4 distinct windows in each
+    copy tier of DUPLICATE_TIERS, at most `per_doc` from one document, each at the first document
+    (of `starts`, `lengths`) that holds it.
+
+    In one pass a model memorizes only what the data repeats, and a uniform sample of natural text
+    holds too few such windows to fill the memorized classes (the first pile-regime build: 189
+    "Others" of 96,996 windows). Copies are counted by hash here, only to pick the tier; the label
+    stage counts them exactly.
+    """
+    from mechmem.testbed.duplicates import window_hashes
+
+    hashes = window_hashes(stream, WINDOW)
+    order = np.argsort(hashes, kind="stable")
+    run_start = np.r_[True, hashes[order[1:]] != hashes[order[:-1]]]
+    run = np.cumsum(run_start) - 1
+    copies = np.empty(len(hashes), dtype=np.int64)
+    copies[order] = np.bincount(run)[run]
+    inside = np.zeros(len(hashes), dtype=bool)  # window starts inside one of the documents
+    for a, length in zip(starts, lengths):
+        inside[a:a + max(length - WINDOW + 1, 0)] = True
+    cand = np.flatnonzero(inside & (copies >= 2))
+    _, first = np.unique(hashes[cand], return_index=True)  # one position per distinct window
+    cand = cand[np.sort(first)]
+    by_start = np.argsort(starts, kind="stable")
+    doc = np.searchsorted(starts[by_start], cand, side="right") - 1
+    shuffled = rng.permutation(len(cand))
+    cand, doc = cand[shuffled], doc[shuffled]
+    keep = np.zeros(len(cand), dtype=bool)  # the first `per_doc` of each document in the shuffled order
+    grouped = np.argsort(doc, kind="stable")
+    rank = np.arange(len(cand)) - np.searchsorted(doc[grouped], doc[grouped], side="left")
+    keep[grouped[rank < per_doc]] = True
+    cand = cand[keep]
+    picked = []
+    for lo, hi in DUPLICATE_TIERS:
+        c = copies[cand]
+        tier = cand[(c >= lo) & ((c <= hi) if hi is not None else True)]
+        picked.append(tier[:n // len(DUPLICATE_TIERS)])  # already in random order
+    return np.sort(np.concatenate(picked))
+
+
 def tokenizer_texts(files: list[tuple[str, str]], cfg: CorpusConfig) -> list[str]:
     """The natural text the BPE is trained on: all of it, or files in an order fixed by a hash of
     their paths until `tokenizer_chars` (a large corpus's tokenizer needs no more)."""
@@ -318,6 +363,11 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None,
         rows.append((1, p, "heldout", 0, ""))
     pattern_rows(1, held_starts[n_held_std:], held_lengths[n_held_std:], [0] * len(heldout_patterns),
                  [p.family for p in heldout_patterns], "heldout_pattern")
+    if cfg.n_duplicated_windows:  # its own generator: the other windows stay as they were
+        taken = {(r[0], r[1]) for r in rows}
+        dup = duplicated_windows(np.random.default_rng(cfg.seed + 5), stream, first[std], lengths[std],
+                                 cfg.n_duplicated_windows, cfg.duplicated_per_doc)
+        rows.extend((0, int(p), "duplicated", 0, "") for p in dup if (0, int(p)) not in taken)
     rows = sorted(set(rows), key=lambda r: (r[0], r[1]))
     seen, unique = set(), []
     for r in rows:  # one row per (stream, position)

@@ -51,34 +51,48 @@ class WindowIndex:
         self.order = np.argsort(hashes, kind="stable")
         self.sorted_hashes = hashes[self.order]
 
-    def count(self, windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20, progress: bool = True,
-              before: int | None = None) -> np.ndarray:
-        """How many times each row of `windows` occurs in the stream (int64, exact); with
-        `before`, only occurrences starting before that position (a checkpoint's data so far)."""
+    def occurrences(self, windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(row of `windows`, start position in the stream) of every occurrence, confirmed token by
+        token; found once, they give the counts in any prefix of the stream (`counts_before`)."""
         windows = np.asarray(windows)
         if windows.ndim != 2 or windows.shape[1] != self.width:
             raise ValueError(f"windows must be [n, {self.width}], got shape {windows.shape}")
         q = _hash_rows(windows)
         lo = np.searchsorted(self.sorted_hashes, q, side="left")
         hi = np.searchsorted(self.sorted_hashes, q, side="right")
-        counts = np.zeros(len(windows), dtype=np.int64)
         # Confirm every candidate position token by token, in chunks of candidate pairs.
         n_cand = hi - lo
         query = np.repeat(np.arange(len(windows)), n_cand)
         starts = np.repeat(lo, n_cand) + (np.arange(n_cand.sum()) - np.repeat(np.cumsum(n_cand) - n_cand, n_cand))
         offsets = np.arange(self.width)
+        rows, positions = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         for a in tqdm(range(0, len(query), chunk), desc="confirming duplicates",
                       disable=not progress or len(query) <= chunk):
             qi, pos = query[a:a + chunk], self.order[starts[a:a + chunk]]
             same = (self.stream[pos[:, None] + offsets] == windows[qi]).all(axis=1)
-            if before is not None:
-                same &= pos < before
-            np.add.at(counts, qi[same], 1)
-        return counts
+            rows.append(qi[same].astype(np.int64))
+            positions.append(pos[same].astype(np.int64))
+        return np.concatenate(rows), np.concatenate(positions)
+
+    def count(self, windows: Int[np.ndarray, "n width"], *, chunk: int = 1 << 20, progress: bool = True,
+              before: int | None = None) -> np.ndarray:
+        """How many times each row of `windows` occurs in the stream (int64, exact); with
+        `before`, only occurrences starting before that position (a checkpoint's data so far)."""
+        rows, positions = self.occurrences(windows, chunk=chunk, progress=progress)
+        return counts_before(rows, positions, len(windows), before)
 
     def contains(self, windows: Int[np.ndarray, "n width"]) -> np.ndarray:
         """Whether each row of `windows` occurs in the stream at all."""
         return self.count(windows, progress=False) > 0
+
+
+def counts_before(rows: np.ndarray, positions: np.ndarray, n: int, before: int | None = None) -> np.ndarray:
+    """Occurrences (`WindowIndex.occurrences`) counted per window, only those starting before
+    `before` when given."""
+    if before is not None:
+        rows = rows[positions < before]
+    return np.bincount(rows, minlength=n).astype(np.int64)
 
 
 def count_windows(

@@ -69,11 +69,12 @@ def preset(name: str) -> PileConfig:
             NAME,
             CorpusConfig(vocab_size=16384, heldout_frac=0.05, pool_frac=0.01, passage_tiers=tiers,
                          n_patterns=6000, n_heldout_patterns=1500, n_stdlib_windows=60000,
-                         n_heldout_windows=10000, tokenizer_chars=80_000_000),
+                         n_heldout_windows=10000, tokenizer_chars=80_000_000, n_duplicated_windows=60000),
             # Pythia-160m's shape; one pass in order; Pythia's LR, warmup about 1% of the steps.
             TrainConfig(n_layers=12, d_model=768, n_heads=12, ctx=1024, n_positions=2048, batch_size=64,
                         epochs=1.0, lr=6e-4, min_lr_frac=0.1, warmup_steps=20, weight_decay=0.01,
                         shuffle_chunks=False, max_seconds=840),
+            label_batch_size=4096,  # decoding is bound by steps, not arithmetic: 4x fewer steps than 1024
         )
     if name == "tiny":
         return PileConfig(
@@ -81,7 +82,7 @@ def preset(name: str) -> PileConfig:
             CorpusConfig(vocab_size=512, heldout_frac=0.15, pool_frac=0.2,
                          passage_tiers=((1, 5, 3), (6, 50, 3), (51, 200, 2)), passage_chars=300,
                          n_patterns=40, n_heldout_patterns=12, n_stdlib_windows=120, n_heldout_windows=40,
-                         pattern_offsets=2),
+                         pattern_offsets=2, n_duplicated_windows=200),
             TrainConfig(n_layers=2, d_model=64, n_heads=4, ctx=128, n_positions=256, batch_size=4, epochs=1.0,
                         lr=3e-3, warmup_steps=10, shuffle_chunks=False),
             label_batch_size=1024, tiny_pack_bytes=60_000,
@@ -206,17 +207,20 @@ def window_table(corpus: Corpus, tokenizer) -> pd.DataFrame:
     return add_text_columns(base, tokenizer)
 
 
-def label_checkpoint(folder: Path, corpus: Corpus, base: pd.DataFrame, index, *, before: int | None,
-                     device: str, dtype: str = "float32", batch_size: int = 1024) -> pd.DataFrame:
+def label_checkpoint(folder: Path, base: pd.DataFrame, occurrences: tuple[np.ndarray, np.ndarray], *,
+                     before: int | None, device: str, dtype: str = "float32", batch_size: int = 1024) -> pd.DataFrame:
     """One checkpoint's memorization table, written to folder/memorization.parquet.
 
     `memorization_score` and `greedy_suffix`: the checkpoint's own greedy 32-token continuation;
     `sequence_duplicates`: occurrences in the data it had trained on (stream positions before
     `before`; None: the whole stream), `stream_duplicates`: in the whole training stream.
+    `occurrences`: where each window of `base` occurs in the stream (`WindowIndex.occurrences`),
+    found once for every checkpoint.
     The one place labels are made: switching to `mechmem.tables` (issue 22) changes this body only.
     """
     import torch
     from mechmem.memorization import PREFIX_LEN, greedy_continuation
+    from mechmem.testbed.duplicates import counts_before
     from mechmem.testbed.table import write_table
     from mechmem.testbed.train import load_fp32
 
@@ -231,9 +235,8 @@ def label_checkpoint(folder: Path, corpus: Corpus, base: pd.DataFrame, index, *,
     table = base.copy()
     table["greedy_suffix"] = list(greedy.astype(np.int64))
     table["memorization_score"] = (greedy == tokens[:, PREFIX_LEN:]).mean(axis=1)
-    table["stream_duplicates"] = index.count(tokens, progress=False)
-    table["sequence_duplicates"] = table["stream_duplicates"] if before is None else index.count(
-        tokens, progress=False, before=before)
+    table["stream_duplicates"] = counts_before(*occurrences, len(table))
+    table["sequence_duplicates"] = counts_before(*occurrences, len(table), before)
     table["in_training"] = table["sequence_duplicates"].to_numpy() > 0
     atomic_write(folder / TABLE_FILE, lambda p: write_table(table, p))  # a killed call leaves no half table
     return table
@@ -255,12 +258,15 @@ def stage_label(work: Path, out: Path, cfg: PileConfig, device: str) -> None:
     else:
         base = window_table(corpus, _tokenizer(work))
         base.to_parquet(base_file)
-    index = WindowIndex(corpus.train_stream, WINDOW)
+    t0 = time.time()
+    occurrences = WindowIndex(corpus.train_stream, WINDOW).occurrences(np.stack(base["tokens"].to_numpy()))
+    logger.info(f"label: {len(occurrences[0]):,} occurrences of the {len(base):,} windows in the stream "
+                f"({time.time() - t0:.0f} s)")
     for step, folder in todo:
         t0 = time.time()
         seen = log["checkpoints"].get(f"step{step}", {}).get("tokens_seen")
         before = None if seen is None or seen >= len(corpus.train_stream) else max(0, seen - WINDOW + 1)
-        table = label_checkpoint(folder, corpus, base, index, before=before, device=device,
+        table = label_checkpoint(folder, base, occurrences, before=before, device=device,
                                  dtype=cfg.label_dtype, batch_size=cfg.label_batch_size)
         logger.info(f"label step{step}: {int((table['memorization_score'] == 1).sum()):,} of {len(table):,} "
                     f"windows extractable ({time.time() - t0:.0f} s)")
