@@ -3,7 +3,7 @@
 # pile-regime --device cuda), on the same machine; every step resumes where a cut-off call left it:
 #   MECHMEM_CACHE=$PWD/.device/cache DEVICE=cuda bash benchmarks/pile_study.sh OUT [NAME]
 # 1. the paper's grid on the final checkpoint, 1000 + 500 a class (TRAIN_PER_CLASS, EVAL_PER_CLASS),
-#    converged, controls and probe
+#    converged, controls and probe, GRID_SEEDS training seeds (default 1, the paper preset's)
 #    (OUT/grid; paper_agreement.json: Spearman with the paper's 12B figures, the headline row's rank,
 #    CNN against probe);
 # 2. localization of "Non-Memo, Guess, Others" on the grid's CNNs and ablation of its top heads
@@ -36,7 +36,7 @@ step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if i
 
 mkdir -p "$out"
 step grid python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
-    --eval-per-class "${EVAL_PER_CLASS:-500}" \
+    --eval-per-class "${EVAL_PER_CLASS:-500}" --cnn-seeds "${GRID_SEEDS:-1}" \
     --model "$name" --data "$name" --device "$dev" --quiet --out "$out/grid"
 step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
     --device "$dev" --quiet --out "$out/localize"

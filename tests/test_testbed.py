@@ -221,11 +221,14 @@ def test_count_windows_survives_hash_collisions(monkeypatch):
                                   [truth[tuple(q)] for q in queries])
 
 
+TIERS = ((2, 5, 1000), (6, 50, 1000), (51, 1000, 1000), (1001, 10**9, 1000))
+
+
 def test_duplicated_windows_are_distinct_repeated_and_capped():
     """The second testbed's extra candidates: natural windows the stream repeats, each distinct, in
     its copy tier (counted exactly here), at most `per_doc` a document, every tier filled as far as
     the stream allows."""
-    from mechmem.testbed.corpus import DUPLICATE_TIERS, WINDOW, duplicated_windows
+    from mechmem.testbed.corpus import WINDOW, duplicated_windows
 
     rng = np.random.default_rng(0)
     boiler = rng.integers(0, 1000, 80)  # a licence header: in every document
@@ -234,7 +237,7 @@ def test_duplicated_windows_are_distinct_repeated_and_capped():
     starts = np.cumsum([0] + [len(d) + 1 for d in docs[:-1]])
     stream = np.concatenate([np.r_[d, 1000] for d in docs]).astype(np.int64)
     lengths = np.array([len(d) for d in docs])
-    got = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, n=4000, per_doc=1000)
+    got = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, TIERS, per_doc=1000)
     windows = np.stack([stream[p:p + WINDOW] for p in got])
     assert len({w.tobytes() for w in windows}) == len(got)  # distinct
     copies = count_windows(stream, windows, progress=False)
@@ -245,11 +248,12 @@ def test_duplicated_windows_are_distinct_repeated_and_capped():
                 if c >= 2}
     assert {w.tobytes() for w in windows} == repeated  # room for all: every repeated window is taken
     assert set(copies.tolist()) == {4, 15}  # the vendored file's own windows, and the licence's
-    capped = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, n=4000, per_doc=5)
+    capped = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, TIERS, per_doc=5)
     doc_of = np.searchsorted(starts, capped, side="right") - 1
     assert set(doc_of.tolist()) == {0} and len(capped) == 5  # each first seen in document 0
-    few = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, n=4 * 3, per_doc=1000)
-    assert len(few) == 6 and len(DUPLICATE_TIERS) == 4  # 3 a tier, two tiers (2-5, 6-50) non-empty
+    few = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, ((2, 5, 3), (6, 50, 2), (51, 99, 9)),
+                             per_doc=1000)
+    assert sorted(count_windows(stream, np.stack([stream[p:p + WINDOW] for p in few]), progress=False)) == [4, 4, 4, 15, 15]
 
 
 def test_patterns_are_deterministic_and_detected():

@@ -40,7 +40,6 @@ TEXT_SUFFIXES = {".py", ".pyw", ".txt", ".rst", ".html", ".css", ".def", ".cfg",
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
 # Source codes used in window tables ("duplicated": natural text trained on, picked for its copies).
 SOURCES = ("stdlib", "planted", "pattern", "heldout", "heldout_pattern", "duplicated")
-DUPLICATE_TIERS = ((2, 5), (6, 50), (51, 1000), (1001, None))  # copies in the whole stream
 
 
 @dataclass
@@ -61,8 +60,9 @@ class CorpusConfig:
     passage_stride: int = 2             # planted passages: a window every `stride` tokens
     max_files: int | None = None        # only for dry runs: the first files in path order
     tokenizer_chars: int | None = None  # train the BPE on about this much natural text (None: all of it)
-    n_duplicated_windows: int = 0       # natural windows the stream repeats, spread over DUPLICATE_TIERS
-    duplicated_per_doc: int = 16        # at most this many of them from one document
+    # Natural windows the stream repeats: (fewest copies, most copies, windows) per tier; none by default.
+    duplicated_tiers: tuple = ()
+    duplicated_per_doc: int = 256       # at most this many of them from one document
 
     @classmethod
     def tiny(cls) -> "CorpusConfig":
@@ -238,11 +238,12 @@ def _doc_windows(rng, starts, lengths, n):
     return starts[doc] + flat - (cum[doc] - room[doc])
 
 
-def duplicated_windows(rng, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n: int,
+def duplicated_windows(rng, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, tiers,
                        per_doc: int) -> np.ndarray:
-    """Positions of natural-text windows that the stream repeats: up to n / 4 distinct windows in each
-    copy tier of DUPLICATE_TIERS, at most `per_doc` from one document, each at the first document
-    (of `starts`, `lengths`) that holds it.
+    """Positions of natural-text windows that the stream repeats: for each (fewest, most copies,
+    windows) of `tiers`, up to that many distinct windows with that many copies in the whole stream,
+    at most `per_doc` from one document, each at the first document (of `starts`, `lengths`) that
+    holds it.
 
     In one pass a model memorizes only what the data repeats, and a uniform sample of natural text
     holds too few such windows to fill the memorized classes (the first pile-regime build: 189
@@ -272,11 +273,8 @@ def duplicated_windows(rng, stream: np.ndarray, starts: np.ndarray, lengths: np.
     rank = np.arange(len(cand)) - np.searchsorted(doc[grouped], doc[grouped], side="left")
     keep[grouped[rank < per_doc]] = True
     cand = cand[keep]
-    picked = []
-    for lo, hi in DUPLICATE_TIERS:
-        c = copies[cand]
-        tier = cand[(c >= lo) & ((c <= hi) if hi is not None else True)]
-        picked.append(tier[:n // len(DUPLICATE_TIERS)])  # already in random order
+    c = copies[cand]
+    picked = [cand[(c >= lo) & (c <= hi)][:n] for lo, hi, n in tiers]  # already in random order
     return np.sort(np.concatenate(picked))
 
 
@@ -363,10 +361,10 @@ def build_corpus(cfg: CorpusConfig, tokenizer=None, root: Path | None = None,
         rows.append((1, p, "heldout", 0, ""))
     pattern_rows(1, held_starts[n_held_std:], held_lengths[n_held_std:], [0] * len(heldout_patterns),
                  [p.family for p in heldout_patterns], "heldout_pattern")
-    if cfg.n_duplicated_windows:  # its own generator: the other windows stay as they were
+    if cfg.duplicated_tiers:  # its own generator: the other windows stay as they were
         taken = {(r[0], r[1]) for r in rows}
         dup = duplicated_windows(np.random.default_rng(cfg.seed + 5), stream, first[std], lengths[std],
-                                 cfg.n_duplicated_windows, cfg.duplicated_per_doc)
+                                 cfg.duplicated_tiers, cfg.duplicated_per_doc)
         rows.extend((0, int(p), "duplicated", 0, "") for p in dup if (0, int(p)) not in taken)
     rows = sorted(set(rows), key=lambda r: (r[0], r[1]))
     seen, unique = set(), []

@@ -33,7 +33,7 @@ def cache_dir() -> Path:
 def corpus_config(manifest: dict) -> CorpusConfig:
     """The CorpusConfig a manifest records (JSON lists back into the tuples the dataclass holds)."""
     raw = manifest["corpus"]["config"]
-    values: dict[str, Any] = {k: tuple(tuple(x) for x in v) if k == "passage_tiers" else
+    values: dict[str, Any] = {k: tuple(tuple(x) for x in v) if k in ("passage_tiers", "duplicated_tiers") else
                               (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
     return CorpusConfig(**values)
 
