@@ -32,7 +32,7 @@ from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401 
 from mechmem.cnn import (CNNConfig, Task, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, split_validation, train_cnn_tasks, write_cnn_index)
 from mechmem.controls import centred, is_aligned, null_summary, permutation_null, shuffled_control
-from mechmem.data import tokens_array
+from mechmem.data import DOCUMENT, tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
@@ -271,7 +271,8 @@ def _paper_min_f1(size: str) -> pd.Series:
 
 
 def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence[Sequence[TrainedCNN]],
-              probe: Tensor | None, y_eval: np.ndarray, n_classes: int, cfg: AlignmentConfig) -> dict:
+              probe: Tensor | None, y_eval: np.ndarray, n_classes: int, cfg: AlignmentConfig,
+              groups: np.ndarray | None = None) -> dict:
     """A row's alignment score (min F1 of its CNNs over every config and seed, with its bootstrap
     interval and seed spread) beside its controls (`mechmem.controls`), and whether it is aligned.
 
@@ -281,10 +282,11 @@ def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence
     p-value under it); `min_f1_control` the shuffled-label CNNs' score on centred
     logits (over `control_seeds` shuffles, their spread `min_f1_control_seed_sd`); `min_f1_probe` the
     attention-statistics probe's. `aligned`: the score clears the null and its interval lies above
-    the control's.
+    the control's. With `groups` (each eval sample's source document) every interval resamples
+    documents, not samples (`interval_unit`).
     """
     trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
-    summary = alignment_summary(trained, y_eval, n_boot=cfg.n_boot, seed=cfg.seed)
+    summary = alignment_summary(trained, y_eval, n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
     if len(by_seed) > 1:  # each seed's own score (no interval needed), and their spread
         per_seed = [alignment_summary(c, y_eval, n_boot=1)["min_f1"] for c in by_seed]
         summary |= {"min_f1_per_seed": per_seed, SEED_COLUMN: float(np.std(per_seed, ddof=1))}
@@ -296,7 +298,7 @@ def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence
         control = [cnn for seed_cnns in control_by_seed for cnn in seed_cnns]
         centred_by_seed = [[centred(t.eval_logits) for t in seed_cnns] for seed_cnns in control_by_seed]
         c = score_summary([lg for seed_logits in centred_by_seed for lg in seed_logits], y_eval, n_boot=cfg.n_boot,
-                          seed=cfg.seed)
+                          seed=cfg.seed, groups=groups)
         summary |= {"min_f1_control": c["min_f1"], "min_f1_control_ci_low": c["min_f1_ci_low"],
                     "min_f1_control_ci_high": c["min_f1_ci_high"],
                     "min_f1_control_argmax": alignment_summary(control, y_eval, n_boot=1)["min_f1"],
@@ -306,7 +308,7 @@ def score_row(by_seed: Sequence[Sequence[TrainedCNN]], control_by_seed: Sequence
             summary |= {"min_f1_control_per_seed": per_shuffle, CONTROL_SEED_COLUMN: float(np.std(per_shuffle, ddof=1))}
     summary["aligned"] = is_aligned(summary)
     if probe is not None:
-        p = score_summary([probe], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["probe"])
+        p = score_summary([probe], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["probe"], groups=groups)
         summary |= {"min_f1_probe": p["min_f1"], "min_f1_probe_ci_low": p["min_f1_ci_low"],
                     "min_f1_probe_ci_high": p["min_f1_ci_high"]}
     return summary
@@ -319,7 +321,9 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
     _, train_pos, eval_pos = split
     trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
     n_classes = len(row.class_names())
-    summary = score_row(by_seed, control_by_seed, probe, np.asarray(task.labels)[task.eval_idx], n_classes, cfg)
+    groups = df[DOCUMENT].to_numpy()[eval_pos] if DOCUMENT in df.columns else None  # task.eval_idx's order
+    summary = score_row(by_seed, control_by_seed, probe, np.asarray(task.labels)[task.eval_idx], n_classes, cfg,
+                        groups)
     paper = _paper_min_f1("12b")
     if row.name in paper.index and (row.rouge, row.rouge_threshold) == ("either", 0.5):
         summary["paper_12b_min_f1"] = float(paper[row.name])
@@ -382,7 +386,8 @@ def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:
 
 def table_columns(table: pd.DataFrame) -> list[str]:
     """The paper's columns, then the controls and the seed spread that this run has."""
-    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + [SEED_COLUMN, CONTROL_SEED_COLUMN] if c in table]
+    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + [SEED_COLUMN, CONTROL_SEED_COLUMN, "interval_unit"]
+                            if c in table]
 
 
 def write_outputs(table: pd.DataFrame, out: Path) -> None:
@@ -473,7 +478,8 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
     apart from; a row whose interval does not clear its shuffled-label control is flagged."""
     t = table.sort_values("min_f1", ascending=False)
     seeds = " (seeds sd: spread over training seeds)" if SEED_COLUMN in t else ""
-    lines = [f"Ranking: min F1 % [95% bootstrap interval]{seeds} | probe | null (95th percentile of the "
+    unit = " over documents" if "interval_unit" in t else ""
+    lines = [f"Ranking: min F1 % [95% bootstrap interval{unit}]{seeds} | probe | null (95th percentile of the "
              "permutation null) | shuffled-label control | chance | paper Pythia-12B; '~ n' lists the ranks whose "
              "intervals overlap.", ""]
     for rank, (r, ties) in enumerate(zip(t.to_dict("records"), overlapping_ranks(t)), 1):

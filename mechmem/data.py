@@ -41,6 +41,9 @@ REQUIRED = ("sequence_id", "tokens", "text", "memorization_score", "sequence_dup
             "is_repeating")
 DERIVED = ("rouge_L_prefix_to_suffix", "rouge_3_prefix_to_suffix", "is_code")
 FLAGS = ("is_incrementing", "is_repeating", "is_code")
+# Optional: each sample's source document, where a table knows it (the second testbed's do): the
+# alignment intervals then resample documents, the independent unit, not overlapping windows.
+DOCUMENT = "document"
 UNIT_INTERVAL = ("memorization_score", "rouge_L_prefix_to_suffix", "rouge_3_prefix_to_suffix")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json")
 

@@ -177,6 +177,24 @@ def test_bootstrap_uses_same_resample_for_all_configs():
     assert (one["min_f1_ci_low"], one["min_f1_ci_high"]) == (two["min_f1_ci_low"], two["min_f1_ci_high"])
 
 
+def test_grouped_bootstrap_resamples_documents_not_their_copies():
+    """Fifty windows of each document say no more than the document once: the sample bootstrap
+    shrinks its interval about sqrt(50) times, the one over documents (`groups`) keeps it."""
+    y, p = noisy_predictions(60)
+    once = alignment_summary([fake_trained(y, p, 3)], y, n_boot=2000)
+    y_big, p_big, doc = np.repeat(y, 50), np.repeat(p, 50), np.repeat(np.arange(60), 50)
+    windows = alignment_summary([fake_trained(y_big, p_big, 3)], y_big, n_boot=2000)
+    documents = alignment_summary([fake_trained(y_big, p_big, 3)], y_big, n_boot=2000, groups=doc)
+    width = {k: s["min_f1_ci_high"] - s["min_f1_ci_low"] for k, s in
+             (("once", once), ("windows", windows), ("documents", documents))}
+    assert documents["min_f1"] == pytest.approx(once["min_f1"]) and documents["interval_unit"] == "documents (60)"
+    assert width["windows"] < width["once"] / 4
+    assert width["documents"] == pytest.approx(width["once"], rel=0.25)
+    assert "interval_unit" not in once
+    with pytest.raises(ValueError, match="groups for"):
+        alignment_summary([fake_trained(y, p, 3)], y, n_boot=10, groups=doc)
+
+
 def test_bootstrap_ci_shrinks_with_more_samples():
     y, p = noisy_predictions(60)
     small = alignment_summary([fake_trained(y, p, 3)], y, n_boot=500)

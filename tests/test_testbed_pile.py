@@ -161,6 +161,28 @@ def test_loaded_by_name(built):
         checkpoint_folder(TINY_NAME, "step3")
 
 
+def test_every_window_knows_its_document(built):
+    """The `document` column (the unit the alignment intervals resample): the EOS-delimited document
+    of the stream that holds the window; every window lies inside it."""
+    from mechmem.data import DOCUMENT, load_memorization_data
+    from mechmem.testbed.corpus import EOS
+    from mechmem.testbed.table import HELDOUT_ID_OFFSET
+    from tokenizers import Tokenizer
+
+    out, manifest, corpus = built
+    df = load_memorization_data(TINY_NAME, progress=False)
+    eos = Tokenizer.from_file(str(out / "work" / "corpus" / "tokenizer.json")).token_to_id(EOS)
+    streams = (corpus.train_stream, corpus.heldout_stream)
+    for seq, doc in zip(df["sequence_id"].to_numpy(), df[DOCUMENT].to_numpy()):
+        s, pos = divmod(int(seq), HELDOUT_ID_OFFSET)
+        assert doc // HELDOUT_ID_OFFSET == s
+        ends = np.flatnonzero(streams[s] == eos)
+        before = ends[doc % HELDOUT_ID_OFFSET - 1] if doc % HELDOUT_ID_OFFSET else -1
+        after = ends[doc % HELDOUT_ID_OFFSET] if doc % HELDOUT_ID_OFFSET < len(ends) else len(streams[s])
+        assert before < pos and pos + WINDOW <= after
+    assert df[DOCUMENT].nunique() < len(df)  # planted passages and patterns give several windows a document
+
+
 def test_the_final_checkpoint_by_its_bare_name_takes_its_own_labels(built):
     """`run_alignment.py --model testbed-pile --data testbed-pile`: both name the final checkpoint,
     so its labels are its own; an earlier checkpoint's table is refused in one line."""

@@ -117,23 +117,37 @@ def mean_min_f1(codes: Int[np.ndarray, "classifier draw sample"], n_classes: int
     return _prf(conf)[2].min(-1).mean(0)
 
 
+def weighted_mean_min_f1(codes: Int[np.ndarray, "classifier sample"], weights: Float[np.ndarray, "draw sample"],
+                         n_classes: int) -> Float[np.ndarray, " draw"]:
+    """`mean_min_f1` where each draw weighs the samples (how many times a resample took each one)."""
+    n_cls, n = codes.shape
+    b, k2 = len(weights), n_classes * n_classes
+    cells = codes[:, None, :] + (np.arange(n_cls * b) * k2).reshape(n_cls, b, 1)
+    w = np.broadcast_to(weights[None], (n_cls, b, n))
+    conf = np.bincount(cells.ravel(), weights=w.ravel(), minlength=n_cls * b * k2).reshape(n_cls, b, n_classes, n_classes)
+    return _prf(conf)[2].min(-1).mean(0)
+
+
 def alignment_summary(
     trained: Sequence[TrainedCNN],
     eval_labels: Int[Tensor, " eval"] | Int[np.ndarray, " eval"],
     n_boot: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict:
     """The taxonomy's alignment score (min F1 over classes, in percent, averaged over configs) and its neighbours.
 
     The confidence interval is a percentile bootstrap over eval samples: each resample draws eval indices
     with replacement and applies the same indices to every config's predictions, so it covers the
-    config-averaged score, not each config separately.
+    config-averaged score, not each config separately. With `groups` (one id per eval sample: the
+    source document) it resamples whole groups instead, the independent unit where overlapping
+    windows of one document are not independent samples.
     """
     if not trained:
         raise ValueError("alignment_summary needs at least one TrainedCNN")
     return score_summary([t.eval_logits for t in trained], eval_labels, n_boot, seed, confidence,
-                         names=[t.config.name for t in trained])
+                         names=[t.config.name for t in trained], groups=groups)
 
 
 def score_summary(
@@ -143,6 +157,7 @@ def score_summary(
     seed: int = 0,
     confidence: float = 0.95,
     names: Sequence[str] | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict:
     """`alignment_summary` for any classifiers' eval logits (the CNNs', a control's, the probe's)."""
     if not eval_logits:
@@ -162,7 +177,7 @@ def score_summary(
     def avg(attr: str, scale: float = 100.0) -> float:
         return scale * float(np.mean([getattr(m, attr) for m in ms]))
 
-    out = {"min_f1": avg("min_f1"), "mean_f1": avg("mean_f1"), "min_prec": avg("min_precision"),
+    out: dict = {"min_f1": avg("min_f1"), "mean_f1": avg("mean_f1"), "min_prec": avg("min_precision"),
            "mean_prec": avg("mean_precision"), "min_rec": avg("min_recall"), "mean_rec": avg("mean_recall"),
            "mean_eval_loss": avg("loss", 1.0)}
 
@@ -172,13 +187,23 @@ def score_summary(
     rng = np.random.default_rng(seed)
     stats = []
     chunk = max(1, 4_000_000 // (n_cfg * n))
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} eval samples")
+    group_of = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        stats.append(mean_min_f1(codes[:, rng.integers(0, n, size=(b, n))], K))  # (config, resample, sample)
+        if group_of is None:
+            stats.append(mean_min_f1(codes[:, rng.integers(0, n, size=(b, n))], K))  # (config, resample, sample)
+        else:  # each resample draws as many groups as there are, with replacement: weights = times drawn
+            n_groups = int(group_of.max()) + 1
+            drawn = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=b)  # (resample, group)
+            stats.append(weighted_mean_min_f1(codes, drawn[:, group_of].astype(np.float64), K))
     boot = 100 * np.concatenate(stats)
     alpha = (1 - confidence) / 2
     out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(boot, [100 * alpha, 100 * (1 - alpha)]))
     out["n_configs"], out["n_eval"] = n_cfg, n
+    if group_of is not None:  # else: samples, as always
+        out["interval_unit"] = f"documents ({int(group_of.max()) + 1})"
     return out
 
 

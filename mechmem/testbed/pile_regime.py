@@ -199,12 +199,20 @@ def stage_train(work: Path, out: Path, cfg: PileConfig, device: str, stop_after:
 
 # --------------------------------------------------------------------------- labels
 def window_table(corpus: Corpus, tokenizer) -> pd.DataFrame:
-    """What every checkpoint's table shares: the windows, their text and heuristics columns."""
+    """What every checkpoint's table shares: the windows, their document, text and heuristics columns."""
     from mechmem.testbed.table import HELDOUT_ID_OFFSET, add_text_columns
 
+    from mechmem.data import DOCUMENT
+
     w = corpus.windows
+    document = np.empty(len(w["position"]), dtype=np.int64)  # EOS-delimited document of each window
+    for s, stream in enumerate((corpus.train_stream, corpus.heldout_stream)):
+        ends = np.flatnonzero(stream == tokenizer.token_to_id(EOS))
+        at = w["stream"] == s
+        document[at] = HELDOUT_ID_OFFSET * s + np.searchsorted(ends, w["position"][at], side="right")
     base = pd.DataFrame({
         "sequence_id": w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64),
+        DOCUMENT: document,  # the alignment intervals resample these, not overlapping windows
         "tokens": list(corpus.window_tokens()),
         "planted_count": w["planted_count"], "source": w["source"], "family": w["family"],
     })

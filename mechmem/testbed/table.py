@@ -92,7 +92,7 @@ def add_text_columns(table: pd.DataFrame, tokenizer) -> pd.DataFrame:
 
 COLUMNS = ["sequence_id", "tokens", "text", "memorization_score", "sequence_duplicates", "is_incrementing",
            "is_repeating", "rouge_L_prefix_to_suffix", "rouge_3_prefix_to_suffix", "is_code", "in_training",
-           "planted_count", "source", "family", "greedy_suffix", "stream_duplicates"]
+           "planted_count", "source", "family", "greedy_suffix", "stream_duplicates", "document"]
 
 
 def write_table(table: pd.DataFrame, path) -> None:
