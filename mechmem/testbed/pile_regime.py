@@ -203,16 +203,13 @@ def window_table(corpus: Corpus, tokenizer) -> pd.DataFrame:
     from mechmem.testbed.table import HELDOUT_ID_OFFSET, add_text_columns
 
     from mechmem.data import DOCUMENT
+    from mechmem.testbed.table import document_ids
 
     w = corpus.windows
-    document = np.empty(len(w["position"]), dtype=np.int64)  # EOS-delimited document of each window
-    for s, stream in enumerate((corpus.train_stream, corpus.heldout_stream)):
-        ends = np.flatnonzero(stream == tokenizer.token_to_id(EOS))
-        at = w["stream"] == s
-        document[at] = HELDOUT_ID_OFFSET * s + np.searchsorted(ends, w["position"][at], side="right")
+    sequence_ids = w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64)
     base = pd.DataFrame({
-        "sequence_id": w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64),
-        DOCUMENT: document,  # the alignment intervals resample these, not overlapping windows
+        "sequence_id": sequence_ids,
+        DOCUMENT: document_ids(sequence_ids, (corpus.train_stream, corpus.heldout_stream), tokenizer.token_to_id(EOS)),
         "tokens": list(corpus.window_tokens()),
         "planted_count": w["planted_count"], "source": w["source"], "family": w["family"],
     })

@@ -59,6 +59,19 @@ def score_candidates(corpus: Corpus, greedy: np.ndarray, duplicates: np.ndarray 
     })
 
 
+def document_ids(sequence_ids: np.ndarray, streams: tuple[np.ndarray, np.ndarray], eos: int) -> np.ndarray:
+    """The EOS-delimited document of each window (`sequence_id`: its position in the training stream,
+    or 10**9 plus its position in the held-out one), numbered within its stream (held out: + 10**9).
+    The unit the alignment intervals resample: windows of one document are not independent."""
+    sequence_ids = np.asarray(sequence_ids, dtype=np.int64)
+    stream_of, position = np.divmod(sequence_ids, HELDOUT_ID_OFFSET)
+    out = np.empty(len(sequence_ids), dtype=np.int64)
+    for s, stream in enumerate(streams):
+        at = stream_of == s
+        out[at] = HELDOUT_ID_OFFSET * s + np.searchsorted(np.flatnonzero(stream == eos), position[at], side="right")
+    return out
+
+
 def select_rows(candidates: pd.DataFrame, cfg: TableConfig) -> pd.DataFrame:
     rng = np.random.default_rng(cfg.seed)
     keep = []
