@@ -8,7 +8,9 @@
 # Labels in bfloat16 (13 checkpoints in float32 would take some 7 of the session's 30 GPU minutes);
 # LABEL_DTYPE_CHECK=1: RUN_DIR/label_dtype.json then measures what that changed on the final
 # checkpoint against float32 (measured 2026-12-06: docs/results/pile_testbed/label_dtype.json).
-# GRID_SEEDS (default 3): training seeds of the grid's CNNs. TINY=1 DEVICE=cpu: the same at toy size on a CPU.
+# GRID_SEEDS: training seeds of the grid's CNNs (default 1, as the paper preset: 3 would not fit a
+# session's GPU time; the quick preset at the final checkpoint trains 3). TINY=1 DEVICE=cpu: the
+# same at toy size on a CPU.
 set -uo pipefail
 pack=$1
 run=$2
@@ -34,21 +36,26 @@ echo "== build exit $status after $((SECONDS - t0)) s"
 collect
 if [ $status -eq 0 ]; then
     # What the labels allow: the grid at 1000 + 500 a class where the headline taxonomy's smallest
-    # class has 1,500 samples (else two thirds and a third of it), and the checkpoint study on the
-    # last six checkpoints whose classes all hold the quick preset's 300 + 150.
-    read -r train_pc eval_pc revisions < <(python3 - "$cache/manifest.json" <<'PY'
+    # class has 1,500 samples (else two thirds and a third of it); the checkpoint study at the quick
+    # preset's 300 + 150 where the third-last checkpoint allows it (else two thirds and a third of its
+    # smallest class, if that is 40 + 20, else of the final's), on the last six checkpoints whose
+    # classes all hold that many.
+    read -r train_pc eval_pc ck_train ck_eval revisions < <(python3 - "$cache/manifest.json" <<'PY'
 import json, sys
 steps = json.load(open(sys.argv[1]))["checkpoints"]
 def smallest(info):
     counts = next(v for k, v in info["class_counts"].items() if k.startswith("Non-Memo, Guess, Others"))
     return min(counts.values())
-final = smallest(list(steps.values())[-1])
-train, held = (1000, 500) if final >= 1500 else (2 * (final // 3), final // 3)
-print(train, held, " ".join([s for s, info in steps.items() if smallest(info) >= 450][-6:]))
+def sizes(n, full):
+    return full if n >= sum(full) else (2 * (n // 3), n // 3)
+final, third_last = smallest(list(steps.values())[-1]), smallest(list(steps.values())[-3])
+grid, ck = sizes(final, (1000, 500)), sizes(third_last if third_last >= 60 else final, (300, 150))
+print(*grid, *ck, " ".join([s for s, info in steps.items() if smallest(info) >= sum(ck)][-6:]))
 PY
 )
-    echo "== study: $train_pc + $eval_pc a class; checkpoints: $revisions"
-    TRAIN_PER_CLASS=$train_pc EVAL_PER_CLASS=$eval_pc REVISIONS=$revisions GRID_SEEDS=${GRID_SEEDS:-3} \
+    echo "== study: grid $train_pc + $eval_pc a class; checkpoints $ck_train + $ck_eval: $revisions"
+    TRAIN_PER_CLASS=$train_pc EVAL_PER_CLASS=$eval_pc REVISIONS=$revisions GRID_SEEDS=${GRID_SEEDS:-1} \
+        CK_TRAIN_PER_CLASS=$ck_train CK_EVAL_PER_CLASS=$ck_eval \
         bash benchmarks/pile_study.sh "$run/study" "$name"
     status=$?
     collect

@@ -10,8 +10,9 @@
 #    against random heads (OUT/localize, OUT/ablate);
 # 3. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
 #    the membership index (OUT/monitor, benchmarks/monitor_eval.py);
-# 4. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some), each with the
-#    labels its build gave it (OUT/checkpoints, checkpoints.png: alignment across training).
+# 4. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some; CK_TRAIN_PER_CLASS,
+#    CK_EVAL_PER_CLASS its sizes, default 300 + 150), each with the labels its build gave it
+#    (OUT/checkpoints, checkpoints.png: alignment across training).
 # A step that fails is reported and the next one runs (the script then exits 1). After each step
 # OUT/summary.tgz holds every table, figure and row made so far (no features, CNNs or labels): small
 # enough to come back from a GPU machine.
@@ -44,6 +45,7 @@ step ablate python3 experiments/ablate_heads.py --localization "$out/localize" -
 step monitor python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
 # shellcheck disable=SC2086  # one word a revision
 step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \
-    --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev"
+    --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev" \
+    --train-per-class "${CK_TRAIN_PER_CLASS:-300}" --eval-per-class "${CK_EVAL_PER_CLASS:-150}"
 echo "wrote $out/summary.tgz ($(du -h "$out/summary.tgz" | cut -f1))"
 exit $failed
