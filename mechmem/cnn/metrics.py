@@ -178,8 +178,8 @@ def score_summary(
         return scale * float(np.mean([getattr(m, attr) for m in ms]))
 
     out: dict = {"min_f1": avg("min_f1"), "mean_f1": avg("mean_f1"), "min_prec": avg("min_precision"),
-           "mean_prec": avg("mean_precision"), "min_rec": avg("min_recall"), "mean_rec": avg("mean_recall"),
-           "mean_eval_loss": avg("loss", 1.0)}
+                 "mean_prec": avg("mean_precision"), "min_rec": avg("min_recall"), "mean_rec": avg("mean_recall"),
+                 "mean_eval_loss": avg("loss", 1.0)}
 
     # Bootstrap: confusion matrices of all resamples at once via one bincount per chunk of resamples.
     K, n, n_cfg = n_classes, len(y), len(eval_logits)
