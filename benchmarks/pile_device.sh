@@ -35,26 +35,12 @@ status=$?
 echo "== build exit $status after $((SECONDS - t0)) s"
 collect
 if [ $status -eq 0 ]; then
-    # What the labels allow: the grid at 1000 + 500 a class where the headline taxonomy's smallest
-    # class has 2,000 samples (else a half and a quarter of it: the last quarter stays held out for the
-    # ablation, which the first build could not run for want of it); the checkpoint study at the quick
-    # preset's 300 + 150 where the third-last checkpoint allows it (else two thirds and a third of its
-    # smallest class, if that is 40 + 20, else of the final's), on the last six checkpoints whose
-    # classes all hold that many.
-    read -r train_pc eval_pc ck_train ck_eval revisions < <(python3 - "$cache/manifest.json" <<'PY'
-import json, sys
-steps = json.load(open(sys.argv[1]))["checkpoints"]
-def smallest(info):
-    counts = next(v for k, v in info["class_counts"].items() if k.startswith("Non-Memo, Guess, Others"))
-    return min(counts.values())
-def sizes(n, full, spare=0):
-    return full if n >= sum(full) + spare else ((n // 2, n // 4) if spare else (2 * (n // 3), n // 3))
-final, third_last = smallest(list(steps.values())[-1]), smallest(list(steps.values())[-3])
-grid = sizes(final, (1000, 500), spare=500)
-ck = sizes(third_last if third_last >= 60 else final, (300, 150))
-print(*grid, *ck, " ".join([s for s, info in steps.items() if smallest(info) >= sum(ck)][-6:]))
-PY
-)
+    # What the labels allow (`pile_regime.study_sizes`: the grid leaves a quarter of the smallest
+    # class held out for the ablation; the checkpoint study is sized by the third-last checkpoint).
+    read -r train_pc eval_pc ck_train ck_eval revisions < <(python3 -c "import json, sys
+from mechmem.testbed.pile_regime import study_sizes
+s = study_sizes(json.load(open(sys.argv[1])))
+print(*s['grid'], *s['checkpoints'], ' '.join(s['revisions']))" "$cache/manifest.json")
     echo "== study: grid $train_pc + $eval_pc a class; checkpoints $ck_train + $ck_eval: $revisions"
     TRAIN_PER_CLASS=$train_pc EVAL_PER_CLASS=$eval_pc REVISIONS=$revisions GRID_SEEDS=${GRID_SEEDS:-1} \
         CK_TRAIN_PER_CLASS=$ck_train CK_EVAL_PER_CLASS=$ck_eval \

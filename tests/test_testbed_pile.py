@@ -296,3 +296,24 @@ def test_label_dtype_check_finds_every_changed_label(built, tmp_path):
     assert changed["continuation_differs"] == 5
     extractable = int((table["memorization_score"] == 1).sum())
     assert changed["extractable"]["again"] == extractable + int((table["memorization_score"].iloc[3:5] < 1).sum())
+
+
+def test_study_sizes_follow_what_the_labels_allow():
+    """The pile study's sizes from the manifest's class counts: the full sizes where the classes hold
+    them (the grid keeping 500 more held out), else shares of the smallest class; the checkpoint
+    study on the last six checkpoints that hold its sizes."""
+    from mechmem.testbed.pile_regime import study_sizes
+
+    def manifest(smallest_by_step):
+        return {"checkpoints": {f"step{s}": {"class_counts": {
+            "Non-Memo, Guess, Others (rho 0.5)": {"Non-Memo": 90000, "Guess": 5000, "Others": n},
+            "other_recite_reconstruct_recollect (t 5)": {"Non-Memo": 90000, "Recite": 1}}}
+            for s, n in smallest_by_step.items()}}
+
+    big = study_sizes(manifest({2**k: 600 * k for k in range(10)}))  # final 5400, third-last 4200
+    assert big == {"grid": (1000, 500), "checkpoints": (300, 150),
+                   "revisions": ["step16", "step32", "step64", "step128", "step256", "step512"]}
+    first_build = study_sizes(manifest({0: 0, 256: 0, 512: 0, 1024: 22, 1680: 189}))  # 2026-12-06
+    assert first_build == {"grid": (94, 47), "checkpoints": (126, 63), "revisions": ["step1680"]}
+    grown = study_sizes(manifest({512: 40, 1024: 300, 1680: 1200, 2048: 1900}))
+    assert grown == {"grid": (950, 475), "checkpoints": (200, 100), "revisions": ["step1024", "step1680", "step2048"]}

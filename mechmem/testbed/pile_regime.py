@@ -384,6 +384,32 @@ def checkpoint_figure(manifest: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the study's sizes
+HEADLINE = "Non-Memo, Guess, Others"
+
+
+def study_sizes(manifest: dict) -> dict:
+    """What the labels allow the study (`benchmarks/pile_device.sh`), from the manifest's class counts
+    of the headline taxonomy: the grid at 1000 + 500 a class where its smallest class holds 2,000
+    windows, else a half and a quarter of it (the last quarter stays held out for the ablation); the
+    checkpoint study at the quick preset's 300 + 150 where the third-last checkpoint allows it, else
+    two thirds and a third of that checkpoint's smallest class (of the final's, below 60), on the last
+    six checkpoints that hold that many."""
+    steps = manifest["checkpoints"]
+
+    def smallest(info: dict) -> int:
+        counts = next(v for k, v in info["class_counts"].items() if k.startswith(HEADLINE))
+        return min(counts.values())
+
+    order = list(steps.values())
+    final, third_last = smallest(order[-1]), smallest(order[-3] if len(order) >= 3 else order[0])
+    grid = (1000, 500) if final >= 2000 else (final // 2, final // 4)
+    n = third_last if third_last >= 60 else final
+    ck = (300, 150) if n >= 450 else (2 * (n // 3), n // 3)
+    revisions = [step for step, info in steps.items() if smallest(info) >= sum(ck)][-6:]
+    return {"grid": grid, "checkpoints": ck, "revisions": revisions}
+
+
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from mechmem.cli import Parser
