@@ -87,5 +87,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # bad input (no such run, row or checkpoint): one line, exit 2
+    from mechmem import cli
+
+    raise SystemExit(cli.main(f"benchmarks/{Path(__file__).name}", lambda argv: argv, main, sys.argv[1:]))
