@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from collections.abc import Sequence
@@ -190,7 +191,16 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
         groups.setdefault((len(row.class_names()), len(plan.splits[row][1])), []).append(row)
     with phase("probe"), phase("statistics"):
         statistics = attention_statistics(features) if cfg.probe and main else None
-    for (n_classes, _), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
+    # The probes need only the statistics and the splits: with the CNNs on a GPU they are fitted on
+    # the CPU's cores meanwhile (the same fits, so the same numbers), and the "probe/fit" phase is
+    # what is left to wait for.
+    background = ThreadPoolExecutor(1) if statistics is not None and _probes_in_background(cfg) else None
+    probe_jobs: dict[tuple[int, int], Future] = {}
+    if background is not None and statistics is not None:
+        for key, rows in groups.items():
+            tasks = [_store_task(plan.splits[row], positions) for row in rows]
+            probe_jobs[key] = background.submit(_probe_all, statistics, tasks, key[0], cfg, spare_core=True)
+    for (n_classes, n_train), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
         tasks = [_store_task(plan.splits[row], positions) for row in rows]
         by_seed, control_by_seed = [], []  # [seed][row] -> the row's CNNs (all configs on rank 0)
         for k in range(cfg.cnn_seeds):
@@ -210,12 +220,18 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
                                                          run.cnn_folder(row.slug, f"control{k or ''}"), dist)
                                             for row, row_cnns in zip(rows, mine[len(tasks):])])
         with phase("probe"), phase("fit"):
-            probes = _probe_all(statistics, tasks, n_classes, cfg) if statistics is not None else [None] * len(tasks)
+            probes: list[Tensor | None] = [None] * len(tasks)
+            if (n_classes, n_train) in probe_jobs:
+                probes = probe_jobs[(n_classes, n_train)].result()
+            elif statistics is not None:
+                probes = list(_probe_all(statistics, tasks, n_classes, cfg))
         for i, (row, task, probe) in enumerate(zip(rows, tasks, probes)):
             if main:
                 with phase("scoring"):
                     _write_row(out, df, row, [seed_cnns[i] for seed_cnns in by_seed],
                                [seed_cnns[i] for seed_cnns in control_by_seed], probe, task, plan.splits[row], cfg)
+    if background is not None:
+        background.shutdown()
     dist.barrier()  # rank 0 has written every row
     table = collect_table(out, [r for r in cfg.rows if r in plan.splits])
     if main:
@@ -244,13 +260,21 @@ def _probe_logits(statistics: np.ndarray, task: Task, n_classes: int, cfg: Align
     return train_probe(statistics, labels, train_idx, np.asarray(task.eval_idx), n_classes, seed=cfg.seed).eval_logits
 
 
-def _probe_all(statistics: np.ndarray, tasks: Sequence[Task], n_classes: int, cfg: AlignmentConfig) -> list[Tensor]:
+def _probes_in_background(cfg: AlignmentConfig) -> bool:
+    """Fit the probes while the CNNs train: where the CNNs train on a GPU (on a CPU both would share
+    its cores, and the run stays as it was)."""
+    return default_device(cfg.train.device).type == "cuda"
+
+
+def _probe_all(statistics: np.ndarray, tasks: Sequence[Task], n_classes: int, cfg: AlignmentConfig,
+               spare_core: bool = False) -> list[Tensor]:
     """The probes of a group's rows, fitted side by side on the CPU's cores (joblib, scikit-learn's
     own engine): one fit is single-threaded, and at Pythia-2.8b (1024 statistics, 12,800 samples) it
-    took 76 s on an H100 machine's CPU, more than the row's CNNs."""
+    took 76 s on an H100 machine's CPU, more than the row's CNNs. `spare_core`: one core left to the
+    process that drives the GPU meanwhile."""
     from joblib import Parallel, delayed
 
-    n_jobs = min(len(tasks), os.cpu_count() or 1)
+    n_jobs = min(len(tasks), max(1, (os.cpu_count() or 1) - spare_core))
     if n_jobs == 1:
         return [_probe_logits(statistics, task, n_classes, cfg) for task in tasks]
     return Parallel(n_jobs=n_jobs)(delayed(_probe_logits)(statistics, task, n_classes, cfg) for task in tasks)

@@ -90,6 +90,28 @@ def test_a_table_that_knows_its_documents_gets_intervals_over_documents(tmp_path
     assert "interval_unit" not in plain  # no document column: samples, as always (the effect: test_cnn)
 
 
+def test_probes_fitted_while_the_cnns_train_give_the_same_table(tmp_path, tiny_model, monkeypatch):
+    """With the CNNs on a GPU the probes are fitted meanwhile, in the background: the same fits, so
+    the same table (forced here on the CPU), and they did run in the background thread."""
+    import threading
+
+    df = synthetic_frame()
+    inline = al.run_alignment(tiny_model, df, small_config(), tmp_path / "inline", progress=False)
+    threads = []
+    fit = al._probe_all
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread() is not threading.main_thread())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(al, "_probes_in_background", lambda cfg: True)
+    monkeypatch.setattr(al, "_probe_all", spy)
+    meanwhile = al.run_alignment(tiny_model, df, small_config(), tmp_path / "meanwhile", progress=False)
+    assert threads and all(threads)
+    pd.testing.assert_frame_equal(meanwhile, inline)
+    assert meanwhile["min_f1_probe"].notna().all()
+
+
 def test_resuming_with_other_settings_is_refused_before_anything_is_touched(tmp_path, tiny_model):
     df = synthetic_frame()
     al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
