@@ -13,6 +13,7 @@
 # 4. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some; CK_TRAIN_PER_CLASS,
 #    CK_EVAL_PER_CLASS its sizes, default 300 + 150), each with the labels its build gave it
 #    (OUT/checkpoints, checkpoints.png: alignment across training).
+# GRID_TAXONOMIES="A;B": only these rows in the grid (a rehearsal's; default the paper's 54).
 # A step that fails is reported and the next one runs (the script then exits 1). After each step
 # OUT/summary.tgz holds every table, figure and row made so far (no features, CNNs or labels): small
 # enough to come back from a GPU machine.
@@ -23,6 +24,8 @@ dev=${DEVICE:-cuda}
 root="${MECHMEM_CACHE:-$HOME/.cache/mechmem}/$name/checkpoints"
 revisions=${REVISIONS:-$(ls "$root")}
 failed=0
+taxonomies=()
+if [ -n "${GRID_TAXONOMIES:-}" ]; then IFS=';' read -ra rows <<< "$GRID_TAXONOMIES"; taxonomies=(--taxonomies "${rows[@]}"); fi
 
 step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if it fails
     local label=$1 t0=$SECONDS
@@ -38,7 +41,7 @@ step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if i
 mkdir -p "$out"
 step grid python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
     --eval-per-class "${EVAL_PER_CLASS:-500}" --cnn-seeds "${GRID_SEEDS:-1}" \
-    --model "$name" --data "$name" --device "$dev" --quiet --out "$out/grid"
+    --model "$name" --data "$name" --device "$dev" --quiet --out "$out/grid" "${taxonomies[@]}"
 step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
     --device "$dev" --quiet --out "$out/localize"
 step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"

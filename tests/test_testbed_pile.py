@@ -317,3 +317,33 @@ def test_study_sizes_follow_what_the_labels_allow():
     assert first_build == {"grid": (94, 47), "checkpoints": (126, 63), "revisions": ["step1680"]}
     grown = study_sizes(manifest({512: 40, 1024: 300, 1680: 1200, 2048: 1900}))
     assert grown == {"grid": (950, 475), "checkpoints": (200, 100), "revisions": ["step1024", "step1680", "step2048"]}
+
+
+@pytest.mark.slow
+def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypatch):
+    """benchmarks/pile_study.sh end to end on the CPU (minutes): a tiny build trained long enough to
+    memorize, then the grid (two rows), localization, ablation, the monitor and the checkpoint study,
+    each leaving its outputs; a checkpoint without enough samples is skipped and recorded."""
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    monkeypatch.setenv("MECHMEM_CACHE", str(tmp_path / "cache"))
+    assert pile_regime.main(["--preset", "pile-regime", "--tiny", "--device", "cpu", "--steps", "3000"]) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "TRAIN_PER_CLASS": "30", "EVAL_PER_CLASS": "15",
+           "CK_TRAIN_PER_CLASS": "40", "CK_EVAL_PER_CLASS": "20", "REVISIONS": "step256 step3000",
+           "GRID_TAXONOMIES": "Non-Memo, Guess, Others;Non-Memo, Recite[50], Others"}
+    out = tmp_path / "study"
+    done = subprocess.run(["bash", str(root / "benchmarks" / "pile_study.sh"), str(out), TINY_NAME], env=env,
+                          cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    grid = pd.read_csv(out / "grid" / "alignment.csv")
+    assert set(grid["tax_name"]) == {"Non-Memo, Guess, Others", "Non-Memo, Recite[50], Others"}
+    assert grid["interval_unit"].str.startswith("documents").all()
+    for path in ("localize/heads.csv", "ablate/ablation.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"):
+        assert (out / path).stat().st_size > 0, path
+    assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
+    with tarfile.open(out / "summary.tgz") as tgz:
+        assert {"grid/alignment.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())
