@@ -6,7 +6,8 @@ For a finished alignment run on a testbed (its CNNs saved), each row's min F1 in
 twice from the saved eval logits, with the run's bootstrap settings: over eval windows (what the run
 reported) and over their source documents (`score_summary(groups=)`). The first testbed's table has no
 `document` column; its documents come from its training corpus (rebuilt and cached by
-`testbed.membership`), the EOS-delimited document each window sits in (`testbed.table.document_ids`).
+`testbed.membership`), the EOS-delimited document each window sits in (`testbed.table.document_ids`);
+a table that has the column (the second testbed's) gives its own.
 """
 
 from __future__ import annotations
@@ -54,29 +55,41 @@ def row_intervals(run: RunFolder, slug: str, df: pd.DataFrame, documents: dict[i
             "documents_low": docs["min_f1_ci_low"], "documents_high": docs["min_f1_ci_high"]}
 
 
-def main(argv=None) -> int:
-    from mechmem.testbed.corpus import EOS
-    from mechmem.testbed.membership import testbed_corpus
-    from mechmem.testbed.table import document_ids
+def documents_of(df: pd.DataFrame, data: str) -> dict[int, int]:
+    """Each sample's document by sequence id: the table's `document` column (the second testbed's),
+    else, for the first testbed, from its rebuilt training corpus and tokenizer."""
+    from mechmem.data import DOCUMENT
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--model", default="testbed", help="the testbed the run read ('testbed' or testbed-pile[@stepN])")
-    p.add_argument("--out", type=Path, required=True, help="a CSV, one line a row")
-    args = p.parse_args(argv)
-    run = RunFolder(args.run)
-    from mechmem.data import load_memorization_data
-
-    settings = run.raw_config()
-    df = load_memorization_data(settings.get("data", args.model), progress=False)
-    corpus = testbed_corpus(args.model)
+    if DOCUMENT in df.columns:
+        return dict(zip(df["sequence_id"].tolist(), df[DOCUMENT].tolist()))
+    if data != "testbed":
+        raise ValueError(f"the table {data!r} has no {DOCUMENT!r} column, and only the first testbed's "
+                         "documents can be rebuilt")
     from tokenizers import Tokenizer
 
     from mechmem.testbed import MODEL_DIR
+    from mechmem.testbed.corpus import EOS
+    from mechmem.testbed.membership import training_corpus
+    from mechmem.testbed.table import document_ids
+
+    corpus = training_corpus()
     eos = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json")).token_to_id(EOS)
+    ids = df["sequence_id"].to_numpy()
+    return dict(zip(ids.tolist(), document_ids(ids, (corpus.train_stream, corpus.heldout_stream), eos).tolist()))
+
+
+def main(argv=None) -> int:
+    from mechmem.data import load_memorization_data
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a CSV, one line a row")
+    args = p.parse_args(argv)
+    run = RunFolder(args.run)
+    settings = run.raw_config()
+    df = load_memorization_data(settings["data"], progress=False)
+    documents = documents_of(df, settings["data"])
     slugs = sorted(f.stem for f in run.rows_dir.glob("*.json"))
-    ids = np.unique(np.concatenate([run.split(s).eval_ids for s in slugs]))
-    documents = dict(zip(ids.tolist(), document_ids(ids, (corpus.train_stream, corpus.heldout_stream), eos).tolist()))
     cfg = settings["config"]
     table = pd.DataFrame([row_intervals(run, s, df, documents, cfg["n_boot"], cfg["seed"])
                           for s in slugs]).sort_values("min_f1", ascending=False)

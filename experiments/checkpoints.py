@@ -79,15 +79,14 @@ def _run_alignment(argv: list[str]) -> int:
 
 def run(args) -> int:
     import gc
+    import json
 
     import pandas as pd
 
-    import json
-
     from mechmem.atomic import atomic_json, atomic_write
-    from mechmem.run import SKIPPED
     from mechmem.data import check_vocab, load_memorization_data
     from mechmem.models import _resolve_dtype, load_model
+    from mechmem.run import SKIPPED
     from mechmem.tables.checkpoints import checkpoint_list, data_name, label_checkpoint, plot_min_f1, summarize
     from mechmem.tables.relabel import check_available
 

@@ -194,14 +194,14 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     # The probes need only the statistics and the splits: with the CNNs on a GPU they are fitted on
     # the CPU's cores meanwhile (the same fits, so the same numbers), and the "probe/fit" phase is
     # what is left to wait for.
+    group_tasks = {key: [_store_task(plan.splits[row], positions) for row in rows] for key, rows in groups.items()}
     background = ThreadPoolExecutor(1) if statistics is not None and _probes_in_background(cfg) else None
     probe_jobs: dict[tuple[int, int], Future] = {}
     if background is not None and statistics is not None:
-        for key, rows in groups.items():
-            tasks = [_store_task(plan.splits[row], positions) for row in rows]
+        for key, tasks in group_tasks.items():
             probe_jobs[key] = background.submit(_probe_all, statistics, tasks, key[0], cfg, spare_core=True)
     for (n_classes, n_train), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
-        tasks = [_store_task(plan.splits[row], positions) for row in rows]
+        tasks = group_tasks[(n_classes, n_train)]
         by_seed, control_by_seed = [], []  # [seed][row] -> the row's CNNs (all configs on rank 0)
         for k in range(cfg.cnn_seeds):
             train = replace(cfg.train, seed=cfg.train.seed + k)
@@ -444,10 +444,10 @@ def paper_agreement(table: pd.DataFrame) -> dict:
 
     out: dict = {"rows": int(len(table))}
     ranked = table.sort_values("min_f1", ascending=False).reset_index(drop=True)
-    if HEADLINE_ROW in set(ranked["tax_name"]):
-        out["headline_row"] = {"name": HEADLINE_ROW, "rank": int(ranked.index[ranked["tax_name"] == HEADLINE_ROW][0]) + 1,
-                               "of": int(len(ranked)), "min_f1": float(ranked.loc[ranked["tax_name"] == HEADLINE_ROW,
-                                                                                   "min_f1"].iloc[0])}
+    at = ranked.index[ranked["tax_name"] == HEADLINE_ROW]
+    if len(at):
+        out["headline_row"] = {"name": HEADLINE_ROW, "rank": int(at[0]) + 1, "of": int(len(ranked)),
+                               "min_f1": float(ranked.at[at[0], "min_f1"])}
     if "paper_12b_min_f1" in table:
         with_paper = table.dropna(subset=["paper_12b_min_f1"])
         for key, part in (("all", with_paper), ("3 classes", with_paper[with_paper["num_classes"] == 3]),

@@ -190,12 +190,12 @@ def score_summary(
     if groups is not None and len(groups) != n:
         raise ValueError(f"{len(groups)} groups for {n} eval samples")
     group_of = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    n_groups = 0 if group_of is None else int(group_of.max()) + 1
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         if group_of is None:
             stats.append(mean_min_f1(codes[:, rng.integers(0, n, size=(b, n))], K))  # (config, resample, sample)
         else:  # each resample draws as many groups as there are, with replacement: weights = times drawn
-            n_groups = int(group_of.max()) + 1
             drawn = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=b)  # (resample, group)
             stats.append(weighted_mean_min_f1(codes, drawn[:, group_of].astype(np.float64), K))
     boot = 100 * np.concatenate(stats)
@@ -203,7 +203,7 @@ def score_summary(
     out["min_f1_ci_low"], out["min_f1_ci_high"] = (float(v) for v in np.percentile(boot, [100 * alpha, 100 * (1 - alpha)]))
     out["n_configs"], out["n_eval"] = n_cfg, n
     if group_of is not None:  # else: samples, as always
-        out["interval_unit"] = f"documents ({int(group_of.max()) + 1})"
+        out["interval_unit"] = f"documents ({n_groups})"
     return out
 
 

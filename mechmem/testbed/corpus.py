@@ -250,19 +250,18 @@ def duplicated_windows(rng, stream: np.ndarray, starts: np.ndarray, lengths: np.
     "Others" of 96,996 windows). Copies are counted by hash here, only to pick the tier; the label
     stage counts them exactly.
     """
-    from mechmem.testbed.duplicates import window_hashes
+    from mechmem.testbed.duplicates import WindowIndex
 
-    hashes = window_hashes(stream, WINDOW)
-    order = np.argsort(hashes, kind="stable")
-    run_start = np.r_[True, hashes[order[1:]] != hashes[order[:-1]]]
-    run = np.cumsum(run_start) - 1
-    copies = np.empty(len(hashes), dtype=np.int64)
-    copies[order] = np.bincount(run)[run]
-    inside = np.zeros(len(hashes), dtype=bool)  # window starts inside one of the documents
+    index = WindowIndex(stream, WINDOW)  # every window hashed and sorted once
+    run = np.cumsum(np.r_[True, index.sorted_hashes[1:] != index.sorted_hashes[:-1]]) - 1
+    content = np.empty(len(run), dtype=np.int64)  # each position's window, as a number per distinct hash
+    content[index.order] = run
+    copies = np.bincount(run)[content]
+    inside = np.zeros(len(content), dtype=bool)  # window starts inside one of the documents
     for a, length in zip(starts, lengths):
         inside[a:a + max(length - WINDOW + 1, 0)] = True
     cand = np.flatnonzero(inside & (copies >= 2))
-    _, first = np.unique(hashes[cand], return_index=True)  # one position per distinct window
+    _, first = np.unique(content[cand], return_index=True)  # one position per distinct window
     cand = cand[np.sort(first)]
     by_start = np.argsort(starts, kind="stable")
     doc = np.searchsorted(starts[by_start], cand, side="right") - 1

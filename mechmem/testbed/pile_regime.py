@@ -385,9 +385,6 @@ def checkpoint_figure(manifest: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the study's sizes
-HEADLINE = "Non-Memo, Guess, Others"
-
-
 def study_sizes(manifest: dict) -> dict:
     """What the labels allow the study (`benchmarks/pile_device.sh`), from the manifest's class counts
     of the headline taxonomy: the grid at 1000 + 500 a class where its smallest class holds 2,000
@@ -395,10 +392,12 @@ def study_sizes(manifest: dict) -> dict:
     checkpoint study at the quick preset's 300 + 150 where the third-last checkpoint allows it, else
     two thirds and a third of that checkpoint's smallest class (of the final's, below 60), on the last
     six checkpoints that hold that many."""
+    from mechmem.alignment import HEADLINE_ROW
+
     steps = manifest["checkpoints"]
 
     def smallest(info: dict) -> int:
-        counts = next(v for k, v in info["class_counts"].items() if k.startswith(HEADLINE))
+        counts = next(v for k, v in info["class_counts"].items() if k.startswith(HEADLINE_ROW))
         return min(counts.values())
 
     order = list(steps.values())
