@@ -8,11 +8,12 @@
 #    CNN against probe);
 # 2. localization of "Non-Memo, Guess, Others" on the grid's CNNs and ablation of its top heads
 #    against random heads (OUT/localize, OUT/ablate);
-# 3. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
-#    the membership index (OUT/monitor, benchmarks/monitor_eval.py);
-# 4. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some; CK_TRAIN_PER_CLASS,
+# 3. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some; CK_TRAIN_PER_CLASS,
 #    CK_EVAL_PER_CLASS its sizes, default 300 + 150), each with the labels its build gave it
-#    (OUT/checkpoints, checkpoints.png: alignment across training).
+#    (OUT/checkpoints, checkpoints.png: alignment across training);
+# 4. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
+#    the membership index (OUT/monitor, benchmarks/monitor_eval.py): last, the longest step (~3 min on
+#    an H100) and the one a short GPU session can best leave out.
 # GRID_TAXONOMIES="A;B": only these rows in the grid (a rehearsal's; default the paper's 54).
 # A step that fails is reported and the next one runs (the script then exits 1). After each step
 # OUT/summary.tgz holds every table, figure and row made so far (no features, CNNs or labels): small
@@ -45,10 +46,10 @@ step grid python3 experiments/run_alignment.py --grid paper --train-per-class "$
 step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
     --device "$dev" --quiet --out "$out/localize"
 step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
-step monitor python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
 # shellcheck disable=SC2086  # one word a revision
 step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \
     --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev" \
     --train-per-class "${CK_TRAIN_PER_CLASS:-300}" --eval-per-class "${CK_EVAL_PER_CLASS:-150}"
+step monitor python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
 echo "wrote $out/summary.tgz ($(du -h "$out/summary.tgz" | cut -f1))"
 exit $failed
