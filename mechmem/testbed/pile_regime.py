@@ -247,7 +247,7 @@ def label_checkpoint(folder: Path, base: pd.DataFrame, occurrences: tuple[np.nda
     table["stream_duplicates"] = counts_before(*occurrences, len(table))
     table["sequence_duplicates"] = counts_before(*occurrences, len(table), before)
     table["in_training"] = table["sequence_duplicates"].to_numpy() > 0
-    atomic_write(folder / TABLE_FILE, lambda p: write_table(table, p))  # a killed call leaves no half table
+    atomic_write(folder / TABLE_FILE, lambda p: write_table(table, p, compression_level=3))  # no half table if killed
     return table
 
 

@@ -108,7 +108,10 @@ COLUMNS = ["sequence_id", "tokens", "text", "memorization_score", "sequence_dupl
            "planted_count", "source", "family", "greedy_suffix", "stream_duplicates", "document"]
 
 
-def write_table(table: pd.DataFrame, path) -> None:
+def write_table(table: pd.DataFrame, path, compression_level: int = 19) -> None:
+    """The table's published columns as parquet. zstd level 19 keeps the shipped testbed's bytes (and its
+    manifest's hashes) as they were; a build that writes a table per checkpoint passes a low level
+    (3: 0.9 s against 16 s for 138,420 windows, 6% larger)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,4 +119,5 @@ def write_table(table: pd.DataFrame, path) -> None:
     t = table[cols].copy()
     for c in ("tokens", "greedy_suffix"):
         t[c] = [np.asarray(x, dtype=np.int64) for x in t[c]]
-    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), path, compression="zstd", compression_level=19)
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), path, compression="zstd",
+                   compression_level=compression_level)
