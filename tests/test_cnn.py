@@ -83,6 +83,33 @@ def test_stack_matches_members():
         _CNNStack([AttentionCNN(3, 4, CNNConfig(kernel_size=6)), AttentionCNN(3, 4, CNNConfig(kernel_size=8))])
 
 
+def test_stack_reads_a_shared_transform_of_its_scaled_inputs():
+    """What the fleet feeds its stacks (inputs scaled, and on the FFT path transformed, once for all
+    stacks): the same output as the stack scaling and transforming its own inputs, bit for bit; a
+    Spectrum's members picked out equal the transform of those members' inputs."""
+    from mechmem.cnn.model import Spectrum, scale_input
+
+    torch.manual_seed(0)
+    members = [AttentionCNN(3, 4, CNNConfig(pooling=p), input_scaling="log-pixel") for p in POOLS]
+    for m in members:
+        m.scale.mean.normal_()
+        m.scale.std.uniform_(0.5, 2)
+    stack = _CNNStack(members).eval()
+    stack.fft = True
+    x = torch.rand(5, 2 * 3, 64, 64)
+    scaled = scale_input(x, stack.scale_mean, stack.scale_std, log=True)
+    out = stack(x)
+    assert torch.equal(stack(scaled, scaled=True), out)
+    assert torch.equal(stack(Spectrum.of(scaled)), out)
+    assert not torch.equal(stack(x, scaled=True), out)  # (unscaled inputs are another thing)
+    picked = Spectrum.of(scaled).select(torch.tensor([1]), 2)
+    torch.testing.assert_close(picked.freq, Spectrum.of(scaled[:, 3:]).freq, rtol=0, atol=1e-5)
+    assert picked.size == (64, 64)
+    stack.fft = False
+    with pytest.raises(ValueError, match="FFT path"):
+        stack(Spectrum.of(scaled))
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

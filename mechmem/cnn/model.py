@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from jaxtyping import Float
+from jaxtyping import Complex, Float
 from torch import Tensor, nn
 
 from mechmem.cnn.config import CNNConfig, INPUT_SCALINGS, LOG_EPS
@@ -80,9 +81,32 @@ def fft_conv2d(x: Float[Tensor, "batch group_in h w"], weight: Float[Tensor, "gr
     Float32 inside (also under bf16 autocast); it agrees with the direct convolution to float
     rounding (about 1e-6 relative), not bit for bit.
     """
-    _, _, h, w = x.shape
+    return spectrum_conv2d(Spectrum.of(x), weight, bias, groups)
+
+
+class Spectrum(NamedTuple):
+    """rfft2 of a convolution's input, with the input's height and width: the fleet transforms the
+    scaled inputs once a step for all stacks that read them (`_CNNStack.forward` takes it in place of x)."""
+
+    freq: Complex[Tensor, "batch channel h f"]
+    size: tuple[int, int]
+
+    @classmethod
+    def of(cls, x: Float[Tensor, "batch channel h w"]) -> Spectrum:
+        return cls(torch.fft.rfft2(x.float()), (x.shape[-2], x.shape[-1]))
+
+    def select(self, index: Tensor, n_members: int) -> Spectrum:
+        """The members `index` of a spectrum whose channels are "(member ...)" over `n_members`."""
+        freq = self.freq.transpose(0, 1)
+        return Spectrum(select(freq, index, n_members).transpose(0, 1), self.size)
+
+
+def spectrum_conv2d(x: Spectrum, weight: Float[Tensor, "group_out c_in k k"], bias: Float[Tensor, " group_out"],
+                    groups: int) -> Float[Tensor, "batch group_out h_out w_out"]:
+    """`fft_conv2d` from its input's spectrum."""
+    h, w = x.size
     n_out, n_in, k, _ = weight.shape
-    xf = torch.fft.rfft2(x.float()).unflatten(1, (groups, n_in))
+    xf = x.freq.unflatten(1, (groups, n_in))
     wf = torch.fft.rfft2(weight.float(), s=(h, w)).unflatten(0, (groups, n_out // groups))
     # Circular cross-correlation is X * conj(W) per frequency; its first h-k+1 rows and columns never wrap.
     yf = einsum(xf, wf.conj(), "b g i h f, g o i h f -> b g o h f")
@@ -231,24 +255,36 @@ class _CNNStack(nn.Module):
             u[g].uniform_(generator=generator)
         return x * rearrange(u >= self.p, "g b c ... -> b (g c) ...") / (1 - self.p)
 
-    def forward(self, x: Float[Tensor, "batch member_layer query key"]) -> Float[Tensor, "batch member class"]:
-        if self.input_scaling != "raw":
-            x = scale_input(x, self.scale_mean, self.scale_std, self.log)
-        for name, kind in LAYERS:
+    def forward(self, x: Float[Tensor, "batch member_layer query key"] | Spectrum, scaled: bool = False
+                ) -> Float[Tensor, "batch member class"]:
+        """x: the members' inputs; `scaled`: already scaled by the members' statistics. A `Spectrum`
+        (of scaled inputs, FFT path only) stands for x where the caller transformed the inputs once
+        for several stacks; the output is the same."""
+        h: Tensor
+        if isinstance(x, Spectrum):  # the first convolution from the caller's transform
+            if not self.fft:
+                raise ValueError("a Spectrum input needs the FFT path (stack.fft)")
+            (first, _), *rest = LAYERS
+            conv = getattr(self, first)
+            h, layers = spectrum_conv2d(x, conv.weight, conv.bias, conv.groups), tuple(rest)
+        else:
+            raw = scaled or self.input_scaling == "raw"
+            h, layers = x if raw else scale_input(x, self.scale_mean, self.scale_std, self.log), LAYERS
+        for name, kind in layers:
             if kind == "conv":
                 conv = getattr(self, name)
-                x = fft_conv2d(x, conv.weight, conv.bias, conv.groups) if self.fft else conv(x)
+                h = fft_conv2d(h, conv.weight, conv.bias, conv.groups) if self.fft else conv(h)
             elif kind == "linear":
-                x = einsum(x, getattr(self, f"{name}_w"), "b g i, g o i -> b g o") + getattr(self, f"{name}_b")
+                h = einsum(h, getattr(self, f"{name}_w"), "b g i, g o i -> b g o") + getattr(self, f"{name}_b")
             elif kind == "relu":
-                x = F.relu(x)
+                h = F.relu(h)
             elif kind == "dropout":
-                x = self._dropout(x)
+                h = self._dropout(h)
             elif kind == "pool":
-                x = F.max_pool2d(x, 2)
+                h = F.max_pool2d(h, 2)
             elif kind == "flatten":
-                x = rearrange(x, "b (g c) h w -> b g (c h w)", g=self.n_members)
-        return x
+                h = rearrange(h, "b (g c) h w -> b g (c h w)", g=self.n_members)
+        return h
 
     def keep(self, members: Sequence[int]) -> Tensor:
         """Keep only these members (positions, in this order), dropping the others' compute.

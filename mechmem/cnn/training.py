@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mechmem.cnn.config import _config_seed, CNNConfig, LOG_EPS, QUICK_GRID, SCALE_EPS, TrainConfig
 from mechmem.cnn.metrics import TrainedCNN, _as_labels, classification_metrics
-from mechmem.cnn.model import _CNNStack, AttentionCNN, feature_side, select
+from mechmem.cnn.model import _CNNStack, AttentionCNN, Spectrum, feature_side, scale_input, select
 from mechmem.timing import phase
 
 logger = logging.getLogger(__name__)
@@ -507,23 +507,52 @@ class _Fleet:
         return sum(not m.stopped for m in self.members)
 
     def _reindex(self) -> None:
-        """Each stack's members' tasks and the positions of their pools in the input, on the device
-        (copied once here, never in a step)."""
-        setup = self.setup
-        self.indices: list[tuple[Tensor, Tensor]] = []
-        for ids in self.stack_ids:
-            members = [self.members[k] for k in ids]
-            self.indices.append((
-                torch.tensor([m.task for m in members], device=setup.device),
-                torch.tensor([setup.used_pools.index(setup.pools.index(setup.configs[m.config].pooling))
-                              for m in members], device=setup.device)))
+        """Where each stack's members read their inputs, on the device (copied once here, never in a step).
 
-    def _run(self, s: int, x: Tensor) -> Float[Tensor, "batch member class"]:
-        """x: (task, batch, pool, layer, q, k) -> each member of stack s reads its task's batch and its pool."""
-        tasks, pools = self.indices[s]
+        The inputs are the (task, pool) pairs some member reads, the "sources"; every stack's members
+        pick theirs from them. The fleet scales the sources (and on the FFT path transforms them) once
+        a step for all stacks: the paper's 8 configs are 4 shapes, so 4 stacks read the same inputs
+        and would each scale and transform them (a quarter of a 2.8b step, benchmarks/README.md).
+        """
+        setup = self.setup
+        member_sources = [[(m.task, setup.used_pools.index(setup.pools.index(setup.configs[m.config].pooling)))
+                           for m in (self.members[k] for k in ids)] for ids in self.stack_ids]
+        self.member_tasks = [torch.tensor([t for t, _ in srcs], device=setup.device) for srcs in member_sources]
+        sources = sorted({src for srcs in member_sources for src in srcs})
+        where = {src: i for i, src in enumerate(sources)}
+        self.sources = (torch.tensor([t for t, _ in sources], device=setup.device),
+                        torch.tensor([p for _, p in sources], device=setup.device))
+        # Each stack's members as positions among the sources; None where they are all of them in order
+        # (the usual case before any CNN stops): the stack then reads the shared input as it is.
+        self.picks: list[Tensor | None] = []
+        for srcs in member_sources:
+            pick = [where[src] for src in srcs]
+            self.picks.append(None if pick == list(range(len(sources)))
+                              else torch.tensor(pick, device=setup.device))
+        self.source_stats: tuple[Tensor, Tensor] | None = None
+        if setup.train.input_scaling != "raw" and sources:  # "(source layer) query key", as a stack's buffers
+            stats = [setup.stats[t] for t, _ in sources]
+            assert all(st is not None for st in stats)  # _Setup.of: every task has them when scaling
+            self.source_stats = (torch.cat([st[0][p] for st, (_, p) in zip(stats, sources)]),  # type: ignore[index]
+                                 torch.cat([st[1][p] for st, (_, p) in zip(stats, sources)]))  # type: ignore[index]
+
+    def _inputs(self, x: Float[Tensor, "task batch pool layer query key"]) -> Tensor | Spectrum:
+        """The sources' inputs, scaled by their tasks' statistics, transformed on the FFT path: once a
+        step for every stack."""
+        tasks, pools = self.sources
         x = rearrange(x[tasks, :, pools], "g b l q k -> b (g l) q k").contiguous(memory_format=self.memory_format)
+        if self.source_stats is not None:
+            x = scale_input(x, *self.source_stats, str(self.setup.train.input_scaling).startswith("log"))
+        return Spectrum.of(x) if self.fft else x
+
+    def _run(self, s: int, inputs: Tensor | Spectrum) -> Float[Tensor, "batch member class"]:
+        """Stack s on its members' inputs, picked from the shared ones (`_inputs`)."""
+        pick, n = self.picks[s], len(self.sources[0])
+        if pick is not None:
+            inputs = inputs.select(pick, n) if isinstance(inputs, Spectrum) else select(
+                inputs.transpose(0, 1), pick, n).transpose(0, 1).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.setup.device.type, dtype=torch.bfloat16, enabled=self.setup.train.precision == "bf16"):
-            return self.stacks[s](x).float()
+            return self.stacks[s](inputs, scaled=True).float()
 
     def _read_tasks(self, idx: np.ndarray, idx_dev: Tensor) -> Float[Tensor, "task batch pool layer query key"]:
         return self.read(idx.reshape(-1), idx_dev.reshape(-1)).unflatten(0, idx.shape)
@@ -539,12 +568,12 @@ class _Fleet:
         totals = [torch.zeros(st.n_members, device=setup.device) for st in self.stacks]
         for start in range(0, n_fit, batch):
             idx, idx_dev = perm[:, start:start + batch], perm_dev[:, start:start + batch]
-            x = self._read_tasks(idx, idx_dev)
+            inputs = self._inputs(self._read_tasks(idx, idx_dev))
             y = self.labels_dev.gather(1, idx_dev)  # (task, batch)
             loss = torch.zeros((), device=setup.device)
             for s in range(len(self.stacks)):
-                logits = self._run(s, x)  # (b, g, class)
-                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[self.indices[s][0]].T,
+                logits = self._run(s, inputs)  # (b, g, class)
+                member_loss = F.cross_entropy(rearrange(logits, "b g c -> b c g"), y[self.member_tasks[s]].T,
                                               reduction="none").mean(0)
                 loss = loss + member_loss.sum()  # each CNN's parameters only see its own loss
                 totals[s] += member_loss.detach() * idx.shape[1]
@@ -571,9 +600,9 @@ class _Fleet:
             # evaluation then cost half as much as training (H100, benchmarks/README.md).
             step = max(setup.train.batch_size or 1, setup.train.eval_batch_size // n_tasks)
             for start in range(0, n, step):
-                x = self._read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step])
+                inputs = self._inputs(self._read_tasks(mat[:, start:start + step], mat_dev[:, start:start + step]))
                 for s in range(len(self.stacks)):
-                    out[s].append(self._run(s, x).cpu())
+                    out[s].append(self._run(s, inputs).cpu())
         return [torch.cat(o) for o in out]
 
     def validate(self, epoch: int) -> None:
