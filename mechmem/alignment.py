@@ -271,10 +271,14 @@ def _probe_all(statistics: np.ndarray, tasks: Sequence[Task], n_classes: int, cf
     """The probes of a group's rows, fitted side by side on the CPU's cores (joblib, scikit-learn's
     own engine): one fit is single-threaded, and at Pythia-2.8b (1024 statistics, 12,800 samples) it
     took 76 s on an H100 machine's CPU, more than the row's CNNs. `spare_core`: one core left to the
-    process that drives the GPU meanwhile."""
+    process that drives the GPU meanwhile, and the fits in worker processes even for one row: a fit
+    in a thread of this process competed for its interpreter lock and cores, and slowed the CNN steps
+    of a one-row group 1.9x (H100, benchmarks/README.md)."""
     from joblib import Parallel, delayed
 
     n_jobs = min(len(tasks), max(1, (os.cpu_count() or 1) - spare_core))
+    if spare_core:
+        n_jobs = max(n_jobs, 2)  # joblib runs n_jobs=1 in this process
     if n_jobs == 1:
         return [_probe_logits(statistics, task, n_classes, cfg) for task in tasks]
     return Parallel(n_jobs=n_jobs)(delayed(_probe_logits)(statistics, task, n_classes, cfg) for task in tasks)

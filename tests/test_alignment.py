@@ -92,11 +92,23 @@ def test_a_table_that_knows_its_documents_gets_intervals_over_documents(tmp_path
 
 def test_probes_fitted_while_the_cnns_train_give_the_same_table(tmp_path, tiny_model, monkeypatch):
     """With the CNNs on a GPU the probes are fitted meanwhile, in the background: the same fits, so
-    the same table (forced here on the CPU), and they did run in the background thread."""
+    the same table (forced here on the CPU), and they did run in the background thread, in worker
+    processes (a fit in this process slows the GPU's driver thread)."""
     import threading
+
+    import joblib
+
+    workers = []
+    real_parallel = joblib.Parallel
+
+    class SpyParallel(real_parallel):  # type: ignore[misc, valid-type]
+        def __init__(self, n_jobs=None, **kwargs):
+            workers.append(n_jobs)
+            super().__init__(n_jobs=n_jobs, **kwargs)
 
     df = synthetic_frame()
     inline = al.run_alignment(tiny_model, df, small_config(), tmp_path / "inline", progress=False)
+    monkeypatch.setattr(joblib, "Parallel", SpyParallel)
     threads = []
     fit = al._probe_all
 
@@ -108,6 +120,7 @@ def test_probes_fitted_while_the_cnns_train_give_the_same_table(tmp_path, tiny_m
     monkeypatch.setattr(al, "_probe_all", spy)
     meanwhile = al.run_alignment(tiny_model, df, small_config(), tmp_path / "meanwhile", progress=False)
     assert threads and all(threads)
+    assert workers and min(workers) >= 2  # never joblib's in-process n_jobs=1
     pd.testing.assert_frame_equal(meanwhile, inline)
     assert meanwhile["min_f1_probe"].notna().all()
 
