@@ -512,7 +512,7 @@ class _Fleet:
         The inputs are the (task, pool) pairs some member reads, the "sources"; every stack's members
         pick theirs from them. The fleet scales the sources (and on the FFT path transforms them) once
         a step for all stacks: the paper's 8 configs are 4 shapes, so 4 stacks read the same inputs
-        and would each scale and transform them (a quarter of a 2.8b step, benchmarks/README.md).
+        and would each scale and transform them (by its profile, roughly a quarter of a 2.8b step).
         """
         setup = self.setup
         member_sources = [[(m.task, setup.used_pools.index(setup.pools.index(setup.configs[m.config].pooling)))
