@@ -347,3 +347,37 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
     with tarfile.open(out / "summary.tgz") as tgz:
         assert {"grid/alignment.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())
+    report = subprocess.run(["python3", str(root / "benchmarks" / "pile_report.py"), str(out), "--first", "none"],
+                            cwd=root, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| **Non-Memo, Guess, Others** |" in report.stdout and "| taxonomy | step3000 |" in report.stdout
+
+
+def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
+    """benchmarks/pile_report.py on the first GPU study's shipped files (laid out as pile_study.sh
+    writes them): the figures the testbed page quotes, the first testbed beside them; missing parts
+    are said so, a missing grid is one line and exit 2."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pile_report", root / "benchmarks" / "pile_report.py")
+    pile_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pile_report)
+    shipped = root / "docs" / "results" / "pile_testbed"
+    study = tmp_path / "study"
+    shutil.copytree(shipped / "grid", study / "grid")
+    shutil.copytree(shipped / "monitor", study / "monitor")
+    assert pile_report.main([str(study)]) == 0
+    text = capsys.readouterr().out
+    assert ("| **Non-Memo, Guess, Others** | 87.5 [82.5, 91.3] | 88.1 | 36.5 | 30.3 | 61.8 [59.1, 64.2] (13 of 26) "
+            "| 65.7 | 89.2 |") in text
+    assert "the first testbed over the same 5 rows: -0.60 (p = 0.28)" in text
+    assert "Spearman with the paper's 12B figures, all: 0.60 (p = 0.28, 5 rows)" in text
+    assert "recited vs not, confidence (mean log-prob): AUROC 0.836 [0.761, 0.901]" in text
+    assert "untrained CNNs (initialisations): AUROC mean 0.813" in text
+    assert "the checkpoint study did not run" in text
+    shutil.rmtree(study / "grid")
+    assert pile_report.main([str(study)]) == 2
+    assert "no " in capsys.readouterr().err

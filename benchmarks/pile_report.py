@@ -1,0 +1,132 @@
+"""The second testbed's study as the Markdown its report quotes, beside the first testbed and the paper.
+
+    python benchmarks/pile_report.py docs/results/pile_testbed/study [--first docs/results/testbed_grid_paper_converged]
+
+Reads what `benchmarks/pile_study.sh` wrote (grid/alignment.csv, grid/paper_agreement.json,
+monitor/metrics.csv, checkpoints/checkpoints_min_f1.csv; a missing part is said so) and prints:
+the grid's feasible rows with interval, probe, null, control, the first testbed's score on the same
+row (its interval, rank among its rows, probe) and the paper's 12B figure; the headline row's rank,
+Spearman with the paper (this testbed, and the first testbed over the same rows), CNN against probe;
+the monitor's AUROCs; min F1 across checkpoints. The interpretation stays the report's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADLINE = "Non-Memo, Guess, Others"
+
+
+def _ci(row: pd.Series, key: str = "min_f1") -> str:
+    return f"{row[key]:.1f} [{row[f'{key}_ci_low']:.1f}, {row[f'{key}_ci_high']:.1f}]"
+
+
+def grid_table(grid: pd.DataFrame, first: pd.DataFrame | None) -> list[str]:
+    head = "| taxonomy | this testbed | probe | null p95 | control |"
+    rule = "|---|---|---|---|---|"
+    if first is not None:
+        head += " first testbed | its probe |"
+        rule += "---|---|"
+        first = first.assign(rank=first["min_f1"].rank(ascending=False, method="min").astype(int)).set_index("tax_name")
+    lines = [head + " paper 12B |", rule + "---|"]
+    for _, r in grid.sort_values("min_f1", ascending=False).iterrows():
+        name = f"**{r.tax_name}**" if r.tax_name == HEADLINE else r.tax_name
+        cells = [name, _ci(r), f"{r.min_f1_probe:.1f}", f"{r.min_f1_null_p95:.1f}", f"{r.min_f1_control:.1f}"]
+        if first is not None:
+            if r.tax_name in first.index:
+                f = first.loc[r.tax_name]
+                cells += [f"{_ci(f)} ({f['rank']} of {len(first)})", f"{f.min_f1_probe:.1f}"]
+            else:
+                cells += ["-", "-"]
+        paper = r.get("paper_12b_min_f1")
+        cells.append("-" if pd.isna(paper) else f"{paper:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def agreement(study: Path, grid: pd.DataFrame, first: pd.DataFrame | None) -> list[str]:
+    path = study / "grid" / "paper_agreement.json"
+    if not path.exists():
+        return [f"- no {path.relative_to(study)}"]
+    a = json.loads(path.read_text())
+    h = a["headline_row"]
+    lines = [f"- \"{h['name']}\": {h['min_f1']:.1f}, {h['rank']} of {h['of']} rows" if h.get("rank")
+             else f"- \"{HEADLINE}\": not among the feasible rows"]
+    for scope, s in a["spearman_with_paper_12b"].items():
+        lines.append(f"- Spearman with the paper's 12B figures, {scope}: {s['rho']:.2f} (p = {s['p']:.2f}, {s['rows']} rows)")
+    if first is not None:
+        both = grid.merge(first, on="tax_name", suffixes=("", "_first")).dropna(subset=["paper_12b_min_f1"])
+        if len(both) >= 3:
+            rho, p = spearmanr(both["min_f1_first"], both["paper_12b_min_f1"])
+            lines.append(f"- the first testbed over the same {len(both)} rows: {rho:.2f} (p = {p:.2f})")
+    c = a["cnn_vs_probe"]
+    lines.append(f"- CNN at or above the probe on {c['cnn_at_or_above_probe']} of {c['rows']} rows, above the "
+                 f"probe's interval on {c['cnn_above_probe_interval']}; the probe above the CNN's interval on "
+                 f"{c['probe_above_cnn_interval']}")
+    return lines
+
+
+def monitor(study: Path) -> list[str]:
+    path = study / "monitor" / "metrics.csv"
+    if not path.exists():
+        return ["- the monitor did not run (no monitor/metrics.csv)"]
+    m = pd.read_csv(path)
+
+    def interval(text) -> str:
+        low, high = (float(v) for v in str(text).strip("()").split(","))
+        return f"[{low:.3f}, {high:.3f}]"
+
+    lines = [f"- {r.question}, {r.method}: AUROC {r.auroc:.3f} {interval(r.auroc_ci)} ({r.n} stretches, "
+             f"{r.positives} positive)" for r in m[m["kind"].isna()].itertuples()]
+    for (question, kind), part in m[m["kind"].notna()].groupby(["question", "kind"], sort=False):
+        lines.append(f"- {question}, {kind}: AUROC mean {part.auroc.mean():.3f}, {part.auroc.min():.3f} to "
+                     f"{part.auroc.max():.3f} over {len(part)}")
+    return lines
+
+
+def checkpoints(study: Path) -> list[str]:
+    path = study / "checkpoints" / "checkpoints_min_f1.csv"
+    if not path.exists():
+        return ["- the checkpoint study did not run (no checkpoints/checkpoints_min_f1.csv)"]
+    table = pd.read_csv(path).set_index("tax_name")
+    lines = ["| taxonomy | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
+    for name, row in table.iterrows():
+        lines.append(f"| {name} | " + " | ".join("-" if pd.isna(v) else f"{v:.1f}" for v in row) + " |")
+    skipped = study / "checkpoints" / "skipped_checkpoints.json"
+    if skipped.exists():
+        lines.append(f"\nSkipped checkpoints: {skipped.read_text().strip()}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("study", type=Path, help="what pile_study.sh wrote (its grid/, monitor/, checkpoints/)")
+    p.add_argument("--first", type=Path, default=ROOT / "docs/results/testbed_grid_paper_converged",
+                   help="the first testbed's grid run (its alignment.csv); 'none' to leave it out")
+    args = p.parse_args(argv)
+    grid_csv = args.study / "grid" / "alignment.csv"
+    if not grid_csv.exists():
+        print(f"pile_report.py: no {grid_csv} (give the folder pile_study.sh wrote)", file=sys.stderr)
+        return 2
+    first = None
+    if str(args.first) != "none":
+        if not (args.first / "alignment.csv").exists():
+            print(f"pile_report.py: no {args.first / 'alignment.csv'}", file=sys.stderr)
+            return 2
+        first = pd.read_csv(args.first / "alignment.csv")
+    grid = pd.read_csv(grid_csv)
+    out = ["**Grid**", "", *grid_table(grid, first), "", *agreement(args.study, grid, first), "",
+           "**Monitor**", "", *monitor(args.study), "", "**Checkpoints** (min F1)", "", *checkpoints(args.study)]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
