@@ -56,17 +56,22 @@ def agreement(study: Path, grid: pd.DataFrame, first: pd.DataFrame | None) -> li
     if not path.exists():
         return [f"- no {path.relative_to(study)}"]
     a = json.loads(path.read_text())
-    h = a["headline_row"]
-    lines = [f"- \"{h['name']}\": {h['min_f1']:.1f}, {h['rank']} of {h['of']} rows" if h.get("rank")
+    h = a.get("headline_row")
+    lines = [f"- \"{h['name']}\": {h['min_f1']:.1f}, {h['rank']} of {h['of']} rows" if h
              else f"- \"{HEADLINE}\": not among the feasible rows"]
-    for scope, s in a["spearman_with_paper_12b"].items():
+    spearman = a.get("spearman_with_paper_12b", {})  # (only where 3 rows or more have the paper's figure)
+    if not spearman:
+        lines.append("- Spearman with the paper's 12B figures: fewer than 3 rows")
+    for scope, s in spearman.items():
         lines.append(f"- Spearman with the paper's 12B figures, {scope}: {s['rho']:.2f} (p = {s['p']:.2f}, {s['rows']} rows)")
     if first is not None:
         both = grid.merge(first, on="tax_name", suffixes=("", "_first")).dropna(subset=["paper_12b_min_f1"])
         if len(both) >= 3:
             rho, p = spearmanr(both["min_f1_first"], both["paper_12b_min_f1"])
             lines.append(f"- the first testbed over the same {len(both)} rows: {rho:.2f} (p = {p:.2f})")
-    c = a["cnn_vs_probe"]
+    c = a.get("cnn_vs_probe")
+    if c is None:
+        return lines + ["- no probe in this run"]
     lines.append(f"- CNN at or above the probe on {c['cnn_at_or_above_probe']} of {c['rows']} rows, above the "
                  f"probe's interval on {c['cnn_above_probe_interval']}; the probe above the CNN's interval on "
                  f"{c['probe_above_cnn_interval']}")

@@ -378,6 +378,12 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     assert "recited vs not, confidence (mean log-prob): AUROC 0.836 [0.761, 0.901]" in text
     assert "untrained CNNs (initialisations): AUROC mean 0.813" in text
     assert "the checkpoint study did not run" in text
+    # A rehearsal's two rows: no Spearman (fewer than 3 rows), no probe, no headline row.
+    (study / "grid" / "paper_agreement.json").write_text(json.dumps({"rows": 2}))
+    assert pile_report.main([str(study), "--first", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "fewer than 3 rows" in text and "no probe in this run" in text and "not among the feasible rows" in text
+    assert "first testbed" not in text
     shutil.rmtree(study / "grid")
     assert pile_report.main([str(study)]) == 2
     assert "no " in capsys.readouterr().err
