@@ -272,8 +272,8 @@ def _probe_all(statistics: np.ndarray, tasks: Sequence[Task], n_classes: int, cf
     own engine): one fit is single-threaded, and at Pythia-2.8b (1024 statistics, 12,800 samples) it
     took 76 s on an H100 machine's CPU, more than the row's CNNs. `spare_core`: one core left to the
     process that drives the GPU meanwhile, and the fits in worker processes even for one row: a fit
-    in a thread of this process competed for its interpreter lock and cores, and slowed the CNN steps
-    of a one-row group 1.9x (H100, benchmarks/README.md)."""
+    in a thread of this process competes for its interpreter lock and cores (beside one, a one-row
+    group's CNN phase took 1.9x as long, H100, benchmarks/README.md)."""
     from joblib import Parallel, delayed
 
     n_jobs = min(len(tasks), max(1, (os.cpu_count() or 1) - spare_core))
