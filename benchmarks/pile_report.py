@@ -3,11 +3,12 @@
     python benchmarks/pile_report.py docs/results/pile_testbed/study [--first docs/results/testbed_grid_paper_converged]
 
 Reads what `benchmarks/pile_study.sh` wrote (grid/alignment.csv, grid/paper_agreement.json,
-monitor/metrics.csv, checkpoints/checkpoints_min_f1.csv; a missing part is said so) and prints:
+seeds/alignment.csv, monitor/metrics.csv, checkpoints/checkpoints_min_f1.csv; a missing part is said
+so) and prints:
 the grid's feasible rows with interval, probe, null, control, the first testbed's score on the same
 row (its interval, rank among its rows, probe) and the paper's 12B figure; the headline row's rank,
 Spearman with the paper (this testbed, and the first testbed over the same rows), CNN against probe;
-the monitor's AUROCs; min F1 across checkpoints. The interpretation stays the report's own.
+the seed spread of the rows trained again with several seeds; the monitor's AUROCs; min F1 across checkpoints. The interpretation stays the report's own.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def agreement(study: Path, grid: pd.DataFrame, first: pd.DataFrame | None) -> li
     return lines
 
 
+def seeds(study: Path) -> list[str]:
+    path = study / "seeds" / "alignment.csv"
+    if not path.exists():
+        return ["- no seed spread (no seeds/alignment.csv: pile_study.sh's seeds step did not run)"]
+    table = pd.read_csv(path)
+    if "min_f1_seed_sd" not in table:
+        return ["- seeds/alignment.csv has no seed spread (trained with one seed)"]
+    settings = study / "seeds" / "settings.json"
+    n = json.loads(settings.read_text()).get("cnn_seeds", "?") if settings.exists() else "?"
+    return [f"- {r.tax_name}: {_ci(r)} over {n} training seeds, seed sd {r.min_f1_seed_sd:.1f}"
+            for _, r in table.iterrows()]
+
+
 def monitor(study: Path) -> list[str]:
     path = study / "monitor" / "metrics.csv"
     if not path.exists():
@@ -128,6 +142,7 @@ def main(argv=None) -> int:
         first = pd.read_csv(args.first / "alignment.csv")
     grid = pd.read_csv(grid_csv)
     out = ["**Grid**", "", *grid_table(grid, first), "", *agreement(args.study, grid, first), "",
+           "**Seed spread**", "", *seeds(args.study), "",
            "**Monitor**", "", *monitor(args.study), "", "**Checkpoints** (min F1)", "", *checkpoints(args.study)]
     print("\n".join(out))
     return 0

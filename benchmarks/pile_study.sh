@@ -8,6 +8,8 @@
 #    CNN against probe);
 # 2. localization of "Non-Memo, Guess, Others" on the grid's CNNs and ablation of its top heads
 #    against random heads (OUT/localize, OUT/ablate);
+# 2b. the seed spread the grid (one seed) lacks: SEED_TAXONOMIES ("A;B", default the headline row) again
+#    with SEEDS training seeds (default 3) at the grid's sizes (OUT/seeds; skipped when GRID_SEEDS >= 3);
 # 3. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some; CK_TRAIN_PER_CLASS,
 #    CK_EVAL_PER_CLASS its sizes, default 300 + 150), each with the labels its build gave it
 #    (OUT/checkpoints, checkpoints.png: alignment across training);
@@ -34,7 +36,7 @@ step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if i
     echo "== $label"
     if "$@"; then echo "== $label done in $((SECONDS - t0)) s"; else echo "== $label FAILED after $((SECONDS - t0)) s"; failed=1; fi
     local parts=()
-    for d in grid localize ablate monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
+    for d in grid localize ablate seeds monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
     tar czf "$out/summary.tgz.part" --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
         --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$out/summary.tgz.part" "$out/summary.tgz"
 }
@@ -46,6 +48,12 @@ step grid python3 experiments/run_alignment.py --grid paper --train-per-class "$
 step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
     --device "$dev" --quiet --out "$out/localize"
 step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
+if [ "${GRID_SEEDS:-1}" -lt 3 ]; then
+    IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
+    step seeds python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
+        --eval-per-class "${EVAL_PER_CLASS:-500}" --cnn-seeds "${SEEDS:-3}" \
+        --model "$name" --data "$name" --device "$dev" --quiet --out "$out/seeds" --taxonomies "${seed_rows[@]}"
+fi
 # shellcheck disable=SC2086  # one word a revision
 step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \
     --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev" \

@@ -322,8 +322,9 @@ def test_study_sizes_follow_what_the_labels_allow():
 @pytest.mark.slow
 def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypatch):
     """benchmarks/pile_study.sh end to end on the CPU (minutes): a tiny build trained long enough to
-    memorize, then the grid (two rows), localization, ablation, the monitor and the checkpoint study,
-    each leaving its outputs; a checkpoint without enough samples is skipped and recorded."""
+    memorize, then the grid (two rows), localization, ablation, the headline row again with two seeds,
+    the checkpoint study and the monitor, each leaving its outputs; a checkpoint without enough
+    samples is skipped and recorded; pile_report.py reads it all."""
     import os
     import subprocess
     import tarfile
@@ -333,7 +334,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert pile_regime.main(["--preset", "pile-regime", "--tiny", "--device", "cpu", "--steps", "3000"]) == 0
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DEVICE": "cpu", "TRAIN_PER_CLASS": "30", "EVAL_PER_CLASS": "15",
-           "CK_TRAIN_PER_CLASS": "40", "CK_EVAL_PER_CLASS": "20", "REVISIONS": "step256 step3000",
+           "CK_TRAIN_PER_CLASS": "40", "CK_EVAL_PER_CLASS": "20", "REVISIONS": "step256 step3000", "SEEDS": "2",
            "GRID_TAXONOMIES": "Non-Memo, Guess, Others;Non-Memo, Recite[50], Others"}
     out = tmp_path / "study"
     done = subprocess.run(["bash", str(root / "benchmarks" / "pile_study.sh"), str(out), TINY_NAME], env=env,
@@ -344,6 +345,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert grid["interval_unit"].str.startswith("documents").all()
     for path in ("localize/heads.csv", "ablate/ablation.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"):
         assert (out / path).stat().st_size > 0, path
+    assert pd.read_csv(out / "seeds" / "alignment.csv")["min_f1_seed_sd"].notna().all()  # the headline row, 2 seeds
     assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
     with tarfile.open(out / "summary.tgz") as tgz:
         assert {"grid/alignment.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())
@@ -351,6 +353,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
                             cwd=root, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| **Non-Memo, Guess, Others** |" in report.stdout and "| taxonomy | step3000 |" in report.stdout
+    assert "over 2 training seeds, seed sd" in report.stdout
 
 
 def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
@@ -377,7 +380,13 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     assert "Spearman with the paper's 12B figures, all: 0.60 (p = 0.28, 5 rows)" in text
     assert "recited vs not, confidence (mean log-prob): AUROC 0.836 [0.761, 0.901]" in text
     assert "untrained CNNs (initialisations): AUROC mean 0.813" in text
-    assert "the checkpoint study did not run" in text
+    assert "the checkpoint study did not run" in text and "no seed spread" in text
+    quick = root / "docs" / "results" / "testbed_quick"  # a run with three training seeds
+    (study / "seeds").mkdir()
+    for name in ("alignment.csv", "settings.json"):
+        shutil.copy(quick / name, study / "seeds" / name)
+    assert pile_report.main([str(study)]) == 0
+    assert "- Non-Memo, Guess, Others: 62.3 [57.1, 66.7] over 3 training seeds, seed sd 2.4" in capsys.readouterr().out
     # A rehearsal's two rows: no Spearman (fewer than 3 rows), no probe, no headline row.
     (study / "grid" / "paper_agreement.json").write_text(json.dumps({"rows": 2}))
     assert pile_report.main([str(study), "--first", "none"]) == 0
