@@ -41,18 +41,22 @@ step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if i
         --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$out/summary.tgz.part" "$out/summary.tgz"
 }
 
+alignment() {  # alignment DIR SEEDS [--taxonomies ...]: the paper's grid on the final checkpoint into OUT/DIR
+    local dir=$1 seeds=$2
+    shift 2
+    python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
+        --eval-per-class "${EVAL_PER_CLASS:-500}" --cnn-seeds "$seeds" \
+        --model "$name" --data "$name" --device "$dev" --quiet --out "$out/$dir" "$@"
+}
+
 mkdir -p "$out"
-step grid python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
-    --eval-per-class "${EVAL_PER_CLASS:-500}" --cnn-seeds "${GRID_SEEDS:-1}" \
-    --model "$name" --data "$name" --device "$dev" --quiet --out "$out/grid" "${taxonomies[@]}"
+step grid alignment grid "${GRID_SEEDS:-1}" "${taxonomies[@]}"
 step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
     --device "$dev" --quiet --out "$out/localize"
 step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
 if [ "${GRID_SEEDS:-1}" -lt 3 ]; then
     IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
-    step seeds python3 experiments/run_alignment.py --grid paper --train-per-class "${TRAIN_PER_CLASS:-1000}" \
-        --eval-per-class "${EVAL_PER_CLASS:-500}" --cnn-seeds "${SEEDS:-3}" \
-        --model "$name" --data "$name" --device "$dev" --quiet --out "$out/seeds" --taxonomies "${seed_rows[@]}"
+    step seeds alignment seeds "${SEEDS:-3}" --taxonomies "${seed_rows[@]}"
 fi
 # shellcheck disable=SC2086  # one word a revision
 step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \

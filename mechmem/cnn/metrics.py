@@ -106,26 +106,24 @@ def classification_metrics(
     return ClassMetrics(*_prf(confusion), confusion=confusion, loss=loss)
 
 
-def mean_min_f1(codes: Int[np.ndarray, "classifier draw sample"], n_classes: int) -> Float[np.ndarray, " draw"]:
+def mean_min_f1(codes: Int[np.ndarray, "classifier draw sample"], n_classes: int,
+                weights: Float[np.ndarray, "classifier draw sample"] | None = None) -> Float[np.ndarray, " draw"]:
     """Min F1 over classes, averaged over classifiers, for many draws at once (bootstrap resamples,
     label permutations). `codes` holds true * n_classes + predicted per sample: one bincount gives
-    every confusion matrix."""
+    every confusion matrix; `weights` count each sample that many times."""
     n_cls, b, _ = codes.shape
     k2 = n_classes * n_classes
     cells = codes + (np.arange(n_cls * b) * k2).reshape(n_cls, b, 1)
-    conf = np.bincount(cells.ravel(), minlength=n_cls * b * k2).reshape(n_cls, b, n_classes, n_classes)
+    conf = np.bincount(cells.ravel(), weights=None if weights is None else weights.ravel(),
+                       minlength=n_cls * b * k2).reshape(n_cls, b, n_classes, n_classes)
     return _prf(conf)[2].min(-1).mean(0)
 
 
 def weighted_mean_min_f1(codes: Int[np.ndarray, "classifier sample"], weights: Float[np.ndarray, "draw sample"],
                          n_classes: int) -> Float[np.ndarray, " draw"]:
-    """`mean_min_f1` where each draw weighs the samples (how many times a resample took each one)."""
-    n_cls, n = codes.shape
-    b, k2 = len(weights), n_classes * n_classes
-    cells = codes[:, None, :] + (np.arange(n_cls * b) * k2).reshape(n_cls, b, 1)
-    w = np.broadcast_to(weights[None], (n_cls, b, n))
-    conf = np.bincount(cells.ravel(), weights=w.ravel(), minlength=n_cls * b * k2).reshape(n_cls, b, n_classes, n_classes)
-    return _prf(conf)[2].min(-1).mean(0)
+    """`mean_min_f1` where each draw weighs the same samples (how many times a resample took each one)."""
+    shape = (codes.shape[0], len(weights), codes.shape[1])
+    return mean_min_f1(np.broadcast_to(codes[:, None], shape), n_classes, np.broadcast_to(weights[None], shape))
 
 
 def alignment_summary(

@@ -97,8 +97,7 @@ class Spectrum(NamedTuple):
 
     def select(self, index: Tensor, n_members: int) -> Spectrum:
         """The members `index` of a spectrum whose channels are "(member ...)" over `n_members`."""
-        freq = self.freq.transpose(0, 1)
-        return Spectrum(select(freq, index, n_members).transpose(0, 1), self.size)
+        return Spectrum(select_channels(self.freq, index, n_members), self.size)
 
 
 def spectrum_conv2d(x: Spectrum, weight: Float[Tensor, "group_out c_in k k"], bias: Float[Tensor, " group_out"],
@@ -333,3 +332,8 @@ class _CNNStack(nn.Module):
 def select(t: Tensor, index: Tensor, n_members: int) -> Tensor:
     """The members `index` of a tensor whose first axis is "(member ...)" over `n_members` members."""
     return t.unflatten(0, (n_members, -1))[index].flatten(0, 1).contiguous()
+
+
+def select_channels(t: Tensor, index: Tensor, n_members: int) -> Tensor:
+    """`select` along the second axis: the members `index` of a batch whose channels are "(member ...)"."""
+    return t.unflatten(1, (n_members, -1))[:, index].flatten(1, 2)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from mechmem.cnn.config import _config_seed, CNNConfig, LOG_EPS, QUICK_GRID, SCALE_EPS, TrainConfig
 from mechmem.cnn.metrics import TrainedCNN, _as_labels, classification_metrics
-from mechmem.cnn.model import _CNNStack, AttentionCNN, Spectrum, feature_side, scale_input, select
+from mechmem.cnn.model import (_CNNStack, AttentionCNN, Spectrum, feature_side, scale_input, select,
+                                select_channels)
 from mechmem.timing import phase
 
 logger = logging.getLogger(__name__)
@@ -549,8 +550,8 @@ class _Fleet:
         """Stack s on its members' inputs, picked from the shared ones (`_inputs`)."""
         pick, n = self.picks[s], len(self.sources[0])
         if pick is not None:
-            inputs = inputs.select(pick, n) if isinstance(inputs, Spectrum) else select(
-                inputs.transpose(0, 1), pick, n).transpose(0, 1).contiguous(memory_format=self.memory_format)
+            inputs = inputs.select(pick, n) if isinstance(inputs, Spectrum) else select_channels(
+                inputs, pick, n).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.setup.device.type, dtype=torch.bfloat16, enabled=self.setup.train.precision == "bf16"):
             return self.stacks[s](inputs, scaled=True).float()
 
