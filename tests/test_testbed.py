@@ -221,6 +221,29 @@ def test_count_windows_survives_hash_collisions(monkeypatch):
                                   [truth[tuple(q)] for q in queries])
 
 
+def test_stable_argsort_is_numpys_stable_argsort():
+    """Many ties (the repeated windows), no ties, one key, none: the same indices as numpy's stable sort."""
+    rng = np.random.default_rng(2)
+    for keys in (rng.integers(0, 50, 5000).astype(np.uint64), rng.permutation(1000).astype(np.uint64),
+                 np.full(7, 3, dtype=np.uint64), np.zeros(1, dtype=np.uint64), np.zeros(0, dtype=np.uint64)):
+        np.testing.assert_array_equal(duplicates.stable_argsort(keys), np.argsort(keys, kind="stable"))
+
+
+def test_window_index_finds_every_occurrence_under_collisions(monkeypatch):
+    """Base 0 hashes every window to its last token: the index still returns exactly the true
+    (query, position) pairs, in the order of the stable sort."""
+    monkeypatch.setattr(duplicates, "_BASE", 0)
+    rng = np.random.default_rng(3)
+    stream = rng.integers(0, 3, 400).astype(np.uint16)
+    queries = np.stack([stream[p:p + 4] for p in range(0, 300, 11)])
+    rows, positions = duplicates.WindowIndex(stream, 4).occurrences(queries, progress=False)
+    truth = {(q, p) for q in range(len(queries)) for p in range(len(stream) - 3)
+             if (stream[p:p + 4] == queries[q]).all()}
+    assert set(zip(rows.tolist(), positions.tolist())) == truth and len(rows) == len(truth)
+    for q in range(len(queries)):  # positions of one query ascending: ties kept in stream order
+        assert (np.diff(positions[rows == q]) > 0).all()
+
+
 TIERS = ((2, 5, 1000), (6, 50, 1000), (51, 1000, 1000), (1001, 10**9, 1000))
 
 

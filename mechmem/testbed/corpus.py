@@ -208,10 +208,11 @@ class Corpus:
 
 def encode(tokenizer, texts: list[str], chunk: int = 2048) -> list[np.ndarray]:
     """Token ids of each text (uint16), encoded in chunks: a full Encoding per document (tokens,
-    offsets, masks) of a 100M-token corpus would take tens of GB."""
+    offsets, masks) of a 100M-token corpus would take tens of GB. `encode_batch_fast` skips the
+    offsets: the same ids, a fifth less time."""
     out = []
     for a in range(0, len(texts), chunk):
-        out += [np.asarray(e.ids, dtype=np.uint16) for e in tokenizer.encode_batch(texts[a:a + chunk])]
+        out += [np.asarray(e.ids, dtype=np.uint16) for e in tokenizer.encode_batch_fast(texts[a:a + chunk])]
     return out
 
 
