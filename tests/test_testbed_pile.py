@@ -1,8 +1,10 @@
 """The second testbed end to end at toy size on the CPU (`--tiny`): corpus pack, one ordered pass,
 log-spaced checkpoints as Hugging Face folders with their own true labels, manifest, loading by name."""
 
+import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -276,7 +278,6 @@ def test_label_dtype_check_finds_every_changed_label(built, tmp_path):
     """benchmarks/label_dtype.py: decoding the final checkpoint again in float32 (as the tiny build
     labelled it) changes nothing; a table whose labels were changed is caught window by window."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "label_dtype.py"
     spec = importlib.util.spec_from_file_location("label_dtype", path)
@@ -319,6 +320,31 @@ def test_study_sizes_follow_what_the_labels_allow():
     assert grown == {"grid": (950, 475), "checkpoints": (200, 100), "revisions": ["step1024", "step1680", "step2048"]}
 
 
+def test_the_waiting_call_mirrors_results_and_stops_when_the_job_is_done(tmp_path):
+    """benchmarks/pile_wait.sh: results and the log land in OUT while the job runs; it returns at once
+    when RUN/done exists, and after SECONDS when not."""
+    import subprocess
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pile_wait.sh"
+    run, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "run.log"
+    (run / "study").mkdir(parents=True)
+    (run / "results.tgz").write_bytes(b"build")
+    (run / "study" / "summary.tgz").write_bytes(b"study")
+    log.write_text("== train\rstep 1 3.2 it/s\rstep 2\n== label done in 27 s\n")
+    t0 = time.monotonic()
+    waited = subprocess.run(["bash", str(script), str(run), str(log), str(out), "1"], capture_output=True, text=True)
+    assert waited.returncode == 0 and "job still running" in waited.stdout and "== label done in 27 s" in waited.stdout
+    assert (out / "results.tgz").read_bytes() == b"build" and (out / "summary.tgz").read_bytes() == b"study"
+    assert gzip.decompress((out / "run.log.gz").read_bytes()) == log.read_bytes()
+    (run / "results.tgz").write_bytes(b"build, then study")
+    (run / "done").write_text("0\n")
+    done = subprocess.run(["bash", str(script), str(run), str(log), str(out), "600"], capture_output=True, text=True)
+    assert done.returncode == 0 and "job done, exit 0" in done.stdout and time.monotonic() - t0 < 60
+    assert (out / "results.tgz").read_bytes() == b"build, then study"
+    assert subprocess.run(["bash", str(script), str(run)], capture_output=True).returncode == 2
+
+
 @pytest.mark.slow
 def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypatch):
     """benchmarks/pile_study.sh end to end on the CPU (minutes): a tiny build trained long enough to
@@ -328,7 +354,6 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     import os
     import subprocess
     import tarfile
-    from pathlib import Path
 
     monkeypatch.setenv("MECHMEM_CACHE", str(tmp_path / "cache"))
     assert pile_regime.main(["--preset", "pile-regime", "--tiny", "--device", "cpu", "--steps", "3000"]) == 0
@@ -362,7 +387,6 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     are said so, a missing grid is one line and exit 2."""
     import importlib.util
     import shutil
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("pile_report", root / "benchmarks" / "pile_report.py")
