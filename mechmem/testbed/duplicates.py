@@ -31,8 +31,9 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     equal = ranked[1:] == ranked[:-1]
     tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])  # sorted slots in a run of >= 2
     if len(tied):
-        run = np.cumsum(np.r_[True, ranked[tied][1:] != ranked[tied][:-1]])
-        order[tied] = order[tied][np.argsort(run * len(keys) + order[tied])]
+        slots, tied_keys = order[tied], ranked[tied]
+        run = np.cumsum(np.r_[True, tied_keys[1:] != tied_keys[:-1]])
+        order[tied] = slots[np.argsort(run * len(keys) + slots)]
     return order
 
 
