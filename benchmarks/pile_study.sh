@@ -14,9 +14,11 @@
 #    CK_EVAL_PER_CLASS its sizes, default 300 + 150), each with the labels its build gave it
 #    (OUT/checkpoints, checkpoints.png: alignment across training);
 # 4. the regurgitation monitor on held-out prompts of this testbed, against the model's confidence and
-#    the membership index (OUT/monitor, benchmarks/monitor_eval.py): last, the longest step (~3 min on
-#    an H100) and the one a short GPU session can best leave out.
+#    the membership index (OUT/monitor, benchmarks/monitor_eval.py): the longest step (~3 min on an
+#    H100), after the checkpoints in their lane.
 # GRID_TAXONOMIES="A;B": only these rows in the grid (a rehearsal's; default the paper's 54).
+# After the grid, two lanes run side by side on the one GPU (each step is mostly launch-bound, so the
+# GPU has room for two): 2 and 2b in one, 3 then 4 in the other.
 # A step that fails is reported and the next one runs (the script then exits 1). After each step
 # OUT/summary.tgz holds every table, figure and row made so far (no features, CNNs or labels): small
 # enough to come back from a GPU machine.
@@ -35,10 +37,15 @@ step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if i
     shift
     echo "== $label"
     if "$@"; then echo "== $label done in $((SECONDS - t0)) s"; else echo "== $label FAILED after $((SECONDS - t0)) s"; failed=1; fi
-    local parts=()
+    summary
+}
+
+summary() {  # OUT/summary.tgz from what is there now (a part file per process: the lanes write it too)
+    local parts=() part="$out/summary.tgz.part.$BASHPID"
     for d in grid localize ablate seeds monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
-    tar czf "$out/summary.tgz.part" --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
-        --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$out/summary.tgz.part" "$out/summary.tgz"
+    tar czf "$part" --warning=no-file-changed --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
+        --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$part" "$out/summary.tgz"
+    rm -f "$part"
 }
 
 alignment() {  # alignment DIR SEEDS [--taxonomies ...]: the paper's grid on the final checkpoint into OUT/DIR
@@ -51,17 +58,28 @@ alignment() {  # alignment DIR SEEDS [--taxonomies ...]: the paper's grid on the
 
 mkdir -p "$out"
 step grid alignment grid "${GRID_SEEDS:-1}" "${taxonomies[@]}"
-step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
-    --device "$dev" --quiet --out "$out/localize"
-step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
-if [ "${GRID_SEEDS:-1}" -lt 3 ]; then
-    IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
-    step seeds alignment seeds "${SEEDS:-3}" --taxonomies "${seed_rows[@]}"
-fi
-# shellcheck disable=SC2086  # one word a revision
-step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \
-    --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev" \
-    --train-per-class "${CK_TRAIN_PER_CLASS:-300}" --eval-per-class "${CK_EVAL_PER_CLASS:-150}"
-step monitor python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
+(   # lane 1
+    step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
+        --device "$dev" --quiet --out "$out/localize"
+    step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
+    if [ "${GRID_SEEDS:-1}" -lt 3 ]; then
+        IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
+        step seeds alignment seeds "${SEEDS:-3}" --taxonomies "${seed_rows[@]}"
+    fi
+    exit $failed
+) &
+lane1=$!
+(   # lane 2
+    # shellcheck disable=SC2086  # one word a revision
+    step checkpoints python3 experiments/checkpoints.py --model "$name" --revisions $revisions --data "$name@{revision}" \
+        --device "$dev" --quiet --out "$out/checkpoints" -- --device "$dev" \
+        --train-per-class "${CK_TRAIN_PER_CLASS:-300}" --eval-per-class "${CK_EVAL_PER_CLASS:-150}"
+    step monitor python3 benchmarks/monitor_eval.py --model "$name" --run "$out/grid" --device "$dev" --out "$out/monitor"
+    exit $failed
+) &
+lane2=$!
+wait $lane1 || failed=1
+wait $lane2 || failed=1
+summary
 echo "wrote $out/summary.tgz ($(du -h "$out/summary.tgz" | cut -f1))"
 exit $failed

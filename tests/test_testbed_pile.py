@@ -349,7 +349,7 @@ def test_the_waiting_call_mirrors_results_and_stops_when_the_job_is_done(tmp_pat
 def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypatch):
     """benchmarks/pile_study.sh end to end on the CPU (minutes): a tiny build trained long enough to
     memorize, then the grid (two rows), localization, ablation, the headline row again with two seeds,
-    the checkpoint study and the monitor, each leaving its outputs; a checkpoint without enough
+    the checkpoint study and the monitor (two lanes side by side), each leaving its outputs; a checkpoint without enough
     samples is skipped and recorded; pile_report.py reads it all."""
     import os
     import subprocess
@@ -373,7 +373,9 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert pd.read_csv(out / "seeds" / "alignment.csv")["min_f1_seed_sd"].notna().all()  # the headline row, 2 seeds
     assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
     with tarfile.open(out / "summary.tgz") as tgz:
-        assert {"grid/alignment.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())
+        assert {"grid/alignment.csv", "localize/heads.csv", "ablate/ablation.csv", "seeds/alignment.csv",
+                "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())  # both lanes'
+    assert not list(out.glob("summary.tgz.part*"))
     report = subprocess.run(["python3", str(root / "benchmarks" / "pile_report.py"), str(out), "--first", "none"],
                             cwd=root, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr[-2000:]
