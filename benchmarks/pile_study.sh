@@ -43,6 +43,7 @@ step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if i
 summary() {  # OUT/summary.tgz from what is there now (a part file per process: the lanes write it too)
     local parts=() part="$out/summary.tgz.part.$BASHPID"
     for d in grid localize ablate seeds monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
+    [ ${#parts[@]} -gt 0 ] || return 0
     tar czf "$part" --warning=no-file-changed --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
         --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$part" "$out/summary.tgz"
     rm -f "$part"
