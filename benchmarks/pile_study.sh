@@ -17,8 +17,9 @@
 #    the membership index (OUT/monitor, benchmarks/monitor_eval.py): the longest step (~3 min on an
 #    H100), after the checkpoints in their lane.
 # GRID_TAXONOMIES="A;B": only these rows in the grid (a rehearsal's; default the paper's 54).
-# After the grid, two lanes run side by side on the one GPU (each step is mostly launch-bound, so the
-# GPU has room for two): 2 and 2b in one, 3 then 4 in the other.
+# After the grid, two lanes run side by side on the one GPU: 2 and 2b in one, 3 then 4 in the other
+# (their steps leave the GPU idle between small kernels, which the other lane's can fill: expected to
+# shorten the study, not yet timed).
 # A step that fails is reported and the next one runs (the script then exits 1). After each step
 # OUT/summary.tgz holds every table, figure and row made so far (no features, CNNs or labels): small
 # enough to come back from a GPU machine.
