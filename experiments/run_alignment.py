@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
     p = cli.Parser("run_alignment", __doc__)
     p.add_argument("--grid", choices=sorted(PRESETS), default="quick",
-                   help="quick: 10 rows, 2 CNNs, 300+150 samples a class; paper: 54 rows, 8 CNNs, 4000+2000")
+                   help="quick: 5 rows, 2 CNNs, 3 seeds, 300+150 samples a class; paper: 54 rows, 8 CNNs, 1 seed, 4000+2000")
     p.add_argument("--model", default="testbed", help="'testbed', a local HF folder, or a hub name")
     p.add_argument("--revision", default=None, help="hub revision, e.g. step143000 for Pythia")
     p.add_argument("--relabel", action="store_true",

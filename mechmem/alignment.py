@@ -44,7 +44,7 @@ from mechmem.timing import phase
 
 # The quick preset: the paper's proposed taxonomy, the original Recite/Reconstruct/Recollect
 # family, and a four-class neighbour (display names, as in the paper's tables). Five rows: with
-# converged CNNs, three training seeds, controls and the probe, it fits 10 minutes on a 2-core CPU.
+# converged CNNs, three training seeds, controls and the probe, 18 minutes on an idle 2-core CPU.
 QUICK_ROWS: tuple[str, ...] = (
     "Non-Memo, Guess, Others",
     "Non-Memo, Reconstruct, Others",
