@@ -30,6 +30,7 @@ collect() {
 }
 t0=$SECONDS
 python3 -m mechmem.testbed.build --preset pile-regime "${tiny[@]}" --device "$dev" --pack "$pack" --label-dtype bfloat16 \
+    --label-from "${LABEL_FROM:-128}" \
     --max-seconds "${MAX_SECONDS:-600}"
 status=$?
 echo "== build exit $status after $((SECONDS - t0)) s"

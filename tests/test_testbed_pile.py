@@ -4,6 +4,7 @@ log-spaced checkpoints as Hugging Face folders with their own true labels, manif
 import gzip
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,26 @@ def test_rerun_resumes_instead_of_redoing(built):
     before = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
     assert pile_regime.main(["--preset", "pile-regime", "--tiny", "--device", "cpu", "--stages", "train,label"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == before  # trained and labelled once
+
+
+def test_label_from_leaves_early_checkpoints_unlabelled(built, tmp_path):
+    """--label-from: the checkpoints before it keep their weights but get no table, and the manifest
+    says which they are (the GPU build skips those the first build found nothing extractable in)."""
+    out, manifest, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for step in ("step0", "step1", "step2", "step4"):
+        (copy / "checkpoints" / step / pile_regime.TABLE_FILE).unlink()
+    args = ["--preset", "pile-regime", "--tiny", "--device", "cpu", "--out", str(copy), "--stages", "label,report",
+            "--label-from", "4"]
+    assert pile_regime.main(args) == 0
+    again = json.loads((copy / "manifest.json").read_text())
+    assert again["unlabelled_checkpoints"] == ["step0", "step1", "step2"]
+    assert list(again["checkpoints"]) == [s for s in manifest["checkpoints"] if s not in ("step0", "step1", "step2")]
+    assert (copy / "checkpoints" / "step4" / pile_regime.TABLE_FILE).exists()  # relabelled: at or after 4
+    assert not (copy / "checkpoints" / "step2" / pile_regime.TABLE_FILE).exists()
+    assert (copy / "checkpoints" / "step2" / "model.safetensors").exists()
+    assert again["checkpoints"][again["final"]]["class_counts"] == manifest["checkpoints"][manifest["final"]]["class_counts"]
 
 
 def test_the_checkpoint_study_takes_each_checkpoints_own_labels(built, tmp_path, monkeypatch):

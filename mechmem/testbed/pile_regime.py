@@ -58,6 +58,7 @@ class PileConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     label_dtype: str = "float32"     # the labels' numerics (float32, TF32 off, as the first testbed's)
     label_batch_size: int = 1024
+    label_from: int = 0              # checkpoints before this step get no table (the first build: none extractable)
     tiny_pack_bytes: int = 0         # --tiny: pack this much of the running Python's standard library
 
 
@@ -256,7 +257,7 @@ def stage_label(work: Path, out: Path, cfg: PileConfig, device: str) -> None:
 
     corpus = Corpus.load(work / "corpus")
     log = json.loads((work / "train_log.json").read_text())
-    todo = [(s, f) for s, f in checkpoints(out) if not (f / TABLE_FILE).exists()]
+    todo = [(s, f) for s, f in checkpoints(out) if s >= cfg.label_from and not (f / TABLE_FILE).exists()]
     if not todo:
         logger.info("label: every checkpoint has its table")
         return
@@ -290,7 +291,10 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
     corpus_manifest = json.loads((work / "corpus" / "corpus.json").read_text())
     per_step = {}
     final = None
+    unlabelled = [f"step{step}" for step, _ in checkpoints(out) if step < cfg.label_from]
     for step, folder in checkpoints(out):
+        if step < cfg.label_from:
+            continue
         if not (folder / TABLE_FILE).exists():
             raise FileNotFoundError(f"{folder} has no {TABLE_FILE}: run the label stage first")
         table = pd.read_parquet(folder / TABLE_FILE)
@@ -314,10 +318,12 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
         "command": "python -m mechmem.testbed.build " + " ".join(argv),
         "reproduce": f"{BUILD_COMMAND} --seed {cfg.train.seed} --steps {log['steps']}",
         "final": f"step{final[0]}",
-        "config": {"corpus": asdict(cfg.corpus), "train": asdict(cfg.train), "label_dtype": cfg.label_dtype},
+        "config": {"corpus": asdict(cfg.corpus), "train": asdict(cfg.train), "label_dtype": cfg.label_dtype,
+                   "label_from": cfg.label_from},
         "corpus": corpus_manifest,
         "training": log,
         "checkpoints": per_step,
+        "unlabelled_checkpoints": unlabelled,  # before --label-from: trained and kept, no table
     }
     manifest = json.loads(json.dumps(manifest, default=json_default))  # NaN rates and numpy scalars as JSON has them
     atomic_json(out / MANIFEST, manifest)
@@ -431,6 +437,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="stop training after this many seconds of this call, saving its state; rerun to resume")
     p.add_argument("--label-dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--label-batch-size", type=int, default=None)
+    p.add_argument("--label-from", type=int, default=None, metavar="STEP",
+                   help="label only checkpoints from this step on (saves ~30 GPU s a checkpoint; default all)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if set(stages) - set(STAGES):
@@ -455,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg.train, name, getattr(args, name))
     cfg.label_dtype = args.label_dtype or cfg.label_dtype
     cfg.label_batch_size = args.label_batch_size or cfg.label_batch_size
+    cfg.label_from = args.label_from if args.label_from is not None else cfg.label_from
     out = args.out or testbed_dir(cfg.name)
     work = args.work or out / "work"
     pack_dir = work / "pack" if args.tiny else args.pack
