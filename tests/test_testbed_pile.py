@@ -323,7 +323,8 @@ def test_label_dtype_check_finds_every_changed_label(built, tmp_path):
 def test_study_sizes_follow_what_the_labels_allow():
     """The pile study's sizes from the manifest's class counts: the full sizes where the classes hold
     them (the grid keeping 500 more held out), else shares of the smallest class; the checkpoint
-    study on the last six checkpoints that hold its sizes."""
+    study on the last six checkpoints that hold its sizes, sized by the first of the last three with
+    60 a class (not the final alone when the third-last has none)."""
     from mechmem.testbed.pile_regime import study_sizes
 
     def manifest(smallest_by_step):
@@ -339,6 +340,8 @@ def test_study_sizes_follow_what_the_labels_allow():
     assert first_build == {"grid": (94, 47), "checkpoints": (126, 63), "revisions": ["step1680"]}
     grown = study_sizes(manifest({512: 40, 1024: 300, 1680: 1200, 2048: 1900}))
     assert grown == {"grid": (950, 475), "checkpoints": (200, 100), "revisions": ["step1024", "step1680", "step2048"]}
+    rebuild = study_sizes(manifest({512: 0, 1024: 256, 1680: 682}))  # 2026-12-06, second build
+    assert rebuild == {"grid": (341, 170), "checkpoints": (170, 85), "revisions": ["step1024", "step1680"]}
 
 
 def test_the_waiting_call_mirrors_results_and_stops_when_the_job_is_done(tmp_path):
@@ -405,7 +408,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
 
 
 def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
-    """benchmarks/pile_report.py on the first GPU study's shipped files (laid out as pile_study.sh
+    """benchmarks/pile_report.py on the GPU study's shipped files (laid out as pile_study.sh
     writes them): the figures the testbed page quotes, the first testbed beside them; missing parts
     are said so, a missing grid is one line and exit 2."""
     import importlib.util
@@ -421,12 +424,14 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     shutil.copytree(shipped / "monitor", study / "monitor")
     assert pile_report.main([str(study)]) == 0
     text = capsys.readouterr().out
-    assert ("| **Non-Memo, Guess, Others** | 87.5 [82.5, 91.3] | 88.1 | 36.5 | 30.3 | 61.8 [59.1, 64.2] (13 of 26) "
+    assert ("| **Non-Memo, Guess, Others** | 89.4 [86.0, 92.1] | 86.2 | 35.3 | 23.4 | 61.8 [59.1, 64.2] (13 of 26) "
             "| 65.7 | 89.2 |") in text
-    assert "the first testbed over the same 5 rows: -0.60 (p = 0.28)" in text
-    assert "Spearman with the paper's 12B figures, all: 0.60 (p = 0.28, 5 rows)" in text
-    assert "recited vs not, confidence (mean log-prob): AUROC 0.836 [0.761, 0.901]" in text
-    assert "untrained CNNs (initialisations): AUROC mean 0.813" in text
+    assert "the first testbed over the same 10 rows: 0.48 (p = 0.16)" in text
+    assert "Spearman with the paper's 12B figures, all: 0.49 (p = 0.15, 10 rows)" in text
+    assert "CNN at or above the probe on 10 of 10 rows, above the probe's interval on 3" in text
+    assert "recited vs not, confidence (mean log-prob): AUROC 0.880 [0.802, 0.939]" in text
+    assert "Guess vs Recall (recited), monitor (CNNs): AUROC 0.959 [0.882, 1.000]" in text
+    assert "untrained CNNs (initialisations): AUROC mean 0.797" in text
     assert "the checkpoint study did not run" in text and "no seed spread" in text
     quick = root / "docs" / "results" / "testbed_quick"  # a run with three training seeds
     (study / "seeds").mkdir()

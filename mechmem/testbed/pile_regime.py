@@ -395,9 +395,10 @@ def study_sizes(manifest: dict) -> dict:
     """What the labels allow the study (`benchmarks/pile_device.sh`), from the manifest's class counts
     of the headline taxonomy: the grid at 1000 + 500 a class where its smallest class holds 2,000
     windows, else a half and a quarter of it (the last quarter stays held out for the ablation); the
-    checkpoint study at the quick preset's 300 + 150 where the third-last checkpoint allows it, else
-    two thirds and a third of that checkpoint's smallest class (of the final's, below 60), on the last
-    six checkpoints that hold that many."""
+    checkpoint study at the quick preset's 300 + 150 where the first of the last three checkpoints
+    with 60 windows in every class allows it, else two thirds and a third of that checkpoint's
+    smallest class, on the last six checkpoints that hold that many (two or more, where the
+    second-last has 60)."""
     from mechmem.alignment import HEADLINE_ROW
 
     steps = manifest["checkpoints"]
@@ -406,10 +407,10 @@ def study_sizes(manifest: dict) -> dict:
         counts = next(v for k, v in info["class_counts"].items() if k.startswith(HEADLINE_ROW))
         return min(counts.values())
 
-    order = list(steps.values())
-    final, third_last = smallest(order[-1]), smallest(order[-3] if len(order) >= 3 else order[0])
+    sizes = [smallest(info) for info in steps.values()]
+    final = sizes[-1]
     grid = (1000, 500) if final >= 2000 else (final // 2, final // 4)
-    n = third_last if third_last >= 60 else final
+    n = next((k for k in sizes[-3:] if k >= 60), final)
     ck = (300, 150) if n >= 450 else (2 * (n // 3), n // 3)
     revisions = [step for step, info in steps.items() if smallest(info) >= sum(ck)][-6:]
     return {"grid": grid, "checkpoints": ck, "revisions": revisions}
