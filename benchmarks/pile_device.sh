@@ -7,7 +7,7 @@
 # summary and figures and the study's summary.tgz. RUN_DIR/done holds the exit status at the end.
 # Labels in bfloat16 (13 checkpoints in float32 would take some 7 of the session's 30 GPU minutes);
 # LABEL_DTYPE_CHECK=1: RUN_DIR/label_dtype.json then measures what that changed on the final
-# checkpoint against float32 (measured 2026-12-06: docs/results/pile_testbed/label_dtype.json).
+# checkpoint against float32 (measured on the first build: docs/results/pile_testbed/label_dtype_first_build.json).
 # GRID_SEEDS: training seeds of the grid's CNNs (default 1, as the paper preset: 3 would not fit a
 # session's GPU time; the quick preset at the final checkpoint trains 3). TINY=1 DEVICE=cpu: the
 # same at toy size on a CPU.
