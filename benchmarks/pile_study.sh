@@ -17,6 +17,8 @@
 #    the membership index (OUT/monitor, benchmarks/monitor_eval.py): the longest step (~3 min on an
 #    H100), after the checkpoints in their lane.
 # GRID_TAXONOMIES="A;B": only these rows in the grid (a rehearsal's; default the paper's 54).
+# STEPS="grid checkpoints ...": only these steps (default all six), e.g. STEPS=checkpoints for the
+# checkpoint trend alone on a rebuild whose grid is already reported.
 # After the grid, two lanes run side by side on the one GPU: 2 and 2b in one, 3 then 4 in the other
 # (their steps leave the GPU idle between small kernels, which the other lane's can fill: expected to
 # shorten the study, not yet timed).
@@ -33,9 +35,10 @@ failed=0
 taxonomies=()
 if [ -n "${GRID_TAXONOMIES:-}" ]; then IFS=';' read -ra rows <<< "$GRID_TAXONOMIES"; taxonomies=(--taxonomies "${rows[@]}"); fi
 
-step() {  # step LABEL COMMAND...: run it, say how long it took, keep going if it fails
+step() {  # step LABEL COMMAND...: run it (unless STEPS leaves it out), say how long it took, keep going if it fails
     local label=$1 t0=$SECONDS
     shift
+    if [ -n "${STEPS+x}" ] && [[ " $STEPS " != *" $label "* ]]; then echo "== $label skipped (STEPS)"; return 0; fi
     echo "== $label"
     if "$@"; then echo "== $label done in $((SECONDS - t0)) s"; else echo "== $label FAILED after $((SECONDS - t0)) s"; failed=1; fi
     summary

@@ -344,6 +344,38 @@ def test_study_sizes_follow_what_the_labels_allow():
     assert rebuild == {"grid": (341, 170), "checkpoints": (170, 85), "revisions": ["step1024", "step1680"]}
 
 
+def test_the_study_runs_only_the_steps_asked_for(tmp_path):
+    """benchmarks/pile_study.sh with STEPS: the other steps are skipped and said so (a python3 on PATH
+    that only records its arguments stands in for the steps' commands)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "REVISIONS": "step1 step2", "DEVICE": "cpu"}
+
+    def study(steps: str | None) -> tuple[str, list[str]]:
+        calls.unlink(missing_ok=True)
+        run = subprocess.run(["bash", str(root / "benchmarks" / "pile_study.sh"), str(tmp_path / "out")],
+                             cwd=root, env={**env, "STEPS": steps} if steps is not None else env,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout, calls.read_text().split() if calls.exists() else []
+
+    out, ran = study("grid checkpoints")
+    assert ran == ["experiments/run_alignment.py", "experiments/checkpoints.py"]
+    assert all(f"== {s} skipped (STEPS)" in out for s in ("localize", "ablate", "seeds", "monitor"))
+    assert "grid skipped" not in out and "checkpoints skipped" not in out
+    _, ran = study(None)  # unset: every step
+    assert sorted(ran) == sorted(["experiments/run_alignment.py", "experiments/localize.py", "experiments/ablate_heads.py",
+                                  "experiments/run_alignment.py", "experiments/checkpoints.py",
+                                  "benchmarks/monitor_eval.py"])
+
+
 def test_the_waiting_call_mirrors_results_and_stops_when_the_job_is_done(tmp_path):
     """benchmarks/pile_wait.sh: results and the log land in OUT while the job runs; it returns at once
     when RUN/done exists, and after SECONDS when not."""
