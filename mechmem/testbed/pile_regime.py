@@ -58,7 +58,7 @@ class PileConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     label_dtype: str = "float32"     # the labels' numerics (float32, TF32 off, as the first testbed's)
     label_batch_size: int = 1024
-    label_from: int = 0              # checkpoints before this step get no table (the first build: none extractable)
+    label_from: int = 0              # checkpoints before it get no table (the first build: none extractable before 128)
     tiny_pack_bytes: int = 0         # --tiny: pack this much of the running Python's standard library
 
 
