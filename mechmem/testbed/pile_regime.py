@@ -71,10 +71,14 @@ def preset(name: str) -> PileConfig:
             CorpusConfig(vocab_size=16384, heldout_frac=0.05, pool_frac=0.01, passage_tiers=tiers,
                          n_patterns=6000, n_heldout_patterns=1500, n_stdlib_windows=60000,
                          n_heldout_windows=10000, tokenizer_chars=80_000_000,
-                         # Extraction after one pass (the 2026-12-06 build): 0.3% at 2-5 copies, 1.6% at
-                         # 6-50, 11% at 51-1000, 27% above; the stream holds about 7,500 distinct natural
-                         # windows at 51-1000 copies and a few hundred above.
-                         duplicated_tiers=((2, 5, 5000), (6, 50, 35000), (51, 1000, 15000), (1001, 10**9, 5000))),
+                         # Extraction after one pass (the 2026-12-06 builds): 0.3% at 2-5 copies, 2.0% at
+                         # 6-50, 10% at 51-1000, 25% above; the stream holds about 221,000 distinct windows
+                         # at 6-50 copies, 11,000 at 51-1000 and 900 above. The second build's memorized
+                         # classes: Guess 83% pattern windows, Others 80% "duplicated" natural text; the
+                         # third takes 10 windows a pattern document (3 before) and 120,000 at 6-50 (35,000)
+                         # to reach 2,000 a class (1000 + 500, a quarter held out). The stream is unchanged.
+                         pattern_offsets=10, duplicated_per_doc=2048,
+                         duplicated_tiers=((2, 5, 5000), (6, 50, 120000), (51, 1000, 15000), (1001, 10**9, 5000))),
             # Pythia-160m's shape; one pass in order; Pythia's LR, warmup about 1% of the steps.
             TrainConfig(n_layers=12, d_model=768, n_heads=12, ctx=1024, n_positions=2048, batch_size=64,
                         epochs=1.0, lr=6e-4, min_lr_frac=0.1, warmup_steps=20, weight_decay=0.01,
