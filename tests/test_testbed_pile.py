@@ -444,7 +444,6 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     writes them): the figures the testbed page quotes, the first testbed beside them; missing parts
     are said so, a missing grid is one line and exit 2."""
     import importlib.util
-    import shutil
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("pile_report", root / "benchmarks" / "pile_report.py")

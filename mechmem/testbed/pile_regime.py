@@ -75,8 +75,10 @@ def preset(name: str) -> PileConfig:
                          # 6-50, 10% at 51-1000, 25% above; the stream holds about 221,000 distinct windows
                          # at 6-50 copies, 11,000 at 51-1000 and 900 above. The second build's memorized
                          # classes: Guess 83% pattern windows, Others 80% "duplicated" natural text; the
-                         # third takes 10 windows a pattern document (3 before) and 120,000 at 6-50 (35,000)
-                         # to reach 2,000 a class (1000 + 500, a quarter held out). The stream is unchanged.
+                         # third takes 10 windows a pattern document (3 before) and up to 2,048 "duplicated"
+                         # windows a document (256; the per-document cap, not the tier's 120,000, binds:
+                         # 97,974 at 6-50) to reach 2,000 a class (1000 + 500, a quarter held out). The
+                         # stream is unchanged.
                          pattern_offsets=10, duplicated_per_doc=2048,
                          duplicated_tiers=((2, 5, 5000), (6, 50, 120000), (51, 1000, 15000), (1001, 10**9, 5000))),
             # Pythia-160m's shape; one pass in order; Pythia's LR, warmup about 1% of the steps.
@@ -256,12 +258,19 @@ def label_checkpoint(folder: Path, base: pd.DataFrame, occurrences: tuple[np.nda
     return table
 
 
+def labelled_checkpoints(out: Path, cfg: PileConfig) -> tuple[list[tuple[int, Path]], list[int]]:
+    """The (step, folder) of the checkpoints that get a table, and the steps before `--label-from`
+    that keep their weights only."""
+    every = checkpoints(out)
+    return [(s, f) for s, f in every if s >= cfg.label_from], [s for s, _ in every if s < cfg.label_from]
+
+
 def stage_label(work: Path, out: Path, cfg: PileConfig, device: str) -> None:
     from mechmem.testbed.duplicates import WindowIndex
 
     corpus = Corpus.load(work / "corpus")
     log = json.loads((work / "train_log.json").read_text())
-    todo = [(s, f) for s, f in checkpoints(out) if s >= cfg.label_from and not (f / TABLE_FILE).exists()]
+    todo = [(s, f) for s, f in labelled_checkpoints(out, cfg)[0] if not (f / TABLE_FILE).exists()]
     if not todo:
         logger.info("label: every checkpoint has its table")
         return
@@ -295,10 +304,8 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
     corpus_manifest = json.loads((work / "corpus" / "corpus.json").read_text())
     per_step = {}
     final = None
-    unlabelled = [f"step{step}" for step, _ in checkpoints(out) if step < cfg.label_from]
-    for step, folder in checkpoints(out):
-        if step < cfg.label_from:
-            continue
+    labelled, unlabelled = labelled_checkpoints(out, cfg)
+    for step, folder in labelled:
         if not (folder / TABLE_FILE).exists():
             raise FileNotFoundError(f"{folder} has no {TABLE_FILE}: run the label stage first")
         table = pd.read_parquet(folder / TABLE_FILE)
@@ -327,7 +334,7 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
         "corpus": corpus_manifest,
         "training": log,
         "checkpoints": per_step,
-        "unlabelled_checkpoints": unlabelled,  # before --label-from: trained and kept, no table
+        "unlabelled_checkpoints": [f"step{s}" for s in unlabelled],  # before --label-from: kept, no table
     }
     manifest = json.loads(json.dumps(manifest, default=json_default))  # NaN rates and numpy scalars as JSON has them
     atomic_json(out / MANIFEST, manifest)
