@@ -3,12 +3,14 @@
     python benchmarks/pile_report.py docs/results/pile_testbed/study [--first docs/results/testbed_grid_paper_converged]
 
 Reads what `benchmarks/pile_study.sh` wrote (grid/alignment.csv, grid/paper_agreement.json,
-seeds/alignment.csv, monitor/metrics.csv, checkpoints/checkpoints_min_f1.csv; a missing part is said
-so) and prints:
+seeds/alignment.csv, localize/{layers,heads}.csv, ablate/ablation.csv, monitor/metrics.csv,
+checkpoints/checkpoints_min_f1.csv; a missing part is said so) and prints:
 the grid's feasible rows with interval, probe, null, control, the first testbed's score on the same
 row (its interval, rank among its rows, probe) and the paper's 12B figure; the headline row's rank,
 Spearman with the paper (this testbed, and the first testbed over the same rows), CNN against probe;
-the seed spread of the rows trained again with several seeds; the monitor's AUROCs; min F1 across checkpoints. The interpretation stays the report's own.
+the seed spread of the rows trained again with several seeds; each class's top layers and heads and
+what ablating them did against random heads; the monitor's AUROCs; min F1 across checkpoints. The
+interpretation stays the report's own.
 """
 
 from __future__ import annotations
@@ -92,6 +94,39 @@ def seeds(study: Path) -> list[str]:
             for _, r in table.iterrows()]
 
 
+def localization(study: Path, top: int = 5) -> list[str]:
+    layers, heads = study / "localize" / "layers.csv", study / "localize" / "heads.csv"
+    if not (layers.exists() and heads.exists()):
+        return ["- localization did not run (no localize/layers.csv and heads.csv)"]
+    layers, heads = pd.read_csv(layers), pd.read_csv(heads)
+    lines = []
+    for name, part in layers.groupby("class", sort=False):
+        best = part.sort_values("share", ascending=False).head(3)
+        where = ", ".join(f"layer {r.layer} {r.share:.2f}" for r in best.itertuples())
+        names = ", ".join(f"L{r.layer}H{r.head}" for r in heads[heads["class"] == name].sort_values("rank").head(top).itertuples())
+        lines.append(f"- {name}: {where} of the importance; top heads {names}")
+    return lines
+
+
+def ablation(study: Path) -> list[str]:
+    """Each localized head set's extractable share (and Non-Memo's loss) against as many random heads."""
+    path = study / "ablate" / "ablation.csv"
+    if not path.exists():
+        return ["- the ablation did not run (no ablate/ablation.csv)"]
+    a = pd.read_csv(path)
+    lines = []
+    for (target, k), part in a[a["condition"] == "targeted"].groupby(["target_class", "k"], sort=False):
+        cells = []
+        for r in part.itertuples():
+            plain = "(" not in r.eval_set
+            if plain and ((r.metric == "extractable" and r.eval_set != "Non-Memo") or
+                          (r.metric == "loss" and r.eval_set == "Non-Memo")):
+                cells.append(f"{r.eval_set} {r.metric} {r.value:.3f} vs {r.random_value:.3f}, "
+                             f"{r.diff_vs_random:+.3f} [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]")
+        lines.append(f"- top {k} for {target} ({part['heads'].iloc[0]}): " + "; ".join(cells))
+    return lines
+
+
 def monitor(study: Path) -> list[str]:
     path = study / "monitor" / "metrics.csv"
     if not path.exists():
@@ -115,9 +150,20 @@ def checkpoints(study: Path) -> list[str]:
     if not path.exists():
         return ["- the checkpoint study did not run (no checkpoints/checkpoints_min_f1.csv)"]
     table = pd.read_csv(path).set_index("tax_name")
+    full = study / "checkpoints" / "checkpoints.csv"  # with intervals, probe and control, where written
+    full = pd.read_csv(full).set_index(["tax_name", "checkpoint"]) if full.exists() else None
+
+    def cell(name: str, revision: str, value: float) -> str:
+        if pd.isna(value):
+            return "-"
+        if full is None or (name, revision) not in full.index:
+            return f"{value:.1f}"
+        r = full.loc[(name, revision)]
+        return f"{_ci(r)}, probe {r.min_f1_probe:.1f}, control {r.min_f1_control:.1f}"
+
     lines = ["| taxonomy | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
     for name, row in table.iterrows():
-        lines.append(f"| {name} | " + " | ".join("-" if pd.isna(v) else f"{v:.1f}" for v in row) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(name, k, v) for k, v in row.items()) + " |")
     skipped = study / "checkpoints" / "skipped_checkpoints.json"
     if skipped.exists():
         lines.append(f"\nSkipped checkpoints: {skipped.read_text().strip()}")
@@ -143,7 +189,9 @@ def main(argv=None) -> int:
     grid = pd.read_csv(grid_csv)
     out = ["**Grid**", "", *grid_table(grid, first), "", *agreement(args.study, grid, first), "",
            "**Seed spread**", "", *seeds(args.study), "",
-           "**Monitor**", "", *monitor(args.study), "", "**Checkpoints** (min F1)", "", *checkpoints(args.study)]
+           "**Localization**", "", *localization(args.study), "",
+           "**Ablation** (localized heads against random ones, difference [95% CI])", "", *ablation(args.study), "",
+           "**Monitor**", "", *monitor(args.study), "", "**Checkpoints** (min F1 [95% CI], probe, control)", "", *checkpoints(args.study)]
     print("\n".join(out))
     return 0
 

@@ -455,15 +455,29 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     shutil.copytree(shipped / "monitor", study / "monitor")
     assert pile_report.main([str(study)]) == 0
     text = capsys.readouterr().out
-    assert ("| **Non-Memo, Guess, Others** | 89.4 [86.0, 92.1] | 86.2 | 35.3 | 23.4 | 61.8 [59.1, 64.2] (13 of 26) "
+    assert ("| **Non-Memo, Guess, Others** | 94.4 [92.9, 95.6] | 91.0 | 34.6 | 23.1 | 61.8 [59.1, 64.2] (13 of 26) "
             "| 65.7 | 89.2 |") in text
-    assert "the first testbed over the same 10 rows: 0.48 (p = 0.16)" in text
-    assert "Spearman with the paper's 12B figures, all: 0.49 (p = 0.15, 10 rows)" in text
-    assert "CNN at or above the probe on 10 of 10 rows, above the probe's interval on 3" in text
-    assert "recited vs not, confidence (mean log-prob): AUROC 0.880 [0.802, 0.939]" in text
-    assert "Guess vs Recall (recited), monitor (CNNs): AUROC 0.959 [0.882, 1.000]" in text
-    assert "untrained CNNs (initialisations): AUROC mean 0.797" in text
+    assert "the first testbed over the same 12 rows: 0.57 (p = 0.05)" in text
+    assert "Spearman with the paper's 12B figures, all: 0.51 (p = 0.09, 12 rows)" in text
+    assert "CNN at or above the probe on 12 of 12 rows, above the probe's interval on 11" in text
+    assert "recited vs not, confidence (mean log-prob): AUROC 0.930 [0.895, 0.955]" in text
+    assert "Guess vs Recall (recited), monitor (CNNs): AUROC 0.979 [0.936, 1.000]" in text
+    assert "untrained CNNs (initialisations): AUROC mean 0.784" in text
     assert "the checkpoint study did not run" in text and "no seed spread" in text
+    assert "localization did not run" in text and "the ablation did not run" in text
+    for part in ("localize", "ablate", "checkpoints"):
+        shutil.copytree(shipped / part, study / part)
+    assert pile_report.main([str(study)]) == 0
+    text = capsys.readouterr().out
+    assert "- Guess: layer 4 0.21, layer 7 0.20, layer 0 0.12 of the importance; top heads L4H3, L4H1, L7H0, L0H9, L7H3" in text
+    assert ("- top 8 for Guess (L0H9;L0H11;L4H1;L4H3;L7H0;L7H3;L7H7;L7H11): Non-Memo loss 3.033 vs 3.047, -0.015 "
+            "[-0.024, -0.004]; Guess extractable 0.925 vs 0.931, -0.006 [-0.058, +0.044]; Others extractable 0.338 "
+            "vs 0.599, -0.261 [-0.469, -0.039]") in text
+    assert ("| Non-Memo, Guess, Others | 96.4 [93.0, 99.1], probe 94.7, control 35.2 | 90.0 [86.3, 93.2], probe 86.4, "
+            "control 26.1 |") in text
+    (study / "checkpoints" / "checkpoints.csv").unlink()  # min F1 alone where the full table is missing
+    assert pile_report.main([str(study)]) == 0
+    assert "| Non-Memo, Guess, Others | 96.4 | 90.0 |" in capsys.readouterr().out
     quick = root / "docs" / "results" / "testbed_quick"  # a run with three training seeds
     (study / "seeds").mkdir()
     for name in ("alignment.csv", "settings.json"):
