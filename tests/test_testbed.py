@@ -251,8 +251,8 @@ TIERS = ((2, 5, 1000), (6, 50, 1000), (51, 1000, 1000), (1001, 10**9, 1000))
 
 def test_duplicated_windows_are_distinct_repeated_and_capped():
     """The second testbed's extra candidates: natural windows the stream repeats, each distinct, in
-    its copy tier (counted exactly here), at most `per_doc` a document, every tier filled as far as
-    the stream allows."""
+    its copy tier (counted exactly here), at most `per_doc` a document in each tier, every tier filled
+    as far as the stream allows."""
     from mechmem.testbed.corpus import WINDOW, duplicated_windows
 
     rng = np.random.default_rng(0)
@@ -275,7 +275,9 @@ def test_duplicated_windows_are_distinct_repeated_and_capped():
     assert set(copies.tolist()) == {4, 15}  # the vendored file's own windows, and the licence's
     capped = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, TIERS, per_doc=5)
     doc_of = np.searchsorted(starts, capped, side="right") - 1
-    assert set(doc_of.tolist()) == {0} and len(capped) == 5  # each first seen in document 0
+    assert set(doc_of.tolist()) == {0}  # each first seen in document 0
+    capped_copies = count_windows(stream, np.stack([stream[p:p + WINDOW] for p in capped]), progress=False)
+    assert sorted(capped_copies.tolist()) == [4] * 5 + [15] * 5  # the cap holds in each tier, not over all
     few = duplicated_windows(np.random.default_rng(1), stream, starts, lengths, ((2, 5, 3), (6, 50, 2), (51, 99, 9)),
                              per_doc=1000)
     assert sorted(count_windows(stream, np.stack([stream[p:p + WINDOW] for p in few]), progress=False)) == [4, 4, 4, 15, 15]

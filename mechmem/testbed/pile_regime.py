@@ -71,16 +71,17 @@ def preset(name: str) -> PileConfig:
             CorpusConfig(vocab_size=16384, heldout_frac=0.05, pool_frac=0.01, passage_tiers=tiers,
                          n_patterns=6000, n_heldout_patterns=1500, n_stdlib_windows=60000,
                          n_heldout_windows=10000, tokenizer_chars=80_000_000,
-                         # Extraction after one pass (the 2026-12-06 builds): 0.3% at 2-5 copies, 2.0% at
-                         # 6-50, 10% at 51-1000, 25% above; the stream holds about 221,000 distinct windows
-                         # at 6-50 copies, 11,000 at 51-1000 and 900 above. The second build's memorized
-                         # classes: Guess 83% pattern windows, Others 80% "duplicated" natural text; the
-                         # third takes 10 windows a pattern document (3 before) and up to 2,048 "duplicated"
-                         # windows a document (256; the per-document cap, not the tier's 120,000, binds:
-                         # 97,974 at 6-50) to reach 2,000 a class (1000 + 500, a quarter held out). The
-                         # stream is unchanged.
+                         # Extraction after one pass (the 2026-12-06 builds): 0.2% at 2-5 copies, 1.9% at
+                         # 6-50, 13% at 51-1000, 22% above. The natural text holds 183,162 distinct windows
+                         # at 6-50 copies (1,316 documents), 8,107 at 51-1000 (88) and 370 above (6). The
+                         # second build's memorized classes: Guess 83% pattern windows, Others 80%
+                         # "duplicated" natural text. The third took 10 windows a pattern document (3
+                         # before) and up to 2,048 "duplicated" windows a document over all tiers: 2,451
+                         # Guess, 1,586 Others. The cap now holds within each tier and the 6-50 tier takes
+                         # all there are under it (140,429; 5,397 at 51-1000) to reach 2,000 Others (1000 +
+                         # 500, a quarter held out). The stream is unchanged.
                          pattern_offsets=10, duplicated_per_doc=2048,
-                         duplicated_tiers=((2, 5, 5000), (6, 50, 120000), (51, 1000, 15000), (1001, 10**9, 5000))),
+                         duplicated_tiers=((2, 5, 5000), (6, 50, 170000), (51, 1000, 15000), (1001, 10**9, 5000))),
             # Pythia-160m's shape; one pass in order; Pythia's LR, warmup about 1% of the steps.
             TrainConfig(n_layers=12, d_model=768, n_heads=12, ctx=1024, n_positions=2048, batch_size=64,
                         epochs=1.0, lr=6e-4, min_lr_frac=0.1, warmup_steps=20, weight_decay=0.01,
