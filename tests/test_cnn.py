@@ -334,6 +334,44 @@ def test_tasks_trained_together_equal_tasks_trained_alone(fuse):
     assert not torch.allclose(together[0][0].eval_logits[:5], together[1][0].eval_logits[:5])
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_tasks_that_do_not_fit_one_step_train_in_halves_with_the_same_results(fuse, monkeypatch, caplog):
+    """Out of device memory, train_cnn_tasks splits the tasks (each follower with its twin) until a
+    step fits; every task's CNNs come out as in one pass, in the tasks' order. One unit that does not
+    fit raises."""
+    import mechmem.cnn.training as training
+
+    feats, tasks = three_tasks()
+    tasks = [tasks[0], tasks[1], Task(tasks[1].labels[::-1].copy(), tasks[1].train_idx, tasks[1].eval_idx, follows=1),
+             tasks[2]]
+    configs = (CNNConfig(6, 4, "mean"), CNNConfig(8, 4, "max"))
+    train = TrainConfig(protocol="converged", epochs=4, patience=1, fuse=fuse, device="cpu")
+    whole = train_cnn_tasks(feats, POOLS, tasks, 3, configs, train, progress=False)
+    lockstep, sizes = training._train_in_lockstep, []
+
+    def small_device(features, pools, part, *args):
+        sizes.append([t.follows for t in part])
+        if len(part) > 1 and not (len(part) == 2 and part[1].follows == 0):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return lockstep(features, pools, part, *args)
+
+    monkeypatch.setattr(training, "_train_in_lockstep", small_device)
+    with caplog.at_level("WARNING", logger="mechmem"):
+        split = train_cnn_tasks(feats, POOLS, tasks, 3, configs, train, progress=False)
+    # 4 tasks -> (0, 1 + its follower) and (3); then 0 and (1 + follower), the follower's twin renumbered
+    assert sizes == [[None, None, 1, None], [None, None, 1], [None], [None, 0], [None]]
+    assert "4 tasks' CNNs do not fit one step" in caplog.text
+    for a_task, b_task in zip(whole, split):
+        for a, b in zip(a_task, b_task):
+            assert (a.config, a.epochs_run, a.best_epoch) == (b.config, b.epochs_run, b.best_epoch)
+            assert_same_weights(state(a.model), state(b.model), exact=not fuse)
+            torch.testing.assert_close(b.eval_logits, a.eval_logits, rtol=1e-4, atol=1e-5)
+    assert [m.epochs_run for m in split[2]] == [m.epochs_run for m in split[1]]  # the follower stopped with its twin
+    monkeypatch.setattr(training, "_train_in_lockstep", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):
+        train_cnn_tasks(feats, POOLS, tasks[1:3], 3, configs, train, progress=False)  # a twin and its follower: no split
+
+
 def test_tasks_trained_together_need_equal_training_sets():
     feats, tasks = three_tasks()
     tasks[1] = Task(tasks[1].labels, tasks[1].train_idx[:20], tasks[1].eval_idx)

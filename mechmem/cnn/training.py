@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 
 import numpy as np
@@ -342,7 +342,49 @@ def train_cnn_tasks(
     and same-shaped config run as one grouped network, so a step costs about as many kernel launches
     for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN); a CNN that
     has stopped leaves its group, so the others no longer pay for it.
+
+    Where one step of all the tasks does not fit the device (the whole 2.8b grid with its controls on
+    an H100), the tasks train in two calls, each split again as needed: a task's CNNs do not depend on
+    the tasks beside it (the equality tests), so the results are the same.
     """
+    try:
+        return _train_in_lockstep(features, pools, tasks, n_classes, configs, train, progress)
+    except torch.OutOfMemoryError:
+        halves = _halves(tasks)
+        if halves is None:
+            raise
+    # (outside the handler, so that the failed attempt's tensors are freed before the retry)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.warning("%d tasks' CNNs do not fit one step on the device: training them as %d + %d tasks",
+                   len(tasks), *(len(h) for h in halves))
+    out: list[list[TrainedCNN]] = [[] for _ in tasks]
+    for half in halves:
+        index = {t: k for k, t in enumerate(half)}
+        part = [replace(tasks[t], follows=None if tasks[t].follows is None else index[tasks[t].follows]) for t in half]
+        for t, trained in zip(half, train_cnn_tasks(features, pools, part, n_classes, configs, train, progress)):
+            out[t] = trained
+    return out
+
+
+def _halves(tasks: Sequence[Task]) -> tuple[list[int], list[int]] | None:
+    """Two sets of task indices of about equal size, each follower with its twin; None for one unit."""
+    units: dict[int, list[int]] = {}
+    for t, task in enumerate(tasks):
+        units.setdefault(t if task.follows is None else task.follows, []).append(t)
+    if len(units) < 2:
+        return None
+    first: list[int] = []
+    for members in units.values():
+        if len(first) + len(members) / 2 > len(tasks) / 2 and first:
+            break
+        first += members
+    second = [t for t in range(len(tasks)) if t not in set(first)]
+    return sorted(first), second
+
+
+def _train_in_lockstep(features, pools, tasks, n_classes, configs, train, progress) -> list[list[TrainedCNN]]:
+    """`train_cnn_tasks` in one pass: every task's CNNs in the device's memory at once."""
     assert train.epochs and train.batch_size  # TrainConfig.__post_init__
     with _cudnn_deterministic(train.deterministic):
         setup = _Setup.of(features, pools, tasks, n_classes, configs, train)
