@@ -360,8 +360,9 @@ def train_cnn_tasks(
                    len(tasks), *(len(h) for h in halves))
     out: list[list[TrainedCNN]] = [[] for _ in tasks]
     for half in halves:
-        index = {t: k for k, t in enumerate(half)}
-        part = [replace(tasks[t], follows=None if tasks[t].follows is None else index[tasks[t].follows]) for t in half]
+        index: dict[int | None, int | None] = {t: k for k, t in enumerate(half)}
+        index[None] = None
+        part = [replace(tasks[t], follows=index[tasks[t].follows]) for t in half]  # the twin renumbered
         for t, trained in zip(half, train_cnn_tasks(features, pools, part, n_classes, configs, train, progress)):
             out[t] = trained
     return out
