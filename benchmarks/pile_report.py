@@ -1,13 +1,14 @@
 """The second testbed's study as the Markdown its report quotes, beside the first testbed and the paper.
 
-    python benchmarks/pile_report.py docs/results/pile_testbed/study [--first docs/results/testbed_grid_paper_converged]
+    python benchmarks/pile_report.py docs/results/pile_testbed [--first docs/results/testbed_grid_paper_converged]
 
 Reads what `benchmarks/pile_study.sh` wrote (grid/alignment.csv, grid/paper_agreement.json,
-seeds/alignment.csv, localize/{layers,heads}.csv, ablate/ablation.csv, monitor/metrics.csv,
+grid/by_source.csv, seeds/alignment.csv, localize/{layers,heads}.csv, ablate/ablation.csv, monitor/metrics.csv,
 checkpoints/checkpoints_min_f1.csv; a missing part is said so) and prints:
 the grid's feasible rows with interval, probe, null, control, the first testbed's score on the same
 row (its interval, rank among its rows, probe) and the paper's 12B figure; the headline row's rank,
 Spearman with the paper (this testbed, and the first testbed over the same rows), CNN against probe;
+what the CNNs called the headline row's eval samples of each source;
 the seed spread of the rows trained again with several seeds; each class's top layers and heads and
 what ablating them did against random heads; the monitor's AUROCs; min F1 across checkpoints. The
 interpretation stays the report's own.
@@ -78,6 +79,24 @@ def agreement(study: Path, grid: pd.DataFrame, first: pd.DataFrame | None) -> li
     lines.append(f"- CNN at or above the probe on {c['cnn_at_or_above_probe']} of {c['rows']} rows, above the "
                  f"probe's interval on {c['cnn_above_probe_interval']}; the probe above the CNN's interval on "
                  f"{c['probe_above_cnn_interval']}")
+    return lines
+
+
+def by_source(study: Path, row: str = HEADLINE, min_n: int = 10) -> list[str]:
+    """The headline row's eval samples by (true class, source): what the CNNs called them."""
+    path = study / "grid" / "by_source.csv"
+    if not path.exists():
+        return ["- no grid/by_source.csv (a run before sources were recorded, or a table without them)"]
+    long = pd.read_csv(path)
+    long = long[(long["tax_name"] == row) & (long["classifier"] == "CNNs") & (long["n"] >= min_n)]
+    if long.empty:
+        return [f"- no \"{row}\" samples by source"]
+    wide = long.pivot_table(index=["true", "source", "n"], columns="called", values="share", sort=False)
+    called = list(dict.fromkeys(long["called"]))
+    lines = ["| true class | source | samples | " + " | ".join(f"called {c}" for c in called) + " |",
+             "|---|---|---|" + "---|" * len(called)]
+    for (true, source, n), r in wide.iterrows():
+        lines.append(f"| {true} | {source} | {n} | " + " | ".join(f"{100 * r[c]:.1f}%" for c in called) + " |")
     return lines
 
 
@@ -188,6 +207,8 @@ def main(argv=None) -> int:
         first = pd.read_csv(args.first / "alignment.csv")
     grid = pd.read_csv(grid_csv)
     out = ["**Grid**", "", *grid_table(grid, first), "", *agreement(args.study, grid, first), "",
+           f"**By source** (\"{HEADLINE}\", eval samples, the CNNs' calls; sources with 10 samples or more)", "",
+           *by_source(args.study), "",
            "**Seed spread**", "", *seeds(args.study), "",
            "**Localization**", "", *localization(args.study), "",
            "**Ablation** (localized heads against random ones, difference [95% CI])", "", *ablation(args.study), "",

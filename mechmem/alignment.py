@@ -33,7 +33,7 @@ from mechmem.atomic import atomic_json, atomic_text, atomic_write  # noqa: F401 
 from mechmem.cnn import (CNNConfig, Task, TrainedCNN, alignment_summary,
                          load_cnns, save_cnns, score_summary, split_validation, train_cnn_tasks, write_cnn_index)
 from mechmem.controls import centred, is_aligned, null_summary, permutation_null, shuffled_control
-from mechmem.data import DOCUMENT, tokens_array
+from mechmem.data import DOCUMENT, SOURCE, tokens_array
 from mechmem.distributed import Dist, shard_configs
 from mechmem.features import FeatureStore, build_feature_store
 from mechmem.memorization import free_generation
@@ -357,13 +357,46 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
         summary["paper_12b_min_f1"] = float(paper[row.name])
     confusion = np.sum([t.eval_metrics.confusion for t in trained], axis=0)
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
+    by_source = {}
+    if SOURCE in df.columns:
+        y_eval, sources = np.asarray(task.labels)[task.eval_idx], df[SOURCE].to_numpy()[eval_pos]
+        by_source["confusion_by_source"] = confusion_by_group([t.eval_logits for t in trained], y_eval, sources,
+                                                              n_classes)
+        if probe is not None:
+            by_source["probe_confusion_by_source"] = confusion_by_group([probe], y_eval, sources, n_classes)
     RunFolder(out).write_row(row.slug, {
         "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
-        "confusion": confusion.tolist(),
+        "confusion": confusion.tolist(), **by_source,
         "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
         "eval_sequence_ids": df["sequence_id"].to_numpy()[eval_pos].tolist(),
     })
+
+
+def confusion_by_group(logits: Sequence[Tensor], y_eval: np.ndarray, groups: np.ndarray, n_classes: int) -> dict:
+    """{group: confusion (true x predicted) summed over the classifiers' `logits`}, e.g. by source."""
+    predicted = [lg.argmax(-1).numpy() for lg in logits]
+    out = {}
+    for g in dict.fromkeys(groups.tolist()):
+        inside = groups == g
+        out[str(g)] = sum(np.bincount(y_eval[inside] * n_classes + p[inside], minlength=n_classes ** 2)
+                          for p in predicted).reshape(n_classes, n_classes).tolist()
+    return out
+
+
+def source_confusion(row: dict, key: str = "confusion_by_source") -> pd.DataFrame:
+    """A row's eval samples by (true class, source): how many, and the share its classifiers (the
+    CNNs, or `key="probe_confusion_by_source"`) called each class. Where a class's sources are
+    called alike, the CNN separates the class, not the kind of text; where Non-Memo samples of one
+    source are called a memorized class, the kind of text may be what it learnt."""
+    names, records = row["class_names"], []
+    n_classifiers = 1 if key.startswith("probe") else row["n_configs"]  # (every CNN of the row: configs x seeds)
+    for source, matrix in row.get(key, {}).items():
+        for c, counts in enumerate(np.asarray(matrix, dtype=float)):
+            if counts.sum():
+                records.append({"true": names[c], "source": source, "n": int(counts.sum()) // n_classifiers,
+                                **{f"called {n}": counts[k] / counts.sum() for k, n in enumerate(names)}})
+    return pd.DataFrame.from_records(records)
 
 
 def _gather_cnns(mine: list[TrainedCNN], configs: Sequence[CNNConfig], folder: Path, dist: Dist) -> list[TrainedCNN]:
@@ -427,6 +460,15 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     atomic_write(run.table_file, lambda tmp: csv.to_csv(tmp, index=False))
     atomic_text(run.table_md_file, markdown_table(csv) + "\n" + ranking_text(table, markdown=True))
     atomic_json(run.path / "paper_agreement.json", paper_agreement(table), indent=2)
+    by_source = [source_confusion(r, key).assign(tax_name=r["tax_name"], classifier=who)
+                 for r in table.to_dict("records") for key, who in (("confusion_by_source", "CNNs"),
+                                                                    ("probe_confusion_by_source", "probe"))
+                 if isinstance(r.get(key), dict)]
+    if by_source:  # long format: one line per (row, classifier, true class, source, called class)
+        long = pd.concat([t.melt(id_vars=["tax_name", "classifier", "true", "source", "n"], var_name="called",
+                                 value_name="share") for t in by_source])
+        long["called"] = long["called"].str.removeprefix("called ")
+        atomic_write(run.path / BY_SOURCE, lambda tmp: long.round(4).to_csv(tmp, index=False))
     min_f1_bar_png(table, out / "min_f1.png")
     best, worst = table.loc[table["min_f1"].idxmax()], table.loc[table["min_f1"].idxmin()]
     for tag, r in (("best", best), ("worst", worst)):
@@ -435,6 +477,7 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
 
 
 HEADLINE_ROW = "Non-Memo, Guess, Others"  # the paper's best taxonomy (89.2 at 12B)
+BY_SOURCE = "by_source.csv"  # each row's calls by the eval samples' source, where the table has one
 
 
 def paper_agreement(table: pd.DataFrame) -> dict:

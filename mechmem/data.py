@@ -44,6 +44,10 @@ FLAGS = ("is_incrementing", "is_repeating", "is_code")
 # Optional: each sample's source document, where a table knows it (the second testbed's do): the
 # alignment intervals then resample documents, the independent unit, not overlapping windows.
 DOCUMENT = "document"
+# Optional: the kind of text a sample comes from (the testbeds': planted, pattern, stdlib, ...): each
+# row then breaks its confusion down by it (`alignment.source_confusion`), a check that the CNN
+# separates memorization, not the kind of text each class is made of.
+SOURCE = "source"
 UNIT_INTERVAL = ("memorization_score", "rouge_L_prefix_to_suffix", "rouge_3_prefix_to_suffix")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json")
 

@@ -90,6 +90,40 @@ def test_a_table_that_knows_its_documents_gets_intervals_over_documents(tmp_path
     assert "interval_unit" not in plain  # no document column: samples, as always (the effect: test_cnn)
 
 
+def test_a_table_that_knows_its_sources_breaks_each_rows_confusion_down_by_source(tmp_path, tiny_model):
+    """A `source` column (the testbeds'): each row's confusion by source sums to its confusion, for
+    the CNNs and the probe; `source_confusion` gives every (class, source) its count and shares."""
+    from mechmem.data import SOURCE
+
+    df = synthetic_frame()
+    df[SOURCE] = np.where(np.arange(len(df)) % 2, "pattern", "natural")
+    al.run_alignment(tiny_model, df, small_config(), tmp_path, progress=False)
+    row = RunFolder(tmp_path).read_row("merge_2_other_guess_recollect_recite_t5")
+    by_source = {k: np.array(v) for k, v in row["confusion_by_source"].items()}
+    assert set(by_source) == {"pattern", "natural"}
+    np.testing.assert_array_equal(sum(by_source.values()), np.array(row["confusion"]))
+    assert sum(np.array(v) for v in row["probe_confusion_by_source"].values()).sum() == 3 * 8  # one probe
+    table = al.source_confusion(row)
+    assert table.groupby("true")["n"].sum().to_dict() == {"Non-Memo": 8, "Guess": 8, "Others": 8}
+    shares = table[[f"called {c}" for c in row["class_names"]]].sum(axis=1)
+    np.testing.assert_allclose(shares, 1.0)
+    assert "confusion_by_source" in RunFolder(tmp_path).read_row("merge_2_other_recite_guess_recollect_t5")
+    long = pd.read_csv(tmp_path / al.BY_SOURCE)
+    assert set(long["classifier"]) == {"CNNs", "probe"} and set(long["called"]) >= {"Non-Memo", "Guess", "Others"}
+    assert long.groupby(["tax_name", "classifier", "true", "source"])["share"].sum().round(6).eq(1).all()
+    plain = tmp_path / "plain"
+    al.run_alignment(tiny_model, synthetic_frame(), small_config(), plain, progress=False)
+    assert not (plain / al.BY_SOURCE).exists()
+    assert "confusion_by_source" not in RunFolder(plain).read_row("merge_2_other_guess_recollect_recite_t5")
+
+
+def test_confusion_by_group_counts_each_classifiers_calls():
+    logits = [torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0], [5.0, 0.0]])]
+    got = al.confusion_by_group(logits, np.array([0, 1, 1]), np.array(["a", "b", "a"]), 2)
+    # a: sample 0 (true 0) called 0 then 1; sample 2 (true 1) called 1 then 0. b: sample 1 (true 1) called 1 twice.
+    assert got == {"a": [[1, 1], [1, 1]], "b": [[0, 0], [0, 2]]}
+
+
 def test_probes_fitted_while_the_cnns_train_give_the_same_table(tmp_path, tiny_model, monkeypatch):
     """With the CNNs on a GPU the probes are fitted meanwhile, in the background: the same fits, so
     the same table (forced here on the CPU), and they did run in the background thread, in worker

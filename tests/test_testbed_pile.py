@@ -465,6 +465,14 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     assert "untrained CNNs (initialisations): AUROC mean 0.784" in text
     assert "the checkpoint study did not run" in text and "no seed spread" in text
     assert "localization did not run" in text and "the ablation did not run" in text
+    assert "no grid/by_source.csv" in text
+    pd.DataFrame({"tax_name": "Non-Memo, Guess, Others", "classifier": ["CNNs"] * 4 + ["probe"], "true": "Non-Memo",
+                  "source": ["pattern", "pattern", "stdlib", "stdlib", "pattern"], "n": [20, 20, 30, 30, 20],
+                  "called": ["Non-Memo", "Guess", "Non-Memo", "Guess", "Guess"], "share": [0.25, 0.75, 1.0, 0.0, 0.5],
+                  }).to_csv(study / "grid" / "by_source.csv", index=False)
+    assert pile_report.main([str(study)]) == 0
+    text = capsys.readouterr().out
+    assert "| Non-Memo | pattern | 20 | 25.0% | 75.0% |" in text and "| Non-Memo | stdlib | 30 | 100.0% | 0.0% |" in text
     for part in ("localize", "ablate", "checkpoints"):
         shutil.copytree(shipped / part, study / part)
     assert pile_report.main([str(study)]) == 0
