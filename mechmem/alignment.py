@@ -379,8 +379,9 @@ def confusion_by_group(logits: Sequence[Tensor], y_eval: np.ndarray, groups: np.
     out = {}
     for g in dict.fromkeys(groups.tolist()):
         inside = groups == g
-        out[str(g)] = sum(np.bincount(y_eval[inside] * n_classes + p[inside], minlength=n_classes ** 2)
-                          for p in predicted).reshape(n_classes, n_classes).tolist()
+        counts = np.sum([np.bincount(y_eval[inside] * n_classes + p[inside], minlength=n_classes ** 2)
+                         for p in predicted], axis=0)
+        out[str(g)] = counts.reshape(n_classes, n_classes).tolist()
     return out
 
 
