@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -63,6 +64,9 @@ TABLE_COLUMNS = ["tax_name", "num_classes", "min_f1", "mean_f1", "min_prec", "me
 CONTROL_COLUMNS = ["min_f1_chance", "min_f1_null_p95", "min_f1_control", "min_f1_control_ci_high", "min_f1_probe",
                    "min_f1_probe_ci_low", "min_f1_probe_ci_high", "aligned", "epochs", "control_epochs",
                    "paper_12b_min_f1"]
+# Where the table has a `source` column: the kind-of-text baseline (`source_baseline_logits`), what
+# knowing only where each window comes from scores on the same split.
+SOURCE_COLUMNS = ["min_f1_source", "min_f1_source_ci_low", "min_f1_source_ci_high"]
 SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
 CONTROL_SEED_COLUMN = "min_f1_control_seed_sd"  # with control_seeds > 1: the controls' spread over shuffles
 
@@ -364,6 +368,10 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
                                                               n_classes)
         if probe is not None:
             by_source["probe_confusion_by_source"] = confusion_by_group([probe], y_eval, sources, n_classes)
+        labels = np.asarray(task.labels)
+        baseline = source_baseline_logits(df[SOURCE].to_numpy()[train_pos], labels[task.train_idx], sources, n_classes)
+        b = score_summary([baseline], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["source"], groups=groups)
+        summary |= dict(zip(SOURCE_COLUMNS, (b["min_f1"], b["min_f1_ci_low"], b["min_f1_ci_high"])))
     RunFolder(out).write_row(row.slug, {
         "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
@@ -371,6 +379,18 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
         "train_sequence_ids": df["sequence_id"].to_numpy()[train_pos].tolist(),
         "eval_sequence_ids": df["sequence_id"].to_numpy()[eval_pos].tolist(),
     })
+
+
+def source_baseline_logits(train_sources: np.ndarray, train_labels: np.ndarray, eval_sources: np.ndarray,
+                           n_classes: int) -> Float[Tensor, "sample class"]:
+    """The kind-of-text baseline, fitted on exactly the CNNs' training samples: each eval sample gets
+    its source's class frequencies among them (add-one smoothed, as log probabilities), so it calls
+    every window of a source that source's most frequent class (a source never trained on: Non-Memo,
+    the first class). A row whose CNN scores near it may be telling sources apart, not memorization."""
+    counts = {s: np.bincount(train_labels[train_sources == s], minlength=n_classes) for s in set(train_sources.tolist())}
+    rows = [counts.get(s, np.zeros(n_classes, dtype=np.int64)) + 1.0 for s in eval_sources.tolist()]
+    freq = np.stack(rows)
+    return torch.from_numpy(np.log(freq / freq.sum(1, keepdims=True))).float()
 
 
 def confusion_by_group(logits: Sequence[Tensor], y_eval: np.ndarray, groups: np.ndarray, n_classes: int) -> dict:
@@ -448,8 +468,8 @@ def collect_table(out: Path, rows: Sequence[Row]) -> pd.DataFrame:
 
 def table_columns(table: pd.DataFrame) -> list[str]:
     """The paper's columns, then the controls and the seed spread that this run has."""
-    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + [SEED_COLUMN, CONTROL_SEED_COLUMN, "interval_unit"]
-                            if c in table]
+    return TABLE_COLUMNS + [c for c in CONTROL_COLUMNS + SOURCE_COLUMNS + [SEED_COLUMN, CONTROL_SEED_COLUMN,
+                                                                           "interval_unit"] if c in table]
 
 
 def write_outputs(table: pd.DataFrame, out: Path) -> None:
@@ -551,9 +571,10 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
     t = table.sort_values("min_f1", ascending=False)
     seeds = " (seeds sd: spread over training seeds)" if SEED_COLUMN in t else ""
     unit = " over documents" if "interval_unit" in t else ""
-    lines = [f"Ranking: min F1 % [95% bootstrap interval{unit}]{seeds} | probe | null (95th percentile of the "
-             "permutation null) | shuffled-label control | chance | paper Pythia-12B; '~ n' lists the ranks whose "
-             "intervals overlap.", ""]
+    source = " | source (the kind-of-text baseline)" if "min_f1_source" in t else ""
+    lines = [f"Ranking: min F1 % [95% bootstrap interval{unit}]{seeds} | probe{source} | null (95th percentile of "
+             "the permutation null) | shuffled-label control | chance | paper Pythia-12B; '~ n' lists the ranks "
+             "whose intervals overlap.", ""]
     for rank, (r, ties) in enumerate(zip(t.to_dict("records"), overlapping_ranks(t)), 1):
         def get(key, fmt="5.1f", missing="  -  ", r=r):
             v = r.get(key)
@@ -562,7 +583,10 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
         parts = [f"{rank:>2}. {r['min_f1']:5.1f} [{r['min_f1_ci_low']:5.1f}, {r['min_f1_ci_high']:5.1f}]"]
         if SEED_COLUMN in r:
             parts.append(f"(seeds sd {get(SEED_COLUMN, '4.1f', ' -  ')})")
-        parts += [f"| probe {get('min_f1_probe')}", f"| null {get('min_f1_null_p95')}",
+        parts.append(f"| probe {get('min_f1_probe')}")
+        if "min_f1_source" in r:
+            parts.append(f"| source {get('min_f1_source')}")
+        parts += [f"| null {get('min_f1_null_p95')}",
                   f"| control {get('min_f1_control')}",
                   f"| chance {get('min_f1_chance', '4.1f')}", f"| paper {get('paper_12b_min_f1', '4.1f', ' -  ')}"]
         flag = f"  NOT ALIGNED ({why})" if (why := not_aligned_reason(r)) else ""

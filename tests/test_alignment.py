@@ -117,6 +117,33 @@ def test_a_table_that_knows_its_sources_breaks_each_rows_confusion_down_by_sourc
     assert "confusion_by_source" not in RunFolder(plain).read_row("merge_2_other_guess_recollect_recite_t5")
 
 
+def test_the_kind_of_text_baseline_scores_what_sources_alone_tell(tmp_path, tiny_model):
+    """min_f1_source: a classifier that sees only each window's source, fitted on the CNNs' training
+    samples. Sources that are the classes score 100; sources drawn independently of the classes land
+    near chance (the control could say no either way); the table and ranking carry it."""
+    from mechmem.data import SOURCE
+
+    df = synthetic_frame()
+    kind = np.arange(len(df)) % 3  # synthetic_frame's classes: non-memo, guess, recall
+    df[SOURCE] = np.array(["natural", "pattern", "planted"])[kind]
+    table = al.run_alignment(tiny_model, df, small_config(), tmp_path / "told", progress=False)
+    guess = table.set_index("tax_name").loc["Non-Memo, Guess, Others"]
+    assert guess["min_f1_source"] == 100.0 and guess["min_f1_source_ci_low"] == 100.0
+    assert "min_f1_source" in pd.read_csv(tmp_path / "told" / "alignment.csv").columns
+    assert "| source 100.0" in (tmp_path / "told" / "alignment.md").read_text()
+    df[SOURCE] = np.random.default_rng(0).choice(["natural", "pattern", "planted"], len(df))
+    blind = al.run_alignment(tiny_model, df, small_config(), tmp_path / "blind", progress=False)
+    assert (blind["min_f1_source"] < 50).all()
+
+
+def test_source_baseline_calls_each_source_its_most_frequent_class():
+    logits = al.source_baseline_logits(np.array(["a", "a", "a", "b", "b"]), np.array([0, 1, 1, 2, 2]),
+                                       np.array(["b", "a", "c"]), 3)
+    assert logits.argmax(-1).tolist() == [2, 1, 0]  # b -> 2, a -> 1, unseen c -> the first class
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(3))
+    torch.testing.assert_close(logits[1].exp(), torch.tensor([2 / 6, 3 / 6, 1 / 6]))  # add-one smoothed
+
+
 def test_confusion_by_group_counts_each_classifiers_calls():
     logits = [torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0], [5.0, 0.0]])]
     got = al.confusion_by_group(logits, np.array([0, 1, 1]), np.array(["a", "b", "a"]), 2)
