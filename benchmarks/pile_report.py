@@ -3,9 +3,10 @@
     python benchmarks/pile_report.py docs/results/pile_testbed [--first docs/results/testbed_grid_paper_converged]
 
 Reads what `benchmarks/pile_study.sh` wrote (grid/alignment.csv, grid/paper_agreement.json,
+grid/source_baseline.csv where `source_baseline.py` added the kind-of-text baseline to an older run,
 grid/by_source.csv, seeds/alignment.csv, localize/{layers,heads}.csv, ablate/ablation.csv, monitor/metrics.csv,
 checkpoints/checkpoints_min_f1.csv; a missing part is said so) and prints:
-the grid's feasible rows with interval, probe, null, control, the first testbed's score on the same
+the grid's feasible rows with interval, probe, null, control, kind-of-text baseline where known, the first testbed's score on the same
 row (its interval, rank among its rows, probe) and the paper's 12B figure; the headline row's rank,
 Spearman with the paper (this testbed, and the first testbed over the same rows), CNN against probe;
 what the CNNs called the headline row's eval samples of each source;
@@ -35,6 +36,10 @@ def _ci(row: pd.Series, key: str = "min_f1") -> str:
 def grid_table(grid: pd.DataFrame, first: pd.DataFrame | None) -> list[str]:
     head = "| taxonomy | this testbed | probe | null p95 | control |"
     rule = "|---|---|---|---|---|"
+    source = "min_f1_source" in grid
+    if source:
+        head += " kind of text |"
+        rule += "---|"
     if first is not None:
         head += " first testbed | its probe |"
         rule += "---|---|"
@@ -43,6 +48,8 @@ def grid_table(grid: pd.DataFrame, first: pd.DataFrame | None) -> list[str]:
     for _, r in grid.sort_values("min_f1", ascending=False).iterrows():
         name = f"**{r.tax_name}**" if r.tax_name == HEADLINE else r.tax_name
         cells = [name, _ci(r), f"{r.min_f1_probe:.1f}", f"{r.min_f1_null_p95:.1f}", f"{r.min_f1_control:.1f}"]
+        if source:
+            cells.append(_ci(r, "min_f1_source"))
         if first is not None:
             if r.tax_name in first.index:
                 f = first.loc[r.tax_name]
@@ -206,6 +213,9 @@ def main(argv=None) -> int:
             return 2
         first = pd.read_csv(args.first / "alignment.csv")
     grid = pd.read_csv(grid_csv)
+    baseline = args.study / "grid" / "source_baseline.csv"  # the kind-of-text baseline, recomputed for an older run
+    if "min_f1_source" not in grid and baseline.exists():
+        grid = grid.merge(pd.read_csv(baseline).drop(columns=["min_f1", "min_f1_probe"]), on="tax_name", how="left")
     out = ["**Grid**", "", *grid_table(grid, first), "", *agreement(args.study, grid, first), "",
            f"**By source** (\"{HEADLINE}\", eval samples, the CNNs' calls; sources with 10 samples or more)", "",
            *by_source(args.study), "",

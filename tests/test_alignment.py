@@ -134,6 +134,18 @@ def test_the_kind_of_text_baseline_scores_what_sources_alone_tell(tmp_path, tiny
     df[SOURCE] = np.random.default_rng(0).choice(["natural", "pattern", "planted"], len(df))
     blind = al.run_alignment(tiny_model, df, small_config(), tmp_path / "blind", progress=False)
     assert (blind["min_f1_source"] < 50).all()
+    # benchmarks/source_baseline.py recomputes it for older runs from the rows' class-grouped ids: the same
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("source_baseline", ROOT / "benchmarks" / "source_baseline.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name in ("Non-Memo, Guess, Others", "Non-Memo, Recite[5], Others"):
+        _, row = RunFolder(tmp_path / "blind").find_row(name)
+        again = script.row_baseline(row, df[["sequence_id", SOURCE]], n_boot=50, seed=0)
+        assert again["min_f1_source"] == pytest.approx(row["min_f1_source"])
+        assert again["min_f1_source_ci_low"] == pytest.approx(row["min_f1_source_ci_low"])
+    assert script.main([str(tmp_path / "nothing"), "--data", "testbed"]) == 2
 
 
 def test_source_baseline_calls_each_source_its_most_frequent_class():

@@ -1,0 +1,100 @@
+"""The kind-of-text baseline (`alignment.source_baseline_logits`) for a finished run that predates it.
+
+    python benchmarks/source_baseline.py RUN --data testbed                      # a table with a source column
+    python benchmarks/source_baseline.py RUN --corpus $MECHMEM_CACHE/testbed-pile/work/corpus   # a pile-regime corpus
+
+Runs written since record `min_f1_source` themselves. For an older run this recomputes it from what
+the run kept: each row's train and eval sequence ids, which `taxonomy.balanced_split` writes grouped
+by class (class 0's first), and each window's source (and document, for intervals over documents
+as the run's own) from the memorization table or, for the second testbed whose tables stay on the GPU
+machine, from its corpus (the same windows in the same order). Prints each row's CNN, probe and
+kind-of-text scores as Markdown, and writes RUN/source_baseline.csv unless --no-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mechmem.alignment import source_baseline_logits
+from mechmem.atomic import atomic_write
+from mechmem.cnn import score_summary
+from mechmem.data import DOCUMENT, SOURCE
+from mechmem.run import RunFolder
+
+
+def windows_of_corpus(folder: Path) -> pd.DataFrame:
+    """sequence_id, source and document of every candidate window of a pile-regime corpus."""
+    from tokenizers import Tokenizer
+
+    from mechmem.testbed.corpus import EOS, Corpus
+    from mechmem.testbed.table import HELDOUT_ID_OFFSET, document_ids
+
+    corpus = Corpus.load(folder)
+    w = corpus.windows
+    ids = w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64)
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOS)
+    return pd.DataFrame({"sequence_id": ids, SOURCE: w["source"],
+                         DOCUMENT: document_ids(ids, (corpus.train_stream, corpus.heldout_stream), eos)})
+
+
+def row_baseline(row: dict, windows: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    n = row["num_classes"]
+    train_ids, eval_ids = np.asarray(row["train_sequence_ids"]), np.asarray(row["eval_sequence_ids"])
+    if len(train_ids) % n or len(eval_ids) % n:
+        raise ValueError(f"{row['tax_name']}: sample ids are not {n} equal class groups")
+    y_train, y_eval = np.repeat(np.arange(n), len(train_ids) // n), np.repeat(np.arange(n), len(eval_ids) // n)
+    w = windows.set_index("sequence_id")
+    logits = source_baseline_logits(w.loc[train_ids, SOURCE].to_numpy(), y_train, w.loc[eval_ids, SOURCE].to_numpy(), n)
+    groups = w.loc[eval_ids, DOCUMENT].to_numpy() if DOCUMENT in w and "interval_unit" in row else None
+    b = score_summary([logits], y_eval, n_boot=n_boot, seed=seed, names=["source"], groups=groups)
+    return {"tax_name": row["tax_name"], "min_f1": row["min_f1"], "min_f1_probe": row.get("min_f1_probe"),
+            "min_f1_source": b["min_f1"], "min_f1_source_ci_low": b["min_f1_ci_low"],
+            "min_f1_source_ci_high": b["min_f1_ci_high"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path, help="a run_alignment output folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", help="the memorization table the run used (name or path), with a source column")
+    where.add_argument("--corpus", type=Path, help="a pile-regime corpus folder (work/corpus of the build)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    run = RunFolder(args.run)
+    if not run.rows_dir.is_dir():
+        print(f"source_baseline.py: no rows/ in {args.run} (give a run_alignment output folder)", file=sys.stderr)
+        return 2
+    if args.corpus is not None:
+        if not (args.corpus / "corpus.json").exists():
+            print(f"source_baseline.py: no corpus in {args.corpus}", file=sys.stderr)
+            return 2
+        windows = windows_of_corpus(args.corpus)
+    else:
+        from mechmem.data import load_memorization_data
+
+        windows = load_memorization_data(args.data)
+        if SOURCE not in windows:
+            print(f"source_baseline.py: {args.data} has no {SOURCE!r} column", file=sys.stderr)
+            return 2
+    settings = json.loads(run.settings_file.read_text()) if run.settings_file.exists() else {}
+    n_boot, seed = settings.get("n_boot", 1000), settings.get("seed", 0)  # the run's own
+    rows = [run.read_row(f.stem) for f in sorted(run.rows_dir.glob("*.json"))]
+    table = pd.DataFrame([row_baseline(r, windows, n_boot, seed) for r in rows]).sort_values("min_f1", ascending=False)
+    print("| taxonomy | CNN | probe | kind of text [95% CI] |\n|---|---|---|---|")
+    for r in table.itertuples():
+        probe = "-" if pd.isna(r.min_f1_probe) else f"{r.min_f1_probe:.1f}"
+        print(f"| {r.tax_name} | {r.min_f1:.1f} | {probe} | {r.min_f1_source:.1f} "
+              f"[{r.min_f1_source_ci_low:.1f}, {r.min_f1_source_ci_high:.1f}] |")
+    if not args.no_write:
+        atomic_write(run.path / "source_baseline.csv", lambda tmp: table.round(4).to_csv(tmp, index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
