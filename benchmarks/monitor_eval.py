@@ -8,7 +8,8 @@ Needs the testbed's training stream for the ground truth: rebuilt (about a minut
 the Python the testbed manifest names (`mechmem.testbed.membership`). See `mechmem.monitor_eval`
 for the prompt sources, the held-out rule, the ground truth and the two questions. Beside the monitor and
 the two baselines the issue names (confidence, the membership index), the same stretches go through the
-row's CNNs of every training seed, the attention-statistics probe fit on its training split, shuffled-label
+row's CNNs of every training seed, the attention-statistics probe fit on its training split, the
+kind-of-text baseline (each stretch's source, its class frequencies in that split), shuffled-label
 control CNNs (`--control-seeds` shuffles, each trained for the real CNNs' mean best epoch, no early
 stopping, last weights) and untrained CNNs; every one scored in the monitor's direction.
 Writes metrics.csv/.md (per question and method, 95% intervals resampling source documents; per seed
@@ -41,7 +42,8 @@ from mechmem.localize import run_labels  # noqa: E402
 from mechmem.models import load_model  # noqa: E402
 from mechmem.monitor import MonitorConfig, SpanClassifier, monitor  # noqa: E402
 from mechmem.monitor_eval import (EvalConfig, TrainingOverlap, by_source, evaluate,  # noqa: E402
-                                  heldout_prompts, overlapping_prompts, stretch_table, stretch_windows)
+                                  heldout_prompts, overlapping_prompts, source_probabilities, stretch_table,
+                                  stretch_windows, with_probabilities)
 from mechmem.probe import attention_statistics, train_probe  # noqa: E402
 from mechmem.run import RunFolder  # noqa: E402
 from mechmem.testbed.membership import membership_index, testbed_corpus  # noqa: E402
@@ -125,22 +127,22 @@ def probe_probabilities(run: Path, taxonomy: str, feats: torch.Tensor, table: pd
     return fit.eval_logits.exp().numpy()
 
 
+def kind_of_text_probabilities(run: Path, taxonomy: str, table: pd.DataFrame, stretch_sources: pd.Series) -> np.ndarray:
+    """The kind-of-text baseline (`monitor_eval.source_probabilities`), fit on the row's training split."""
+    folder = RunFolder(run)
+    slug, row = folder.find_row(taxonomy)
+    train_ids = folder.split(slug).train_ids
+    sources = table.set_index("sequence_id").loc[train_ids, "source"].to_numpy()
+    return source_probabilities(sources, run_labels(folder, row, train_ids, table), stretch_sources.to_numpy(),
+                                len(row["class_names"]))
+
+
 def untrained_like(cnn: AttentionCNN) -> AttentionCNN:
     """Same config and input scaling (training-split statistics) as `cnn`, fresh random weights."""
     fresh = AttentionCNN(cnn.n_layers, cnn.n_classes, cnn.config, cnn.seq_len, cnn.input_scaling)
     if cnn.input_scaling != "raw":
         fresh.layers.scale.load_state_dict(cnn.layers.scale.state_dict())
     return fresh.eval()
-
-
-def with_probabilities(df: pd.DataFrame, probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    """The stretch table with another classifier's probabilities, labels and flags."""
-    d = df.copy()
-    for j, c in enumerate(class_names):
-        d[f"p_{c}"] = probs[:, j]
-    d["label"] = np.array(class_names)[probs.argmax(1)]
-    d["flagged"] = probs.argmax(1) != class_names.index("Non-Memo")
-    return d
 
 
 def fmt(v: float) -> str:
@@ -248,7 +250,10 @@ def main(argv=None) -> int:
                                         result.class_names),
                      result.class_names, cfg.n_boot, cfg.seed)
     probe = probe[probe["method"] == "monitor (CNNs)"].assign(method="attention-statistics probe", cnns="")
-    metrics = pd.concat([metrics, probe])
+    kind = evaluate(with_probabilities(df, kind_of_text_probabilities(args.run, args.taxonomy, table, df["source"]),
+                                       result.class_names), result.class_names, cfg.n_boot, cfg.seed)
+    kind = kind[kind["method"] == "monitor (CNNs)"].assign(method="kind of text (source)", cnns="")
+    metrics = pd.concat([metrics, probe, kind])
     atomic_text(args.out / "metrics.csv", pd.concat([metrics, seeds]).to_csv(index=False))
     atomic_text(args.out / "heldout.csv", heldout.to_csv(index=False))
     sources = by_source(df, result.class_names)

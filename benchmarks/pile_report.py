@@ -163,6 +163,9 @@ def monitor(study: Path) -> list[str]:
         low, high = (float(v) for v in str(text).strip("()").split(","))
         return f"[{low:.3f}, {high:.3f}]"
 
+    baseline = study / "monitor" / "source_baseline.csv"  # the kind of text, recomputed for an older evaluation
+    if baseline.exists() and "kind of text (source)" not in set(m["method"]):
+        m = pd.concat([m, pd.read_csv(baseline)])
     lines = [f"- {r.question}, {r.method}: AUROC {r.auroc:.3f} {interval(r.auroc_ci)} ({r.n} stretches, "
              f"{r.positives} positive)" for r in m[m["kind"].isna()].itertuples()]
     for (question, kind), part in m[m["kind"].notna()].groupby(["question", "kind"], sort=False):

@@ -2,6 +2,7 @@
 
     python benchmarks/source_baseline.py RUN --data testbed                      # a table with a source column
     python benchmarks/source_baseline.py RUN --corpus $MECHMEM_CACHE/testbed-pile/work/corpus   # a pile-regime corpus
+    python benchmarks/source_baseline.py RUN --data testbed --monitor MONITOR   # and a monitor evaluation of RUN
 
 Runs written since record `min_f1_source` themselves. For an older run this recomputes it from what
 the run kept: each row's train and eval sequence ids, which `taxonomy.balanced_split` writes grouped
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--data", help="the memorization table the run used (name or path), with a source column")
     where.add_argument("--corpus", type=Path, help="a pile-regime corpus folder (work/corpus of the build)")
+    p.add_argument("--monitor", type=Path, help="also a monitor evaluation of RUN (benchmarks/monitor_eval.py's "
+                   "output): the baseline's AUROCs on its stretches, written there")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     run = RunFolder(args.run)
@@ -93,6 +96,39 @@ def main(argv=None) -> int:
               f"[{r.min_f1_source_ci_low:.1f}, {r.min_f1_source_ci_high:.1f}] |")
     if not args.no_write:
         atomic_write(run.path / "source_baseline.csv", lambda tmp: table.round(4).to_csv(tmp, index=False))
+    if args.monitor is not None:
+        return monitor_baseline(run, args.monitor, windows, args.no_write)
+    return 0
+
+
+def monitor_baseline(run: RunFolder, folder: Path, windows: pd.DataFrame, no_write: bool) -> int:
+    """The kind-of-text baseline on a monitor evaluation's stretches, beside what it already measured."""
+    from mechmem.monitor_eval import evaluate, source_probabilities, with_probabilities
+
+    if not (folder / "stretches.csv").exists():
+        print(f"source_baseline.py: no stretches.csv in {folder}", file=sys.stderr)
+        return 2
+    settings = json.loads((folder / "settings.json").read_text())
+    _, row = run.find_row(settings["taxonomy"], trained=False)
+    n = row["num_classes"]
+    train_ids = np.asarray(row["train_sequence_ids"])
+    y_train = np.repeat(np.arange(n), len(train_ids) // n)  # balanced_split's class-grouped order
+    sources = windows.set_index("sequence_id").loc[train_ids, SOURCE].to_numpy()
+    df = pd.read_csv(folder / "stretches.csv")
+    probs = source_probabilities(sources, y_train, df["source"].to_numpy(), n)
+    eval_cfg = settings.get("eval", {})
+    kind = evaluate(with_probabilities(df, probs, row["class_names"]), row["class_names"],
+                    eval_cfg.get("n_boot", 1000), eval_cfg.get("seed", 0))
+    kind = kind[kind["method"] == "monitor (CNNs)"].assign(method="kind of text (source)")
+    shipped = pd.read_csv(folder / "metrics.csv")
+    shipped = shipped[shipped["kind"].isna()] if "kind" in shipped else shipped
+    both = pd.concat([shipped, kind])
+    print("\n| question | method | AUROC [95% CI] |\n|---|---|---|")
+    for r in both.itertuples():
+        low, high = (float(v) for v in str(r.auroc_ci).strip("()").split(","))
+        print(f"| {r.question} | {r.method} | {r.auroc:.3f} [{low:.3f}, {high:.3f}] |")
+    if not no_write:
+        atomic_write(folder / "source_baseline.csv", lambda tmp: kind.to_csv(tmp, index=False))
     return 0
 
 

@@ -227,6 +227,27 @@ def at_same_rate(score: np.ndarray, n_flagged: int) -> np.ndarray:
     return flag
 
 
+def with_probabilities(df: pd.DataFrame, probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """The stretch table with another classifier's probabilities, labels and flags."""
+    d = df.copy()
+    for j, c in enumerate(class_names):
+        d[f"p_{c}"] = probs[:, j]
+    d["label"] = np.array(class_names)[probs.argmax(1)]
+    d["flagged"] = probs.argmax(1) != class_names.index("Non-Memo")
+    return d
+
+
+def source_probabilities(train_sources: np.ndarray, train_labels: np.ndarray, stretch_sources: np.ndarray,
+                         n_classes: int) -> np.ndarray:
+    """The kind-of-text baseline for the monitor: each stretch gets the class frequencies of its
+    source among the row's training samples (`alignment.source_baseline_logits`; a stretch's source
+    "planted[1-5]" is the table's "planted"). [stretch, class] probabilities."""
+    from mechmem.alignment import source_baseline_logits
+
+    kinds = np.array([str(s).split("[")[0] for s in stretch_sources])
+    return source_baseline_logits(np.asarray(train_sources), np.asarray(train_labels), kinds, n_classes).exp().numpy()
+
+
 def evaluate(df: pd.DataFrame, class_names: list[str], n_boot: int = 1000, seed: int = 0,
              group: str = "source_id") -> pd.DataFrame:
     """The two questions, for the monitor and its baselines: one row per (question, method).

@@ -167,3 +167,29 @@ def test_evaluate_asks_both_questions():
     assert conf["auroc_ci"] == (pytest.approx(15 / 16), pytest.approx(15 / 16))
     src = by_source(df.assign(source=["x"] * 4 + ["y"] * 4, label="Non-Memo"), ["Non-Memo", "Guess", "Others"])
     assert src.set_index("source")["documents"].to_dict() == {"x": 3, "y": 3}
+
+
+def test_the_kind_of_text_baseline_scores_stretches_by_their_source():
+    """Each stretch gets its source's class frequencies on the row's training split ("planted[1-5]" is
+    the table's "planted"); through evaluate, like any classifier: where the source is the answer it
+    is perfect, where every stretch shares one source it ranks nothing (AUROC 0.5)."""
+    from mechmem.monitor_eval import source_probabilities, with_probabilities
+
+    names = ["Non-Memo", "Guess", "Others"]
+    train_sources = np.array(["stdlib"] * 4 + ["pattern"] * 4 + ["planted"] * 4)
+    train_labels = np.repeat([0, 1, 2], 4)
+    probs = source_probabilities(train_sources, train_labels, np.array(["planted[1-5]", "pattern", "stdlib", "x"]), 3)
+    assert probs.argmax(1).tolist() == [2, 1, 0, 0]  # an unseen source: the first class
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    df = pd.DataFrame({"source_id": np.arange(6), "recited": [1, 1, 1, 0, 0, 0], "guessable": [1, 0, 0, 0, 0, 0],
+                       "mean_logprob": np.zeros(6),
+                       "source": ["pattern", "planted[6-50]", "planted[1-5]", "stdlib", "stdlib", "stdlib"]}
+                      ).astype({"recited": bool, "guessable": bool})
+    told = evaluate(with_probabilities(df, source_probabilities(train_sources, train_labels, df["source"], 3), names),
+                    names, n_boot=0).set_index(["question", "method"])
+    assert told.loc[("recited vs not", "monitor (CNNs)"), "auroc"] == 1.0
+    assert told.loc[("Guess vs Recall (recited)", "monitor (CNNs)"), "auroc"] == 1.0
+    same = df.assign(source="stdlib")
+    blind = evaluate(with_probabilities(same, source_probabilities(train_sources, train_labels, same["source"], 3), names),
+                     names, n_boot=0).set_index(["question", "method"])
+    assert blind.loc[("recited vs not", "monitor (CNNs)"), "auroc"] == 0.5

@@ -463,6 +463,7 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     assert "recited vs not, confidence (mean log-prob): AUROC 0.930 [0.895, 0.955]" in text
     assert "Guess vs Recall (recited), monitor (CNNs): AUROC 0.979 [0.936, 1.000]" in text
     assert "untrained CNNs (initialisations): AUROC mean 0.784" in text
+    assert "Guess vs Recall (recited), kind of text (source): AUROC 0.380 [0.213, 0.574]" in text
     assert "the checkpoint study did not run" in text and "no seed spread" in text
     assert "localization did not run" in text and "the ablation did not run" in text
     assert "no grid/by_source.csv" in text
