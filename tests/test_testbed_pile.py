@@ -427,6 +427,8 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     for path in ("localize/heads.csv", "ablate/ablation.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"):
         assert (out / path).stat().st_size > 0, path
     assert pd.read_csv(out / "seeds" / "alignment.csv")["min_f1_seed_sd"].notna().all()  # the headline row, 2 seeds
+    assert grid["min_f1_source"].between(0, 100).all() and (out / "grid" / "by_source.csv").stat().st_size > 0
+    assert "kind of text (source)" in set(pd.read_csv(out / "monitor" / "metrics.csv")["method"])
     assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
     with tarfile.open(out / "summary.tgz") as tgz:
         assert {"grid/alignment.csv", "localize/heads.csv", "ablate/ablation.csv", "seeds/alignment.csv",
@@ -437,6 +439,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| **Non-Memo, Guess, Others** |" in report.stdout and "| taxonomy | step3000 |" in report.stdout
     assert "over 2 training seeds, seed sd" in report.stdout
+    assert "| kind of text |" in report.stdout and "| true class | source | samples |" in report.stdout
 
 
 def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
