@@ -56,7 +56,7 @@ def row_baseline(row: dict, windows: pd.DataFrame, n_boot: int, seed: int) -> di
     b = score_summary([logits], y_eval, n_boot=n_boot, seed=seed, names=["source"], groups=groups)
     return {"tax_name": row["tax_name"], "min_f1": row["min_f1"], "min_f1_probe": row.get("min_f1_probe"),
             "min_f1_source": b["min_f1"], "min_f1_source_ci_low": b["min_f1_ci_low"],
-            "min_f1_source_ci_high": b["min_f1_ci_high"]}
+            "min_f1_source_ci_high": b["min_f1_ci_high"], "beyond_source": bool(row["min_f1_ci_low"] > b["min_f1"])}
 
 
 def main(argv=None) -> int:
@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     n_boot, seed = settings.get("n_boot", 1000), settings.get("seed", 0)  # the run's own
     rows = [run.read_row(f.stem) for f in sorted(run.rows_dir.glob("*.json"))]
     table = pd.DataFrame([row_baseline(r, windows, n_boot, seed) for r in rows]).sort_values("min_f1", ascending=False)
-    print("| taxonomy | CNN | probe | kind of text [95% CI] |\n|---|---|---|---|")
+    print("| taxonomy | CNN | probe | kind of text [95% CI] | CNN's interval above it |\n|---|---|---|---|---|")
     for r in table.itertuples():
         probe = "-" if pd.isna(r.min_f1_probe) else f"{r.min_f1_probe:.1f}"
         print(f"| {r.tax_name} | {r.min_f1:.1f} | {probe} | {r.min_f1_source:.1f} "
-              f"[{r.min_f1_source_ci_low:.1f}, {r.min_f1_source_ci_high:.1f}] |")
+              f"[{r.min_f1_source_ci_low:.1f}, {r.min_f1_source_ci_high:.1f}] | {'yes' if r.beyond_source else 'no'} |")
     if not args.no_write:
         atomic_write(run.path / "source_baseline.csv", lambda tmp: table.round(4).to_csv(tmp, index=False))
     if args.monitor is not None:

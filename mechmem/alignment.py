@@ -66,7 +66,7 @@ CONTROL_COLUMNS = ["min_f1_chance", "min_f1_null_p95", "min_f1_control", "min_f1
                    "paper_12b_min_f1"]
 # Where the table has a `source` column: the kind-of-text baseline (`source_baseline_logits`), what
 # knowing only where each window comes from scores on the same split.
-SOURCE_COLUMNS = ["min_f1_source", "min_f1_source_ci_low", "min_f1_source_ci_high"]
+SOURCE_COLUMNS = ["min_f1_source", "min_f1_source_ci_low", "min_f1_source_ci_high", "beyond_source"]
 SEED_COLUMN = "min_f1_seed_sd"  # with cnn_seeds > 1: the spread of min F1 over training seeds
 CONTROL_SEED_COLUMN = "min_f1_control_seed_sd"  # with control_seeds > 1: the controls' spread over shuffles
 
@@ -371,7 +371,8 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
         labels = np.asarray(task.labels)
         baseline = source_baseline_logits(df[SOURCE].to_numpy()[train_pos], labels[task.train_idx], sources, n_classes)
         b = score_summary([baseline], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["source"], groups=groups)
-        summary |= dict(zip(SOURCE_COLUMNS, (b["min_f1"], b["min_f1_ci_low"], b["min_f1_ci_high"])))
+        summary |= dict(zip(SOURCE_COLUMNS, (b["min_f1"], b["min_f1_ci_low"], b["min_f1_ci_high"],
+                                             bool(summary["min_f1_ci_low"] > b["min_f1"]))))  # CNN's interval above it
     RunFolder(out).write_row(row.slug, {
         "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
@@ -590,6 +591,8 @@ def ranking_text(table: pd.DataFrame, markdown: bool = False) -> str:
                   f"| control {get('min_f1_control')}",
                   f"| chance {get('min_f1_chance', '4.1f')}", f"| paper {get('paper_12b_min_f1', '4.1f', ' -  ')}"]
         flag = f"  NOT ALIGNED ({why})" if (why := not_aligned_reason(r)) else ""
+        if r.get("beyond_source") is False:
+            flag += "  (within the kind-of-text baseline)"
         tie = f"  ~ {','.join(map(str, ties))}" if ties else ""
         lines.append(" ".join(parts) + f"  {r['tax_name']}{flag}{tie}")
     text = "\n".join(lines)

@@ -129,6 +129,7 @@ def test_the_kind_of_text_baseline_scores_what_sources_alone_tell(tmp_path, tiny
     table = al.run_alignment(tiny_model, df, small_config(), tmp_path / "told", progress=False)
     guess = table.set_index("tax_name").loc["Non-Memo, Guess, Others"]
     assert guess["min_f1_source"] == 100.0 and guess["min_f1_source_ci_low"] == 100.0
+    assert not guess["beyond_source"] and "(within the kind-of-text baseline)" in (tmp_path / "told" / "alignment.md").read_text()
     assert "min_f1_source" in pd.read_csv(tmp_path / "told" / "alignment.csv").columns
     assert "| source 100.0" in (tmp_path / "told" / "alignment.md").read_text()
     df[SOURCE] = np.random.default_rng(0).choice(["natural", "pattern", "planted"], len(df))
