@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["shared", "paper"], default="shared",
                    help="shared: every taxonomy draws from one seeded ranking, so one small feature "
                         "extraction serves all (default); paper: the paper's per-class draws")
+    p.add_argument("--match-source", action="store_true",
+                   help="draw Non-Memo with the memorized classes' mix of the table's source column, so that "
+                        "the kind of text no longer tells the classes apart (tables with a source column)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/alignment-GRID)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -195,12 +198,15 @@ def run(args) -> int:
                           patience=args.patience, seed=args.seed, device=args.device, precision=args.cnn_precision,
                           fft={"auto": None, "fft": True, "direct": False}[args.cnn_conv]),
         extraction_batch_size=args.batch_size, chunk_size=args.chunk_size, n_boot=args.n_boot, seed=args.seed,
-        split=args.split, cnn_seeds=seeds, controls=not args.no_controls, control_seeds=args.control_seeds,
+        split=args.split, match_source=args.match_source, cnn_seeds=seeds, controls=not args.no_controls,
+        control_seeds=args.control_seeds,
         null_permutations=args.null_permutations, probe=not args.no_probe, probe_fit=args.probe_fit,
         sweep=al.sweep_rows() if args.rouge_sweep else (),
     )
     al.check_resume(out, cfg)  # before config.json is rewritten: a refused resume changes nothing
     df = load_memorization_data(args.data)
+    if args.match_source and "source" not in df.columns:
+        raise cli.CliError(f"--match-source needs a 'source' column; {args.data} has none")
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                        compatibility_mode=not args.no_compatibility_mode)
     check_vocab(df, model.cfg.d_vocab)

@@ -94,14 +94,18 @@ class Plan:
 
 
 def plan_rows(df: pd.DataFrame, rows: Sequence[Row], train_per_class: int, eval_per_class: int, seed: int,
-              scheme: str = "shared") -> Plan:
-    """Label and split every row; rows with a class too small are skipped with the reason."""
+              scheme: str = "shared", match_source: bool = False) -> Plan:
+    """Label and split every row; rows with a class too small are skipped with the reason. With
+    `match_source`, Non-Memo is drawn with the memorized classes' mix of `df[SOURCE]`."""
+    if match_source and SOURCE not in df.columns:
+        raise ValueError(f"match_source needs a {SOURCE!r} column in the memorization table; this one has none")
+    match = df[SOURCE].to_numpy() if match_source else None
     plan = Plan()
     for row in rows:
         labels = row.labels(df)
         try:
             tr, ev = tx.balanced_split(labels, len(row.class_names()), train_per_class, eval_per_class, seed,
-                                       class_names=row.class_names(), scheme=scheme)
+                                       class_names=row.class_names(), scheme=scheme, match=match)
         except tx.NotEnoughSamples as err:
             plan.skipped[row] = str(err)
             continue
@@ -168,7 +172,7 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
     progress = progress and main
     check_resume(out, cfg)
     all_rows = tuple(dict.fromkeys(cfg.rows + cfg.sweep))
-    plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split)
+    plan = plan_rows(df, all_rows, cfg.train_per_class, cfg.eval_per_class, cfg.seed, cfg.split, cfg.match_source)
     for row, reason in plan.skipped.items():
         if main:
             logger.info("skipped %s: %s", row.name, reason)

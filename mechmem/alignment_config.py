@@ -57,6 +57,9 @@ class AlignmentConfig:
     extraction_batch_size: int | None = None  # None: the largest that fits in free GPU memory (64 on cpu)
     chunk_size: int = 1024  # samples per feature-store chunk: the unit of resume, and of work between ranks
     split: str = "shared"  # "shared": taxonomies draw from one seeded ranking (one small extraction); "paper"
+    # Draw Non-Memo with the memorized classes' mix of the table's `source` column
+    # (`taxonomy.balanced_split(match=)`): the kind of text then no longer tells it apart.
+    match_source: bool = False
     n_boot: int = 1000
     seed: int = 0
     sweep: tuple[Row, ...] = ()  # ROUGE-threshold sweep rows, trained on the same features

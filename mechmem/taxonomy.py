@@ -313,7 +313,8 @@ def class_counts(labels: npt.ArrayLike, n_classes: int) -> np.ndarray:
 
 
 def balanced_split(labels: npt.ArrayLike, n_classes: int, train_per_class: int, eval_per_class: int, seed: int = 0,
-                   *, class_names: Sequence[str] | None = None, scheme: str = "paper") -> tuple[np.ndarray, np.ndarray]:
+                   *, class_names: Sequence[str] | None = None, scheme: str = "paper",
+                   match: npt.ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, class-balanced draw without replacement: per class, `train_per_class` +
     `eval_per_class` positions, the first ones for training. Same scheme as the paper (one
     `RandomState(seed)`, classes in order), so the same frame gives the same samples.
@@ -321,6 +322,11 @@ def balanced_split(labels: npt.ArrayLike, n_classes: int, train_per_class: int, 
     `scheme="shared"` instead ranks all samples once by a seeded random priority and gives each
     class its highest-ranked members: taxonomies over the same table then draw largely the same
     samples, so one feature extraction serves them all (what the alignment runner uses).
+
+    `match` (one group per sample, e.g. each window's source): the first class (Non-Memo in every
+    paper row) is drawn last, with the pooled group mix of the other classes' draws (quotas by largest
+    remainder; a group with too few members gives its shortfall to the others, by the same ranking),
+    so that the kind of text no longer tells it from the memorized classes.
 
     Returns (train_idx, eval_idx), positions into `labels`, grouped by class. Raises
     NotEnoughSamples naming every class that is too small.
@@ -341,13 +347,33 @@ def balanced_split(labels: npt.ArrayLike, n_classes: int, train_per_class: int, 
         raise ValueError(f"unknown split scheme {scheme!r}; use 'paper' or 'shared'")
     rng = np.random.RandomState(seed)
     priority = rng.permutation(len(labels)) if scheme == "shared" else None
-    train, evals = [], []
-    for c in range(n_classes):
+    chosen: dict[int, np.ndarray] = {}
+    for c in (list(range(1, n_classes)) + [0]) if match is not None else range(n_classes):
         members = np.flatnonzero(labels == c)
-        if priority is None:
-            chosen = rng.choice(members, size=need, replace=False)
+        if match is not None and c == 0:
+            chosen[c] = _matched(members, np.asarray(match), np.concatenate([chosen[k] for k in range(1, n_classes)]),
+                                 need, priority if priority is not None else rng.permutation(len(labels)))
+        elif priority is None:
+            chosen[c] = rng.choice(members, size=need, replace=False)
         else:  # the class's highest-priority members: every taxonomy draws from one ranking
-            chosen = members[np.argsort(priority[members], kind="stable")[:need]]
-        train.append(chosen[:train_per_class])
-        evals.append(chosen[train_per_class:])
+            chosen[c] = members[np.argsort(priority[members], kind="stable")[:need]]
+    train = [chosen[c][:train_per_class] for c in range(n_classes)]
+    evals = [chosen[c][train_per_class:] for c in range(n_classes)]
     return np.concatenate(train), np.concatenate(evals)
+
+
+def _matched(members: np.ndarray, groups: np.ndarray, target: np.ndarray, need: int, priority: np.ndarray) -> np.ndarray:
+    """`need` of `members` with the group mix of `target` (largest-remainder quotas, each group's
+    highest-priority members; a short group's shortfall filled from the rest by priority), each
+    group spread evenly through the order, so that the train/eval cut takes every group alike."""
+    names, counts = np.unique(groups[target], return_counts=True)
+    exact = need * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[:need - quota.sum()]] += 1
+    ranked = members[np.argsort(priority[members], kind="stable")]
+    parts = [ranked[groups[ranked] == g][:q] for g, q in zip(names, quota)]
+    taken = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    parts.append(ranked[~np.isin(ranked, taken)][:need - len(taken)])
+    out = np.concatenate(parts)
+    place = np.concatenate([(np.arange(len(part)) + 0.5) / max(len(part), 1) for part in parts])  # each group's j-th of n at (j + 0.5) / n
+    return out[np.argsort(place, kind="stable")]

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,32 @@ def test_the_kind_of_text_baseline_scores_what_sources_alone_tell(tmp_path, tiny
     assert script.main([str(tmp_path / "nothing"), "--data", "testbed"]) == 2
 
 
+def test_a_matched_run_draws_non_memo_like_the_memorized_classes(tmp_path, tiny_model):
+    """match_source: Non-Memo takes the memorized classes' source mix, so the kind-of-text baseline
+    can no longer use it to find Non-Memo (its score falls); a table without sources is refused."""
+    from mechmem.data import SOURCE
+
+    df = synthetic_frame()
+    kind = np.arange(len(df)) % 3
+    rng = np.random.default_rng(0)  # each class mostly its own kind of text: Non-Memo natural, Guess pattern, Others planted
+    mix = np.array([[0.6, 0.2, 0.2], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])[kind]
+    df[SOURCE] = np.array(["natural", "pattern", "planted"])[(rng.random(len(df))[:, None] > mix.cumsum(1)).sum(1)]
+    cfg = replace(small_config(), rows=(al.Row("merge_2_other_guess_recollect_recite", 5),))
+    plain = al.run_alignment(tiny_model, df, cfg, tmp_path / "plain", progress=False)
+    matched = al.run_alignment(tiny_model, df, replace(cfg, match_source=True), tmp_path / "matched", progress=False)
+    row = RunFolder(tmp_path / "matched").read_row("merge_2_other_guess_recollect_recite_t5")
+    ids = np.asarray(row["train_sequence_ids"] + row["eval_sequence_ids"])
+    source = df.set_index("sequence_id").loc[ids, SOURCE].to_numpy()
+    assert len(ids) == 3 * (12 + 8)  # train ids then eval ids, each grouped by class
+    non_memo = np.r_[source[:12], source[36:36 + 8]]  # class 0's train and eval parts
+    memorized = np.delete(source, np.r_[0:12, 36:44])
+    for kind_of_text in ("natural", "pattern", "planted"):
+        assert abs(np.mean(non_memo == kind_of_text) - np.mean(memorized == kind_of_text)) < 0.1
+    assert plain["min_f1_source"].iloc[0] > 40 and matched["min_f1_source"].iloc[0] < 20
+    with pytest.raises(ValueError, match="source"):
+        al.plan_rows(synthetic_frame(), cfg.rows, 12, 8, 0, match_source=True)
+
+
 def test_source_baseline_calls_each_source_its_most_frequent_class():
     logits = al.source_baseline_logits(np.array(["a", "a", "a", "b", "b"]), np.array([0, 1, 1, 2, 2]),
                                        np.array(["b", "a", "c"]), 3)
@@ -294,6 +321,7 @@ def _cli(*args):
     (["--cnn-precision", "fp8"], "fp8"),
     (["--cnn-seeds", "0"], "--cnn-seeds"),
     (["--data", "missing.parquet", "--model", "{model}"], "missing.parquet"),
+    (["--data", "{data}", "--model", "{model}", "--match-source"], "needs a 'source' column"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_checkpoint, capsys):
     data = tmp_path / "memo.parquet"

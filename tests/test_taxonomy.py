@@ -260,3 +260,33 @@ def test_shared_split_draws_one_ranking_across_taxonomies():
     assert not np.array_equal(np.sort(paper_a[0]), np.sort(tr_a))
     with pytest.raises(ValueError, match="scheme"):
         balanced_split(a, 3, 40, 20, seed=0, scheme="nested")
+
+
+@pytest.mark.parametrize("scheme", ["shared", "paper"])
+def test_a_matched_split_draws_non_memo_with_the_memorized_classes_source_mix(scheme):
+    """match=: Non-Memo (class 0) takes the pooled source mix of the other classes' draws (largest
+    remainder), a short source's shortfall from the rest; train and eval both get every source; the
+    other classes are drawn as without it; no sample twice."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(600, int), np.ones(200, int), np.full(200, 2)]
+    source = np.r_[np.where(rng.random(600) < 0.9, "natural", "pattern"),  # Non-Memo: mostly natural
+                   np.where(rng.random(200) < 0.8, "pattern", "natural"),  # class 1: mostly pattern
+                   np.array(["planted"] * 30 + ["natural"] * 170)]          # class 2: some planted (Non-Memo has none)
+    tr, ev = tx.balanced_split(labels, 3, 40, 20, seed=1, scheme=scheme, match=source)
+    assert len(set(tr) | set(ev)) == len(tr) + len(ev) == 180
+    non_memo = np.r_[tr[:40], ev[:20]]
+    others = np.r_[tr[40:], ev[20:]]
+    assert (labels[non_memo] == 0).all() and (labels[others] > 0).all()
+    want = {g: int(n) for g, n in zip(*np.unique(source[others], return_counts=True))}
+    got = {g: int(n) for g, n in zip(*np.unique(source[non_memo], return_counts=True))}
+    # pattern and natural as the memorized classes have them; planted's share (Non-Memo has none) goes
+    # to the others by priority
+    assert "planted" not in got and sum(got.values()) == 60
+    for g in ("pattern", "natural"):  # at least its quota: 60 x its share among the 120 memorized
+        assert got[g] >= 60 * want[g] // 120
+    assert got["pattern"] + got["natural"] - 60 * (want["pattern"] + want["natural"]) // 120 <= want["planted"] // 2 + 1
+    unmatched_tr, _ = tx.balanced_split(labels, 3, 40, 20, seed=1, scheme=scheme)
+    assert (np.mean(source[unmatched_tr[:40]] == "pattern") < 0.3) and (np.mean(source[tr[:40]] == "pattern") > 0.3)
+    assert {"natural", "pattern"} <= set(source[ev[:20]])  # the eval part is not one source's leftovers
+    if scheme == "shared":  # the memorized classes are drawn as without matching
+        np.testing.assert_array_equal(np.sort(tr[40:]), np.sort(unmatched_tr[40:]))
