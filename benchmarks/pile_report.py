@@ -4,13 +4,14 @@
 
 Reads what `benchmarks/pile_study.sh` wrote (grid/alignment.csv, grid/paper_agreement.json,
 grid/source_baseline.csv where `source_baseline.py` added the kind-of-text baseline to an older run,
-grid/by_source.csv, seeds/alignment.csv, localize/{layers,heads}.csv, ablate/ablation.csv, monitor/metrics.csv,
+grid/by_source.csv, seeds/alignment.csv, matched/alignment.csv, localize/{layers,heads}.csv, ablate/ablation.csv, monitor/metrics.csv,
 checkpoints/checkpoints_min_f1.csv; a missing part is said so) and prints:
 the grid's feasible rows with interval, probe, null, control, kind-of-text baseline where known, the first testbed's score on the same
 row (its interval, rank among its rows, probe) and the paper's 12B figure; the headline row's rank,
 Spearman with the paper (this testbed, and the first testbed over the same rows), CNN against probe;
 what the CNNs called the headline row's eval samples of each source;
-the seed spread of the rows trained again with several seeds; each class's top layers and heads and
+the seed spread of the rows trained again with several seeds; the same rows with Non-Memo matched by
+source; each class's top layers and heads and
 what ablating them did against random heads; the monitor's AUROCs; min F1 across checkpoints. The
 interpretation stays the report's own.
 """
@@ -104,6 +105,21 @@ def by_source(study: Path, row: str = HEADLINE, min_n: int = 10) -> list[str]:
              "|---|---|---|" + "---|" * len(called)]
     for (true, source, n), r in wide.iterrows():
         lines.append(f"| {true} | {source} | {n} | " + " | ".join(f"{100 * r[c]:.1f}%" for c in called) + " |")
+    return lines
+
+
+def matched(study: Path, grid: pd.DataFrame) -> list[str]:
+    """The rows again with Non-Memo drawn like the memorized classes (--match-source), beside the grid's."""
+    path = study / "matched" / "alignment.csv"
+    if not path.exists():
+        return ["- no matched/alignment.csv (pile_study.sh's matched step did not run)"]
+    lines = []
+    for r in pd.read_csv(path).itertuples():
+        plain = grid.loc[grid["tax_name"] == r.tax_name, "min_f1"]
+        was = f" (as drawn: {plain.iloc[0]:.1f})" if len(plain) else ""
+        kind = f", kind of text {r.min_f1_source:.1f}" if hasattr(r, "min_f1_source") else ""
+        lines.append(f"- {r.tax_name}: {r.min_f1:.1f} [{r.min_f1_ci_low:.1f}, {r.min_f1_ci_high:.1f}]{was}; probe "
+                     f"{r.min_f1_probe:.1f}{kind}, null {r.min_f1_null_p95:.1f}, control {r.min_f1_control:.1f}")
     return lines
 
 
@@ -223,6 +239,7 @@ def main(argv=None) -> int:
            f"**By source** (\"{HEADLINE}\", eval samples, the CNNs' calls; sources with 10 samples or more)", "",
            *by_source(args.study), "",
            "**Seed spread**", "", *seeds(args.study), "",
+           "**Non-Memo matched by source** (`--match-source`)", "", *matched(args.study, grid), "",
            "**Localization**", "", *localization(args.study), "",
            "**Ablation** (localized heads against random ones, difference [95% CI])", "", *ablation(args.study), "",
            "**Monitor**", "", *monitor(args.study), "", "**Checkpoints** (min F1 [95% CI], probe, control)", "", *checkpoints(args.study)]

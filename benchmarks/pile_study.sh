@@ -10,6 +10,8 @@
 #    against random heads (OUT/localize, OUT/ablate);
 # 2b. the seed spread the grid (one seed) lacks: SEED_TAXONOMIES ("A;B", default the headline row) again
 #    with SEEDS training seeds (default 3) at the grid's sizes (OUT/seeds; skipped when GRID_SEEDS >= 3);
+# 2c. the same rows with Non-Memo drawn like the memorized classes (--match-source: the kind of text no
+#    longer tells it apart), one seed, at the grid's sizes (OUT/matched);
 # 3. the quick preset on every checkpoint (REVISIONS="step64 step128 ..." picks some; CK_TRAIN_PER_CLASS,
 #    CK_EVAL_PER_CLASS its sizes, default 300 + 150), each with the labels its build gave it
 #    (OUT/checkpoints, checkpoints.png: alignment across training);
@@ -17,9 +19,9 @@
 #    the membership index (OUT/monitor, benchmarks/monitor_eval.py): the longest step (~3 min on an
 #    H100), after the checkpoints in their lane.
 # GRID_TAXONOMIES="A;B": only these rows in the grid (a rehearsal's; default the paper's 54).
-# STEPS="grid checkpoints ...": only these steps (default all six), e.g. STEPS=checkpoints for the
+# STEPS="grid checkpoints ...": only these steps (default all seven), e.g. STEPS=checkpoints for the
 # checkpoint trend alone on a rebuild whose grid is already reported.
-# After the grid, two lanes run side by side on the one GPU: 2 and 2b in one, 3 then 4 in the other
+# After the grid, two lanes run side by side on the one GPU: 2, 2b and 2c in one, 3 then 4 in the other
 # (their steps leave the GPU idle between small kernels, which the other lane's can fill: on an H100
 # the second build's lanes took 225 s for steps that add to 378 s).
 # A step that fails is reported and the next one runs (the script then exits 1). After each step
@@ -46,7 +48,7 @@ step() {  # step LABEL COMMAND...: run it (unless STEPS leaves it out), say how 
 
 summary() {  # OUT/summary.tgz from what is there now (a part file per process: the lanes write it too)
     local parts=() part="$out/summary.tgz.part.$BASHPID"
-    for d in grid localize ablate seeds monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
+    for d in grid localize ablate seeds matched monitor checkpoints; do [ -d "$out/$d" ] && parts+=("$d"); done
     [ ${#parts[@]} -gt 0 ] || return 0
     tar czf "$part" --warning=no-file-changed --exclude=features --exclude=cnns --exclude='*.parquet' --exclude='*.npz' \
         --exclude='*.safetensors' --exclude='*.pt' -C "$out" "${parts[@]}" && mv "$part" "$out/summary.tgz"
@@ -71,6 +73,8 @@ step grid alignment grid "${GRID_SEEDS:-1}" "${taxonomies[@]}"
         IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
         step seeds alignment seeds "${SEEDS:-3}" --taxonomies "${seed_rows[@]}"
     fi
+    IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
+    step matched alignment matched 1 --taxonomies "${seed_rows[@]}" --match-source
     exit $failed
 ) &
 lane1=$!

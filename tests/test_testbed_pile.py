@@ -368,12 +368,12 @@ def test_the_study_runs_only_the_steps_asked_for(tmp_path):
 
     out, ran = study("grid checkpoints")
     assert ran == ["experiments/run_alignment.py", "experiments/checkpoints.py"]
-    assert all(f"== {s} skipped (STEPS)" in out for s in ("localize", "ablate", "seeds", "monitor"))
+    assert all(f"== {s} skipped (STEPS)" in out for s in ("localize", "ablate", "seeds", "matched", "monitor"))
     assert "grid skipped" not in out and "checkpoints skipped" not in out
-    _, ran = study(None)  # unset: every step
+    _, ran = study(None)  # unset: every step (the grid, seeds and matched are run_alignment.py)
     assert sorted(ran) == sorted(["experiments/run_alignment.py", "experiments/localize.py", "experiments/ablate_heads.py",
-                                  "experiments/run_alignment.py", "experiments/checkpoints.py",
-                                  "benchmarks/monitor_eval.py"])
+                                  "experiments/run_alignment.py", "experiments/run_alignment.py",
+                                  "experiments/checkpoints.py", "benchmarks/monitor_eval.py"])
 
 
 def test_the_waiting_call_mirrors_results_and_stops_when_the_job_is_done(tmp_path):
@@ -424,7 +424,8 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     grid = pd.read_csv(out / "grid" / "alignment.csv")
     assert set(grid["tax_name"]) == {"Non-Memo, Guess, Others", "Non-Memo, Recite[50], Others"}
     assert grid["interval_unit"].str.startswith("documents").all()
-    for path in ("localize/heads.csv", "ablate/ablation.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv"):
+    for path in ("localize/heads.csv", "ablate/ablation.csv", "monitor/metrics.csv", "checkpoints/checkpoints.csv",
+                 "matched/alignment.csv"):
         assert (out / path).stat().st_size > 0, path
     assert pd.read_csv(out / "seeds" / "alignment.csv")["min_f1_seed_sd"].notna().all()  # the headline row, 2 seeds
     assert grid["min_f1_source"].between(0, 100).all() and (out / "grid" / "by_source.csv").stat().st_size > 0
@@ -440,6 +441,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert "| **Non-Memo, Guess, Others** |" in report.stdout and "| taxonomy | step3000 |" in report.stdout
     assert "over 2 training seeds, seed sd" in report.stdout
     assert "| kind of text |" in report.stdout and "| true class | source | samples |" in report.stdout
+    assert "- Non-Memo, Guess, Others: " in report.stdout.split("Non-Memo matched by source")[1]
 
 
 def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
@@ -469,7 +471,7 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     assert "Guess vs Recall (recited), kind of text (source): AUROC 0.380 [0.213, 0.574]" in text
     assert "the checkpoint study did not run" in text and "no seed spread" in text
     assert "localization did not run" in text and "the ablation did not run" in text
-    assert "no grid/by_source.csv" in text
+    assert "no grid/by_source.csv" in text and "no matched/alignment.csv" in text
     pd.DataFrame({"tax_name": "Non-Memo, Guess, Others", "classifier": ["CNNs"] * 4 + ["probe"], "true": "Non-Memo",
                   "source": ["pattern", "pattern", "stdlib", "stdlib", "pattern"], "n": [20, 20, 30, 30, 20],
                   "called": ["Non-Memo", "Guess", "Non-Memo", "Guess", "Guess"], "share": [0.25, 0.75, 1.0, 0.0, 0.5],
