@@ -69,11 +69,10 @@ step grid alignment grid "${GRID_SEEDS:-1}" "${taxonomies[@]}"
     step localize python3 experiments/localize.py --run "$out/grid" --taxonomy "Non-Memo, Guess, Others" \
         --device "$dev" --quiet --out "$out/localize"
     step ablate python3 experiments/ablate_heads.py --localization "$out/localize" --device "$dev" --quiet --out "$out/ablate"
+    IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
     if [ "${GRID_SEEDS:-1}" -lt 3 ]; then
-        IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
         step seeds alignment seeds "${SEEDS:-3}" --taxonomies "${seed_rows[@]}"
     fi
-    IFS=';' read -ra seed_rows <<< "${SEED_TAXONOMIES:-Non-Memo, Guess, Others}"
     step matched alignment matched 1 --taxonomies "${seed_rows[@]}" --match-source
     exit $failed
 ) &

@@ -30,29 +30,31 @@ from mechmem.run import RunFolder
 
 
 def windows_of_corpus(folder: Path) -> pd.DataFrame:
-    """sequence_id, source and document of every candidate window of a pile-regime corpus."""
+    """sequence_id, document and source of every candidate window of a pile-regime corpus."""
     from tokenizers import Tokenizer
 
     from mechmem.testbed.corpus import EOS, Corpus
-    from mechmem.testbed.table import HELDOUT_ID_OFFSET, document_ids
+    from mechmem.testbed.pile_regime import window_identities
 
-    corpus = Corpus.load(folder)
-    w = corpus.windows
-    ids = w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64)
-    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOS)
-    return pd.DataFrame({"sequence_id": ids, SOURCE: w["source"],
-                         DOCUMENT: document_ids(ids, (corpus.train_stream, corpus.heldout_stream), eos)})
+    return window_identities(Corpus.load(folder), Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOS))
+
+
+def class_grouped(ids: list[int], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row's sample ids and their classes: `taxonomy.balanced_split` writes them grouped by class,
+    class 0's first, as many of each."""
+    ids = np.asarray(ids)
+    if len(ids) % n_classes:
+        raise ValueError(f"{len(ids)} sample ids are not {n_classes} equal class groups")
+    return ids, np.repeat(np.arange(n_classes), len(ids) // n_classes)
 
 
 def row_baseline(row: dict, windows: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """`windows`: indexed by sequence_id, with a source (and, for intervals over documents, a document) column."""
     n = row["num_classes"]
-    train_ids, eval_ids = np.asarray(row["train_sequence_ids"]), np.asarray(row["eval_sequence_ids"])
-    if len(train_ids) % n or len(eval_ids) % n:
-        raise ValueError(f"{row['tax_name']}: sample ids are not {n} equal class groups")
-    y_train, y_eval = np.repeat(np.arange(n), len(train_ids) // n), np.repeat(np.arange(n), len(eval_ids) // n)
-    w = windows.set_index("sequence_id")
-    logits = source_baseline_logits(w.loc[train_ids, SOURCE].to_numpy(), y_train, w.loc[eval_ids, SOURCE].to_numpy(), n)
-    groups = w.loc[eval_ids, DOCUMENT].to_numpy() if DOCUMENT in w and "interval_unit" in row else None
+    (train_ids, y_train), (eval_ids, y_eval) = (class_grouped(row[f"{part}_sequence_ids"], n) for part in ("train", "eval"))
+    logits = source_baseline_logits(windows.loc[train_ids, SOURCE].to_numpy(), y_train,
+                                    windows.loc[eval_ids, SOURCE].to_numpy(), n)
+    groups = windows.loc[eval_ids, DOCUMENT].to_numpy() if DOCUMENT in windows and "interval_unit" in row else None
     b = score_summary([logits], y_eval, n_boot=n_boot, seed=seed, names=["source"], groups=groups)
     return {"tax_name": row["tax_name"], "min_f1": row["min_f1"], "min_f1_probe": row.get("min_f1_probe"),
             "min_f1_source": b["min_f1"], "min_f1_source_ci_low": b["min_f1_ci_low"],
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
         if SOURCE not in windows:
             print(f"source_baseline.py: {args.data} has no {SOURCE!r} column", file=sys.stderr)
             return 2
+    windows = windows.set_index("sequence_id")  # once, for every row and the monitor
     settings = json.loads(run.settings_file.read_text()) if run.settings_file.exists() else {}
     n_boot, seed = settings.get("n_boot", 1000), settings.get("seed", 0)  # the run's own
     rows = [run.read_row(f.stem) for f in sorted(run.rows_dir.glob("*.json"))]
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
 
 
 def monitor_baseline(run: RunFolder, folder: Path, windows: pd.DataFrame, no_write: bool) -> int:
-    """The kind-of-text baseline on a monitor evaluation's stretches, beside what it already measured."""
+    """The kind-of-text baseline on a monitor evaluation's stretches, beside what it already measured
+    (`windows` as `row_baseline` takes them)."""
     from mechmem.monitor_eval import evaluate, source_probabilities, with_probabilities
 
     if not (folder / "stretches.csv").exists():
@@ -111,9 +115,8 @@ def monitor_baseline(run: RunFolder, folder: Path, windows: pd.DataFrame, no_wri
     settings = json.loads((folder / "settings.json").read_text())
     _, row = run.find_row(settings["taxonomy"], trained=False)
     n = row["num_classes"]
-    train_ids = np.asarray(row["train_sequence_ids"])
-    y_train = np.repeat(np.arange(n), len(train_ids) // n)  # balanced_split's class-grouped order
-    sources = windows.set_index("sequence_id").loc[train_ids, SOURCE].to_numpy()
+    train_ids, y_train = class_grouped(row["train_sequence_ids"], n)
+    sources = windows.loc[train_ids, SOURCE].to_numpy()
     df = pd.read_csv(folder / "stretches.csv")
     probs = source_probabilities(sources, y_train, df["source"].to_numpy(), n)
     eval_cfg = settings.get("eval", {})

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from mechmem import alignment as al
     from mechmem.cnn import TrainConfig
-    from mechmem.data import check_vocab, load_memorization_data
+    from mechmem.data import SOURCE, check_vocab, load_memorization_data
     from mechmem.distributed import init_from_env, shutdown
     from mechmem.models import load_model
     from mechmem.run import RunFolder
@@ -205,8 +205,8 @@ def run(args) -> int:
     )
     al.check_resume(out, cfg)  # before config.json is rewritten: a refused resume changes nothing
     df = load_memorization_data(args.data)
-    if args.match_source and "source" not in df.columns:
-        raise cli.CliError(f"--match-source needs a 'source' column; {args.data} has none")
+    if args.match_source and SOURCE not in df.columns:
+        raise cli.CliError(f"--match-source needs a {SOURCE!r} column; {args.data} has none")
     model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                        compatibility_mode=not args.no_compatibility_mode)
     check_vocab(df, model.cfg.d_vocab)

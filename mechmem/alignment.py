@@ -358,8 +358,9 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
     trained = [cnn for seed_cnns in by_seed for cnn in seed_cnns]
     n_classes = len(row.class_names())
     groups = df[DOCUMENT].to_numpy()[eval_pos] if DOCUMENT in df.columns else None  # task.eval_idx's order
-    summary = score_row(by_seed, control_by_seed, probe, np.asarray(task.labels)[task.eval_idx], n_classes, cfg,
-                        groups)
+    labels = np.asarray(task.labels)
+    y_eval = labels[task.eval_idx]
+    summary = score_row(by_seed, control_by_seed, probe, y_eval, n_classes, cfg, groups)
     paper = _paper_min_f1("12b")
     if row.name in paper.index and (row.rouge, row.rouge_threshold) == ("either", 0.5):
         summary["paper_12b_min_f1"] = float(paper[row.name])
@@ -367,12 +368,11 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
     by_source = {}
     if SOURCE in df.columns:
-        y_eval, sources = np.asarray(task.labels)[task.eval_idx], df[SOURCE].to_numpy()[eval_pos]
+        sources = df[SOURCE].to_numpy()[eval_pos]
         by_source["confusion_by_source"] = confusion_by_group([t.eval_logits for t in trained], y_eval, sources,
                                                               n_classes)
         if probe is not None:
             by_source["probe_confusion_by_source"] = confusion_by_group([probe], y_eval, sources, n_classes)
-        labels = np.asarray(task.labels)
         baseline = source_baseline_logits(df[SOURCE].to_numpy()[train_pos], labels[task.train_idx], sources, n_classes)
         b = score_summary([baseline], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["source"], groups=groups)
         summary |= dict(zip(SOURCE_COLUMNS, (b["min_f1"], b["min_f1_ci_low"], b["min_f1_ci_high"],

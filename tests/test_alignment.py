@@ -144,7 +144,7 @@ def test_the_kind_of_text_baseline_scores_what_sources_alone_tell(tmp_path, tiny
     spec.loader.exec_module(script)
     for name in ("Non-Memo, Guess, Others", "Non-Memo, Recite[5], Others"):
         _, row = RunFolder(tmp_path / "blind").find_row(name)
-        again = script.row_baseline(row, df[["sequence_id", SOURCE]], n_boot=50, seed=0)
+        again = script.row_baseline(row, df[["sequence_id", SOURCE]].set_index("sequence_id"), n_boot=50, seed=0)
         assert again["min_f1_source"] == pytest.approx(row["min_f1_source"])
         assert again["min_f1_source_ci_low"] == pytest.approx(row["min_f1_source_ci_low"])
     assert script.main([str(tmp_path / "nothing"), "--data", "testbed"]) == 2

@@ -380,8 +380,8 @@ def _halves(tasks: Sequence[Task]) -> tuple[list[int], list[int]] | None:
         if len(first) + len(members) / 2 > len(tasks) / 2 and first:
             break
         first += members
-    second = [t for t in range(len(tasks)) if t not in set(first)]
-    return sorted(first), second
+    taken = set(first)
+    return sorted(first), [t for t in range(len(tasks)) if t not in taken]
 
 
 def _train_in_lockstep(features, pools, tasks, n_classes, configs, train, progress) -> list[list[TrainedCNN]]:

@@ -273,7 +273,8 @@ def duplicated_windows(rng, stream: np.ndarray, starts: np.ndarray, lengths: np.
     c = copies[cand]
     picked = []
     for lo, hi, n in tiers:  # each tier's first `per_doc` of a document in the shuffled order, then its first n
-        tier, d = cand[(c >= lo) & (c <= hi)], doc[(c >= lo) & (c <= hi)]
+        inside_tier = (c >= lo) & (c <= hi)
+        tier, d = cand[inside_tier], doc[inside_tier]
         grouped = np.argsort(d, kind="stable")
         rank = np.empty(len(tier), dtype=np.int64)
         rank[grouped] = np.arange(len(tier)) - np.searchsorted(d[grouped], d[grouped], side="left")

@@ -206,19 +206,26 @@ def stage_train(work: Path, out: Path, cfg: PileConfig, device: str, stop_after:
 
 
 # --------------------------------------------------------------------------- labels
-def window_table(corpus: Corpus, tokenizer) -> pd.DataFrame:
-    """What every checkpoint's table shares: the windows, their document, text and heuristics columns."""
-    from mechmem.testbed.table import HELDOUT_ID_OFFSET, add_text_columns
-
-    from mechmem.data import DOCUMENT
-    from mechmem.testbed.table import document_ids
+def window_identities(corpus: Corpus, eos: int) -> pd.DataFrame:
+    """Each candidate window's sequence_id, document and source, as its tables carry them."""
+    from mechmem.data import DOCUMENT, SOURCE
+    from mechmem.testbed.table import HELDOUT_ID_OFFSET, document_ids
 
     w = corpus.windows
     sequence_ids = w["position"] + HELDOUT_ID_OFFSET * w["stream"].astype(np.int64)
+    return pd.DataFrame({"sequence_id": sequence_ids,
+                         DOCUMENT: document_ids(sequence_ids, (corpus.train_stream, corpus.heldout_stream), eos),
+                         SOURCE: w["source"]})
+
+
+def window_table(corpus: Corpus, tokenizer) -> pd.DataFrame:
+    """What every checkpoint's table shares: the windows, their document, text and heuristics columns."""
+    from mechmem.data import DOCUMENT
+    from mechmem.testbed.table import add_text_columns
+
+    w, ids = corpus.windows, window_identities(corpus, tokenizer.token_to_id(EOS))
     base = pd.DataFrame({
-        "sequence_id": sequence_ids,
-        DOCUMENT: document_ids(sequence_ids, (corpus.train_stream, corpus.heldout_stream), tokenizer.token_to_id(EOS)),
-        "tokens": list(corpus.window_tokens()),
+        "sequence_id": ids["sequence_id"], DOCUMENT: ids[DOCUMENT], "tokens": list(corpus.window_tokens()),
         "planted_count": w["planted_count"], "source": w["source"], "family": w["family"],
     })
     return add_text_columns(base, tokenizer)
