@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,7 +85,8 @@ def control_classifiers(run: Path, taxonomy: str, table: pd.DataFrame, n_seeds: 
     """Shuffled-label control CNNs, one set per shuffle seed k (training labels permuted by
     `controls.shuffled_control(task, k)`, CNN seed train.seed + k): the row's configs and protocol,
     but trained for exactly E epochs on the whole training split and kept at their last weights, E the
-    real CNNs' mean best epoch. (Early stopping on shuffled labels would stop at noise.) Each set is saved
+    real CNNs' mean best epoch. (Early stopping on shuffled labels would stop at noise.) The missing
+    sets train in one pass, each as it would alone. Each set is saved
     in the run folder, cnns/<slug>/control_fixed_e<E>/shuffle<k>/, and reused by later evaluations of the
     row (the sampled variant reads the greedy one's). Returns (sets, E)."""
     folder = RunFolder(run)
@@ -95,19 +95,18 @@ def control_classifiers(run: Path, taxonomy: str, table: pd.DataFrame, n_seeds: 
     epochs = max(1, int(round(float(np.mean([t.best_epoch for t in real])))))
     train_cfg = folder.read_config().config.train
     configs = [t.config for t in folder.load_cnns(slug, 0)]
-    task, features = None, None
-    out = []
-    for k in tqdm(range(n_seeds), desc="shuffled-label controls"):
-        saved = folder.cnn_folder(slug) / f"control_fixed_e{epochs}" / f"shuffle{k}"
-        if not (saved / "cnns.json").is_file():
-            if task is None:
-                task, features = row_task(run, taxonomy, table)
-            cfg = replace(train_cfg, val_fraction=0.0, epochs=epochs, seed=train_cfg.seed + k, device=device)
-            save_cnns(train_cnn_tasks(torch.from_numpy(features), folder.feature_store().pooling,
-                                      [shuffled_control(task, k)], len(row["class_names"]), configs, cfg,
-                                      progress=False)[0], saved)
-        out.append(SpanClassifier([t.model for t in load_cnns(saved)], row["class_names"], name=f"control {k}"))
-    return out, epochs
+    saved = [folder.cnn_folder(slug) / f"control_fixed_e{epochs}" / f"shuffle{k}" for k in range(n_seeds)]
+    missing = [k for k in range(n_seeds) if not (saved[k] / "cnns.json").is_file()]
+    if missing:  # the missing sets in one pass, each under its own training seed (`Task.seed`)
+        task, features = row_task(run, taxonomy, table)
+        cfg = replace(train_cfg, val_fraction=0.0, epochs=epochs, device=device)
+        trained = train_cnn_tasks(torch.from_numpy(features), folder.feature_store().pooling,
+                                  [shuffled_control(replace(task, seed=train_cfg.seed + k), k) for k in missing],
+                                  len(row["class_names"]), configs, cfg, progress=True)
+        for k, cnns in zip(missing, trained):
+            save_cnns(cnns, saved[k])
+    return [SpanClassifier([t.model for t in load_cnns(saved[k])], row["class_names"], name=f"control {k}")
+            for k in range(n_seeds)], epochs
 
 
 def probe_probabilities(run: Path, taxonomy: str, feats: torch.Tensor, table: pd.DataFrame) -> np.ndarray:

@@ -210,23 +210,24 @@ def run_alignment(model, df: pd.DataFrame, cfg: AlignmentConfig, out: str | os.P
             probe_jobs[key] = background.submit(_probe_all, statistics, tasks, key[0], cfg, spare_core=True)
     for (n_classes, n_train), rows in tqdm(groups.items(), desc="taxonomy groups", disable=not progress):
         tasks = group_tasks[(n_classes, n_train)]
+        # Every training seed of every row in one pass (`Task.seed`), and each row's shuffled-label
+        # control beside it, stopping with it (config by config, last weights: `Task.follows`).
+        seeded = [replace(task, seed=cfg.train.seed + k) for k in range(cfg.cnn_seeds) for task in tasks]
+        n_controls = cfg.control_seeds if cfg.controls else 0
+        controls = [shuffled_control(seeded[i], cfg.seed + i // len(tasks), follows=i)
+                    for i in range(n_controls * len(tasks))]
+        with phase("cnns"):
+            mine = train_cnn_tasks(features, store.pooling, seeded + controls, n_classes, my_configs, cfg.train,
+                                   progress=progress) if my_configs else [[] for _ in seeded + controls]
         by_seed, control_by_seed = [], []  # [seed][row] -> the row's CNNs (all configs on rank 0)
-        for k in range(cfg.cnn_seeds):
-            train = replace(cfg.train, seed=cfg.train.seed + k)
-            # Each row's shuffled-label control trains beside it, in the same pass, and stops with it
-            # (config by config, last weights: `Task.follows`).
-            controls = [shuffled_control(task, cfg.seed + k, follows=i) for i, task in enumerate(tasks)] \
-                if cfg.controls and k < cfg.control_seeds else []
-            with phase("cnns"):
-                mine = train_cnn_tasks(features, store.pooling, tasks + controls, n_classes, my_configs, train,
-                                       progress=progress) if my_configs else [[] for _ in tasks + controls]
-            with phase("saving"):
+        with phase("saving"):
+            for k in range(cfg.cnn_seeds):
                 by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, k), dist)
-                                for row, row_cnns in zip(rows, mine)])
-                if controls:
-                    control_by_seed.append([_gather_cnns(row_cnns, cfg.configs,
-                                                         run.cnn_folder(row.slug, f"control{k or ''}"), dist)
-                                            for row, row_cnns in zip(rows, mine[len(tasks):])])
+                                for row, row_cnns in zip(rows, mine[k * len(tasks):(k + 1) * len(tasks)])])
+            for k in range(n_controls):
+                start = (cfg.cnn_seeds + k) * len(tasks)
+                control_by_seed.append([_gather_cnns(row_cnns, cfg.configs, run.cnn_folder(row.slug, f"control{k or ''}"),
+                                                     dist) for row, row_cnns in zip(rows, mine[start:start + len(tasks)])])
         with phase("probe"), phase("fit"):
             probes: list[Tensor | None] = [None] * len(tasks)
             if (n_classes, n_train) in probe_jobs:

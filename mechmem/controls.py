@@ -44,11 +44,12 @@ def shuffled_control(task: Task, seed: int, epochs: int | Sequence[int] | None =
                      follows: int | None = None) -> Task:
     """The task with its training labels permuted among its training samples (eval labels untouched),
     to train for `epochs` (its twin's: `twin_epochs`), or beside its twin, task `follows` of the same
-    `train_cnn_tasks` call, stopping with it (what the alignment runner does: one pass for both)."""
+    `train_cnn_tasks` call, stopping with it (what the alignment runner does: one pass for both).
+    Its CNNs train under the task's own training seed (`Task.seed`)."""
     labels = np.array(task.labels, copy=True)
     train_idx = np.asarray(task.train_idx)
     labels[train_idx] = np.random.default_rng([seed, 0xC0]).permutation(labels[train_idx])
-    return Task(labels, task.train_idx, task.eval_idx, epochs, follows)
+    return Task(labels, task.train_idx, task.eval_idx, epochs, follows, task.seed)
 
 
 def twin_epochs(twin: Sequence[TrainedCNN]) -> list[int]:

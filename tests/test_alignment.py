@@ -246,6 +246,8 @@ def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tin
     df = synthetic_frame()
     one = al.run_alignment(tiny_model, df, small_config(), tmp_path / "one", progress=False)
     two = al.run_alignment(tiny_model, df, small_config(cnn_seeds=2), tmp_path / "two", progress=False)
+    al.run_alignment(tiny_model, df, replace(small_config(), train=replace(small_config().train, seed=1)),
+                     tmp_path / "next", progress=False)
     for row in small_config().rows:
         record = RunFolder(tmp_path / "two").read_row(row.slug)
         first, second = record["min_f1_per_seed"]
@@ -256,6 +258,9 @@ def test_several_cnn_seeds_average_the_score_and_report_its_spread(tmp_path, tin
         c = RunFolder(tmp_path / "one").load_cnns(row.slug)
         assert torch.equal(a[0].model.layers.fc2.weight, c[0].model.layers.fc2.weight)
         assert not torch.equal(a[0].model.layers.fc2.weight, b[0].model.layers.fc2.weight)
+        # ...the second is a single-seed run under the next training seed (both seeds train in one pass)
+        d = RunFolder(tmp_path / "next").load_cnns(row.slug)
+        assert all(torch.equal(x.model.layers.fc2.weight, y.model.layers.fc2.weight) for x, y in zip(b, d))
         assert record["min_f1"] == pytest.approx((first + second) / 2)
         assert record["min_f1_seed_sd"] == pytest.approx(abs(first - second) / np.sqrt(2))
         assert record["n_configs"] == 2 * len(SMALL)

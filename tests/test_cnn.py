@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -332,6 +333,31 @@ def test_tasks_trained_together_equal_tasks_trained_alone(fuse):
             assert b.train_losses == pytest.approx(a.train_losses, rel=1e-5)
     # the tasks differ, so their CNNs do
     assert not torch.allclose(together[0][0].eval_logits[:5], together[1][0].eval_logits[:5])
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_training_seeds_in_one_pass_equal_one_pass_each(fuse):
+    """`Task.seed`: a task's training seeds train together (with a follower each) as each does alone
+    under `TrainConfig.seed` - initialisation, dropout, validation split, batch order and early stopping."""
+    feats, tasks = three_tasks()
+    configs = (CNNConfig(6, 4, "mean"), CNNConfig(8, 4, "max"))
+    train = TrainConfig(protocol="converged", epochs=5, patience=1, fuse=fuse, device="cpu")
+    task = tasks[1]
+    control = Task(task.labels[::-1].copy(), task.train_idx, task.eval_idx)
+    seeds = (0, 3, 7)
+    together = train_cnn_tasks(feats, POOLS, [replace(task, seed=k) for k in seeds]
+                               + [replace(control, follows=i, seed=k) for i, k in enumerate(seeds)],
+                               3, configs, replace(train, seed=99), progress=False)
+    for i, k in enumerate(seeds):
+        alone = train_cnn_tasks(feats, POOLS, [task, replace(control, follows=0)], 3, configs,
+                                replace(train, seed=k), progress=False)
+        for a, b in zip(alone[0] + alone[1], together[i] + together[len(seeds) + i]):
+            assert (a.config, a.epochs_run, a.best_epoch) == (b.config, b.epochs_run, b.best_epoch)
+            assert a.val_losses == pytest.approx(b.val_losses, rel=1e-5)
+            assert_same_weights(state(a.model), state(b.model), exact=not fuse)
+            torch.testing.assert_close(b.eval_logits, a.eval_logits, rtol=1e-4, atol=1e-5)
+    # the seeds differ, so their CNNs do
+    assert not torch.allclose(together[0][0].eval_logits, together[1][0].eval_logits)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -271,6 +271,10 @@ class Task:
     # config by config, keeping their last weights: what `epochs` set to the twin's epoch counts
     # gives, in the twin's own pass (the shuffled-label control trains beside its twin this way).
     follows: int | None = None
+    # The training seed of this task's CNNs (initialisation, dropout, validation split, batch order);
+    # None: the TrainConfig's. Tasks of different seeds train together exactly as they would apart:
+    # a row's training seeds in one pass, not one pass each.
+    seed: int | None = None
 
 
 def _fixed_epochs(epochs: int | Sequence[int] | None, n_configs: int, train: TrainConfig) -> list[int]:
@@ -338,7 +342,8 @@ def train_cnn_tasks(
 
     The tasks must have as many training samples each; they step in lockstep, each on its own batches.
     A task's CNNs train exactly as they would alone: its batch order is the permutation a lone task
-    draws, and initialisation and dropout come from per-config seeds. On a GPU the CNNs of every task
+    draws, and initialisation and dropout come from per-config seeds of its own seed (`Task.seed`:
+    several training seeds train in one pass). On a GPU the CNNs of every task
     and same-shaped config run as one grouped network, so a step costs about as many kernel launches
     for 27 taxonomies as for one (the launches, not the arithmetic, bound a batch-16 CNN); a CNN that
     has stopped leaves its group, so the others no longer pay for it.
@@ -392,9 +397,11 @@ def _train_in_lockstep(features, pools, tasks, n_classes, configs, train, progre
         fleet = _Fleet(setup)
         bar = tqdm(total=train.epochs, desc=f"training {len(tasks)}x{len(setup.configs)} CNNs", unit="epoch",
                    disable=not progress)
-        order = torch.Generator().manual_seed(train.seed)
+        orders = {seed: torch.Generator().manual_seed(seed) for seed in sorted(set(setup.seeds))}
+        n_fit = setup.fit_idx.shape[1]
         for epoch in range(1, train.epochs + 1):
-            perm = setup.fit_idx[:, torch.randperm(setup.fit_idx.shape[1], generator=order).numpy()]  # a lone task's
+            drawn = {seed: torch.randperm(n_fit, generator=order).numpy() for seed, order in orders.items()}
+            perm = np.stack([fit[drawn[seed]] for fit, seed in zip(setup.fit_idx, setup.seeds)])  # a lone task's
             with phase("steps"):
                 fleet.train_epoch(perm)
             if setup.val_idx.shape[1]:
@@ -427,6 +434,7 @@ class _Setup:
     eval_idx: list[np.ndarray]
     fixed: list[list[int]]  # (task, config): a fixed epoch count; 0: none
     follows: list[int | None]
+    seeds: list[int]  # per task: its CNNs' training seed
     stats: list[tuple[Tensor, Tensor] | None]  # per task: mean and std over used_pools
     n_classes: int
     train: TrainConfig
@@ -444,8 +452,9 @@ class _Setup:
         if len({len(c[3]) for c in checked}) != 1:
             raise ValueError(f"tasks trained together need as many training samples each, got "
                              f"{[len(c[3]) for c in checked]}")
+        seeds = [train.seed if t.seed is None else t.seed for t in tasks]
         # The validation part comes out of each task's training split, never its eval split.
-        fit_val = [split_validation(c[2], c[3], train.val_fraction, train.seed) for c in checked]
+        fit_val = [split_validation(c[2], c[3], train.val_fraction, seed) for c, seed in zip(checked, seeds)]
         device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         features = place_features(features, device)
         used_pools = sorted({pools.index(c.pooling) for c in configs})
@@ -461,7 +470,7 @@ class _Setup:
             stats.append(by_split.get(key))
         return cls(configs, pools, used_pools, features, np.stack([c[2] for c in checked]),
                    np.stack([f for f, _ in fit_val]), np.stack([v for _, v in fit_val]), [c[4] for c in checked],
-                   [_fixed_epochs(t.epochs, len(configs), train) for t in tasks], [t.follows for t in tasks],
+                   [_fixed_epochs(t.epochs, len(configs), train) for t in tasks], [t.follows for t in tasks], seeds,
                    stats, n_classes, train, device)
 
     def member_stats(self, t: int, i: int) -> tuple[Tensor, Tensor] | None:
@@ -525,12 +534,12 @@ class _Fleet:
         self.stack_ids: list[list[int]] = []  # the members of each stack, by index into self.members
         for group in groups:
             stack = _CNNStack([_init_member(configs[self.members[k].config], n_layers, s.n_classes, seq_len,
-                                            s.train.seed, s.train.input_scaling or "raw",
+                                            s.seeds[self.members[k].task], s.train.input_scaling or "raw",
                                             s.member_stats(self.members[k].task, self.members[k].config))
                                for k in group])
             stack = stack.to(device=s.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # (missing in torch's stub)
             stack.generators = [torch.Generator(device=s.device).manual_seed(
-                _config_seed(s.train.seed, configs[self.members[k].config], "dropout")) for k in group]
+                _config_seed(s.seeds[self.members[k].task], configs[self.members[k].config], "dropout")) for k in group]
             stack.fft = self.fft
             self.stacks.append(stack)
             self.stack_ids.append(list(group))
