@@ -42,6 +42,19 @@ def with_controls(tasks: list[Task], n_rows: int) -> list[Task]:
     return tasks + [shuffled_control(t, k % n_rows, follows=k) for k, t in enumerate(tasks)]
 
 
+def one_pass_a_seed(features, rows: list[Task], n_seeds: int, train: TrainConfig) -> list[list]:
+    """What the runner did before `Task.seed`: one call a seed; [seed][rows, then their controls][config]."""
+    return [train_cnn_tasks(features, ("mean", "max"), with_controls(rows, len(rows)), 3, QUICK_GRID,
+                            replace(train, seed=k), progress=False) for k in range(n_seeds)]
+
+
+def one_pass(features, rows: list[Task], n_seeds: int, train: TrainConfig) -> list:
+    """What it does now: every seed's rows (seed-major), then their controls, in one call."""
+    seeded = [replace(t, seed=k) for k in range(n_seeds) for t in rows]
+    return train_cnn_tasks(features, ("mean", "max"), with_controls(seeded, len(rows)), 3, QUICK_GRID, train,
+                           progress=False)
+
+
 def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -66,12 +79,10 @@ def main(argv=None) -> int:
     features = torch.rand(args.samples, 2, args.layers, 64, 64).half()
     rows = rows_of(args.rows, args.samples, 3, rng)
     train = TrainConfig(epochs=args.epochs, patience=0, device=args.device)
-    run = lambda tasks, cfg: train_cnn_tasks(features, ("mean", "max"), tasks, 3, QUICK_GRID, cfg, progress=False)  # noqa: E731
     R, S = args.rows, args.seeds
-    run(with_controls(rows[:1], 1), replace(train, epochs=1))  # warm-up: CUDA context, kernels, allocator
-    apart_s, apart = timed(lambda: [run(with_controls(rows, R), replace(train, seed=k)) for k in range(S)])
-    together_s, together = timed(lambda: run(with_controls([replace(t, seed=k) for k in range(S) for t in rows], R),
-                                              train))
+    one_pass(features, rows[:1], 1, replace(train, epochs=1))  # warm-up: CUDA context, kernels, allocator
+    apart_s, apart = timed(lambda: one_pass_a_seed(features, rows, S, train))
+    together_s, together = timed(lambda: one_pass(features, rows, S, train))
     # apart[k] = row 0..R-1, then their controls; together = every seed's rows (seed-major), then their controls
     pairs = [(apart[k][i], together[k * R + i]) for k in range(S) for i in range(R)]
     pairs += [(apart[k][R + i], together[S * R + k * R + i]) for k in range(S) for i in range(R)]
