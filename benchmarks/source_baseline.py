@@ -1,4 +1,4 @@
-"""The kind-of-text baseline (`alignment.source_baseline_logits`) for a finished run that predates it.
+"""The kind-of-text baseline (`alignment.source_baseline_scores`) for a finished run that predates it.
 
     python benchmarks/source_baseline.py RUN --data testbed                      # a table with a source column
     python benchmarks/source_baseline.py RUN --corpus $MECHMEM_CACHE/testbed-pile/work/corpus   # a pile-regime corpus
@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mechmem.alignment import source_baseline_logits
+from mechmem.alignment import source_baseline_scores
 from mechmem.atomic import atomic_write
-from mechmem.cnn import score_summary
 from mechmem.data import DOCUMENT, SOURCE
 from mechmem.run import RunFolder
 
@@ -36,29 +35,29 @@ def windows_of_corpus(folder: Path) -> pd.DataFrame:
     from mechmem.testbed.corpus import EOS, Corpus
     from mechmem.testbed.pile_regime import window_identities
 
-    return window_identities(Corpus.load(folder), Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOS))
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOS)
+    assert eos is not None  # every corpus tokenizer has it (mechmem.testbed.corpus)
+    return window_identities(Corpus.load(folder), eos)
 
 
 def class_grouped(ids: list[int], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A row's sample ids and their classes: `taxonomy.balanced_split` writes them grouped by class,
     class 0's first, as many of each."""
-    ids = np.asarray(ids)
-    if len(ids) % n_classes:
-        raise ValueError(f"{len(ids)} sample ids are not {n_classes} equal class groups")
-    return ids, np.repeat(np.arange(n_classes), len(ids) // n_classes)
+    array = np.asarray(ids)
+    if len(array) % n_classes:
+        raise ValueError(f"{len(array)} sample ids are not {n_classes} equal class groups")
+    return array, np.repeat(np.arange(n_classes), len(array) // n_classes)
 
 
 def row_baseline(row: dict, windows: pd.DataFrame, n_boot: int, seed: int) -> dict:
     """`windows`: indexed by sequence_id, with a source (and, for intervals over documents, a document) column."""
     n = row["num_classes"]
     (train_ids, y_train), (eval_ids, y_eval) = (class_grouped(row[f"{part}_sequence_ids"], n) for part in ("train", "eval"))
-    logits = source_baseline_logits(windows.loc[train_ids, SOURCE].to_numpy(), y_train,
-                                    windows.loc[eval_ids, SOURCE].to_numpy(), n)
     groups = windows.loc[eval_ids, DOCUMENT].to_numpy() if DOCUMENT in windows and "interval_unit" in row else None
-    b = score_summary([logits], y_eval, n_boot=n_boot, seed=seed, names=["source"], groups=groups)
     return {"tax_name": row["tax_name"], "min_f1": row["min_f1"], "min_f1_probe": row.get("min_f1_probe"),
-            "min_f1_source": b["min_f1"], "min_f1_source_ci_low": b["min_f1_ci_low"],
-            "min_f1_source_ci_high": b["min_f1_ci_high"], "beyond_source": bool(row["min_f1_ci_low"] > b["min_f1"])}
+            **source_baseline_scores(windows.loc[train_ids, SOURCE].to_numpy(), y_train,
+                                     windows.loc[eval_ids, SOURCE].to_numpy(), y_eval, n, row["min_f1_ci_low"],
+                                     n_boot=n_boot, seed=seed, groups=groups)}
 
 
 def main(argv=None) -> int:

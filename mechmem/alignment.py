@@ -369,15 +369,14 @@ def _write_row(out: Path, df: pd.DataFrame, row: Row, by_seed: list[list[Trained
     per_class_f1 = np.mean([t.eval_metrics.f1 for t in trained], axis=0)
     by_source = {}
     if SOURCE in df.columns:
-        sources = df[SOURCE].to_numpy()[eval_pos]
-        by_source["confusion_by_source"] = confusion_by_group([t.eval_logits for t in trained], y_eval, sources,
+        sources = df[SOURCE].to_numpy()
+        eval_sources = sources[eval_pos]
+        by_source["confusion_by_source"] = confusion_by_group([t.eval_logits for t in trained], y_eval, eval_sources,
                                                               n_classes)
         if probe is not None:
-            by_source["probe_confusion_by_source"] = confusion_by_group([probe], y_eval, sources, n_classes)
-        baseline = source_baseline_logits(df[SOURCE].to_numpy()[train_pos], labels[task.train_idx], sources, n_classes)
-        b = score_summary([baseline], y_eval, n_boot=cfg.n_boot, seed=cfg.seed, names=["source"], groups=groups)
-        summary |= dict(zip(SOURCE_COLUMNS, (b["min_f1"], b["min_f1_ci_low"], b["min_f1_ci_high"],
-                                             bool(summary["min_f1_ci_low"] > b["min_f1"]))))  # CNN's interval above it
+            by_source["probe_confusion_by_source"] = confusion_by_group([probe], y_eval, eval_sources, n_classes)
+        summary |= source_baseline_scores(sources[train_pos], labels[task.train_idx], eval_sources, y_eval, n_classes,
+                                          summary["min_f1_ci_low"], n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
     RunFolder(out).write_row(row.slug, {
         "tax_name": row.name, "num_classes": n_classes, **summary, "row": asdict(row),
         "class_names": row.class_names(), "per_class_f1": (100 * per_class_f1).tolist(),
@@ -397,6 +396,16 @@ def source_baseline_logits(train_sources: np.ndarray, train_labels: np.ndarray, 
     rows = [counts.get(s, np.zeros(n_classes, dtype=np.int64)) + 1.0 for s in eval_sources.tolist()]
     freq = np.stack(rows)
     return torch.from_numpy(np.log(freq / freq.sum(1, keepdims=True))).float()
+
+
+def source_baseline_scores(train_sources: np.ndarray, train_labels: np.ndarray, eval_sources: np.ndarray,
+                           y_eval: np.ndarray, n_classes: int, cnn_ci_low: float, *, n_boot: int, seed: int,
+                           groups: np.ndarray | None = None) -> dict:
+    """A row's SOURCE_COLUMNS: the kind-of-text baseline's min F1 [95% CI] on the eval samples, and
+    whether the CNN's interval (its low end `cnn_ci_low`) lies above it."""
+    logits = source_baseline_logits(train_sources, train_labels, eval_sources, n_classes)
+    b = score_summary([logits], y_eval, n_boot=n_boot, seed=seed, names=["source"], groups=groups)
+    return dict(zip(SOURCE_COLUMNS, (b["min_f1"], b["min_f1_ci_low"], b["min_f1_ci_high"], bool(cnn_ci_low > b["min_f1"]))))
 
 
 def confusion_by_group(logits: Sequence[Tensor], y_eval: np.ndarray, groups: np.ndarray, n_classes: int) -> dict:
