@@ -459,16 +459,19 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     shutil.copytree(shipped / "grid", study / "grid")
     shutil.copytree(shipped / "monitor", study / "monitor")
     assert pile_report.main([str(study)]) == 0
+    assert "| Guess | pattern | 294 | 0.7% | 99.3% | 0.0% |" in capsys.readouterr().out
+    (study / "grid" / "by_source.csv").unlink()
+    assert pile_report.main([str(study)]) == 0
     text = capsys.readouterr().out
-    assert ("| **Non-Memo, Guess, Others** | 94.4 [92.9, 95.6] | 91.0 | 34.6 | 23.1 | 40.2 [34.6, 45.4] "
-            "| 61.8 [59.1, 64.2] (13 of 26) | 65.7 | 89.2 |") in text  # (the kind of text: grid/source_baseline.csv)
-    assert "the first testbed over the same 12 rows: 0.57 (p = 0.05)" in text
-    assert "Spearman with the paper's 12B figures, all: 0.51 (p = 0.09, 12 rows)" in text
-    assert "CNN at or above the probe on 12 of 12 rows, above the probe's interval on 11" in text
-    assert "recited vs not, confidence (mean log-prob): AUROC 0.930 [0.895, 0.955]" in text
-    assert "Guess vs Recall (recited), monitor (CNNs): AUROC 0.979 [0.936, 1.000]" in text
-    assert "untrained CNNs (initialisations): AUROC mean 0.784" in text
-    assert "Guess vs Recall (recited), kind of text (source): AUROC 0.380 [0.213, 0.574]" in text
+    assert ("| **Non-Memo, Guess, Others** | 95.7 [94.1, 96.9] | 91.6 | 34.6 | 20.0 | 37.0 [31.6, 42.0] "
+            "| 61.8 [59.1, 64.2] (13 of 26) | 65.7 | 89.2 |") in text  # (the kind of text: the runner's own columns)
+    assert "the first testbed over the same 8 rows: 0.45 (p = 0.26)" in text
+    assert "Spearman with the paper's 12B figures, all: 0.29 (p = 0.49, 8 rows)" in text
+    assert "CNN at or above the probe on 8 of 8 rows, above the probe's interval on 8" in text
+    assert "recited vs not, confidence (mean log-prob): AUROC 0.858 [0.731, 0.946]" in text
+    assert "Guess vs Recall (recited), monitor (CNNs): AUROC 0.979 [0.929, 1.000]" in text
+    assert "untrained CNNs (initialisations): AUROC mean 0.857" in text
+    assert "Guess vs Recall (recited), kind of text (source): AUROC 0.451 [0.198, 0.699]" in text
     assert "the checkpoint study did not run" in text and "no seed spread" in text
     assert "localization did not run" in text and "the ablation did not run" in text
     assert "no grid/by_source.csv" in text and "no matched/alignment.csv" in text
@@ -479,14 +482,17 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     assert pile_report.main([str(study)]) == 0
     text = capsys.readouterr().out
     assert "| Non-Memo | pattern | 20 | 25.0% | 75.0% |" in text and "| Non-Memo | stdlib | 30 | 100.0% | 0.0% |" in text
-    for part in ("localize", "ablate", "checkpoints"):
+    for part in ("localize", "ablate", "matched"):
         shutil.copytree(shipped / part, study / part)
+    # the third build's two checkpoints (the fourth build's study has one)
+    shutil.copytree(shipped.parent / "pile_testbed_third_build_checkpoints", study / "checkpoints")
     assert pile_report.main([str(study)]) == 0
     text = capsys.readouterr().out
-    assert "- Guess: layer 4 0.21, layer 7 0.20, layer 0 0.12 of the importance; top heads L4H3, L4H1, L7H0, L0H9, L7H3" in text
-    assert ("- top 8 for Guess (L0H9;L0H11;L4H1;L4H3;L7H0;L7H3;L7H7;L7H11): Non-Memo loss 3.033 vs 3.047, -0.015 "
-            "[-0.024, -0.004]; Guess extractable 0.925 vs 0.931, -0.006 [-0.058, +0.044]; Others extractable 0.338 "
-            "vs 0.599, -0.261 [-0.469, -0.039]") in text
+    assert "- Guess: layer 11 0.19, layer 3 0.15, layer 7 0.11 of the importance; top heads L11H10, L11H7, L11H6, L0H8, L11H3" in text
+    assert ("- top 8 for Guess (L0H8;L0H10;L0H11;L11H0;L11H3;L11H6;L11H7;L11H10): Non-Memo loss 2.590 vs 2.567, +0.023 "
+            "[+0.007, +0.040]; Guess extractable 0.738 vs 0.881, -0.144 [-0.225, -0.064]; Others extractable 0.950 "
+            "vs 0.892, +0.058 [-0.003, +0.124]") in text
+    assert "- Non-Memo, Guess, Others: 95.5 [93.6, 97.1] (as drawn: 95.7); probe 90.4" in text
     assert ("| Non-Memo, Guess, Others | 96.4 [93.0, 99.1], probe 94.7, control 35.2 | 90.0 [86.3, 93.2], probe 86.4, "
             "control 26.1 |") in text
     (study / "checkpoints" / "checkpoints.csv").unlink()  # min F1 alone where the full table is missing
