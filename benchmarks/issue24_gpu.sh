@@ -17,6 +17,9 @@ out=$1
 steps=${2:-profile two-rows greedy}
 mkdir -p "$out"
 now=$PYTHONPATH
+# Progress bars to lines, their updates dropped, line by line: a call cut at its time limit still
+# brings back what was printed (a grid-epoch cut at 370 s on 2026-12-07 came back empty, held in tr's buffer).
+lines() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\|s/it"; }
 for step in $steps; do
     echo "== $step"
     case $step in
@@ -30,12 +33,12 @@ for step in $steps; do
         two-rows|two-rows-12b)
             size=2.8b; [ "$step" = two-rows-12b ] && size=12b
             python3 benchmarks/grid_timing.py --size $size --rows-per-class-count 1 --epochs 6 --patience 0 \
-                --out "/tmp/issue24_$step" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" > "$out/$step.txt"
+                --out "/tmp/issue24_$step" 2>&1 | lines > "$out/$step.txt"
             cp "/tmp/issue24_$step/timing.json" "$out/${step}_timing.json"
             tail -20 "$out/$step.txt" ;;
         grid-epoch)
             python3 benchmarks/grid_timing.py --size 2.8b --epochs 1 --patience 0 \
-                --out /tmp/issue24_grid_epoch 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" > "$out/grid_epoch.txt"
+                --out /tmp/issue24_grid_epoch 2>&1 | lines > "$out/grid_epoch.txt"
             cp /tmp/issue24_grid_epoch/timing.json "$out/grid_epoch_timing.json"
             tail -20 "$out/grid_epoch.txt" ;;
         greedy)
