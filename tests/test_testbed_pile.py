@@ -14,7 +14,7 @@ import torch
 
 from mechmem.testbed import pile_regime
 from mechmem.testbed.corpus import WINDOW, Corpus
-from mechmem.testbed.pile_regime import TINY_NAME, checkpoint_folder, checkpoints, log_steps
+from mechmem.testbed.pile_regime import TINY_NAME, checkpoint_folder, checkpoint_steps, checkpoints, log_steps
 from mechmem.testbed.train import ChunkSampler, Stopped, TrainConfig, seen_tokens, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +38,9 @@ def built(tmp_path_factory):
 def test_log_steps_and_seen_tokens():
     assert log_steps(100) == [0, 1, 2, 4, 8, 16, 32, 64, 100]
     assert log_steps(64) == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert checkpoint_steps(1680, 3) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1188, 1352, 1516, 1680]
+    assert checkpoint_steps(100, 0) == log_steps(100) and checkpoint_steps(65, 3) == log_steps(65)  # no room
+    assert checkpoint_steps(1, 3) == [0, 1]
     cfg = TrainConfig(ctx=8, batch_size=2, shuffle_chunks=False)
     assert seen_tokens(0, cfg, 1000) == 1 and seen_tokens(3, cfg, 1000) == 3 * 2 * 8 + 1
     assert seen_tokens(10_000, cfg, 1000) is None                   # past one pass: all of it
@@ -77,7 +80,8 @@ def test_checkpoints_are_log_spaced_hugging_face_folders(built):
     out, manifest, corpus = built
     steps = [s for s, _ in checkpoints(out)]
     final = manifest["training"]["steps"]
-    assert len(steps) >= 8 and steps == log_steps(final) and manifest["final"] == f"step{final}"
+    assert len(steps) >= 8 and steps == checkpoint_steps(final, 2) and manifest["final"] == f"step{final}"
+    assert steps[-3:-1] == [144, 161] and manifest["config"]["late_checkpoints"] == 2
     for step, folder in checkpoints(out):
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "memorization.parquet"} <= names, step

@@ -6,7 +6,7 @@ reads over 100M tokens of real text and code (pinned PyPI and Debian packages, `
 exactly once, in order; memorization can come only from repetition: the corpus's natural
 duplicates, and the first testbed's planted passages (1 to 2000 copies) and patterns, built by the
 same code (`corpus.build_corpus`). Checkpoints are saved at log-spaced steps (0, 1, 2, 4, ...,
-final) as ordinary Hugging Face folders, each with its own memorization table: greedy extraction
+final; in the preset also 3 evenly spaced after the last power of two) as ordinary Hugging Face folders, each with its own memorization table: greedy extraction
 by that checkpoint, and duplicates counted in the part of the stream it had trained on.
 
 Stages (all by default; each reads the previous ones' outputs, and reruns resume):
@@ -59,6 +59,7 @@ class PileConfig:
     label_dtype: str = "float32"     # the labels' numerics (float32, TF32 off, as the first testbed's)
     label_batch_size: int = 1024
     label_from: int = 0              # checkpoints before it get no table (the first build: none extractable before 128)
+    late_checkpoints: int = 0        # more checkpoints, evenly spaced after the last power of two (`checkpoint_steps`)
     tiny_pack_bytes: int = 0         # --tiny: pack this much of the running Python's standard library
 
 
@@ -87,6 +88,7 @@ def preset(name: str) -> PileConfig:
                         epochs=1.0, lr=6e-4, min_lr_frac=0.1, warmup_steps=20, weight_decay=0.01,
                         shuffle_chunks=False, max_seconds=840),
             label_batch_size=4096,  # decoding is bound by steps, not arithmetic: 4x fewer steps than 1024
+            late_checkpoints=3,     # 1188, 1352, 1516 of 1680: where the memorized classes grow
         )
     if name == "tiny":
         return PileConfig(
@@ -97,7 +99,7 @@ def preset(name: str) -> PileConfig:
                          pattern_offsets=2, duplicated_tiers=((2, 5, 100), (6, 10**9, 100))),
             TrainConfig(n_layers=2, d_model=64, n_heads=4, ctx=128, n_positions=256, batch_size=4, epochs=1.0,
                         lr=3e-3, warmup_steps=10, shuffle_chunks=False),
-            label_batch_size=1024, tiny_pack_bytes=60_000,
+            label_batch_size=1024, tiny_pack_bytes=60_000, late_checkpoints=2,
         )
     raise ValueError(f"unknown preset {name!r}: pile-regime or tiny")
 
@@ -105,6 +107,19 @@ def preset(name: str) -> PileConfig:
 def log_steps(total: int) -> list[int]:
     """Pythia's early checkpoint steps: 0, 1, 2, 4, ... below `total`, then `total`."""
     return [0] + [2**i for i in range(int(math.log2(max(total, 1))) + 1) if 2**i < total] + [total]
+
+
+def checkpoint_steps(total: int, late: int = 0) -> list[int]:
+    """`log_steps`, and `late` steps evenly spaced between the last power of two and `total` (as
+    Pythia's later checkpoints are evenly spaced). In one pass memorization appears late: the
+    builds of 2026-12-06/07 found no Others window at step 512 and 48 at step 1024 of 1680, so
+    log-spaced steps alone leave one or two checkpoints where every class exists."""
+    steps = log_steps(total)
+    if late and len(steps) > 2:
+        start = steps[-2]
+        steps[-1:-1] = sorted({round(start + (total - start) * j / (late + 1)) for j in range(1, late + 1)}
+                              - {start, total})
+    return steps
 
 
 # --------------------------------------------------------------------------- corpus
@@ -186,12 +201,13 @@ def stage_train(work: Path, out: Path, cfg: PileConfig, device: str, stop_after:
 
     try:
         model, log = train(corpus.train_stream, tok.get_vocab_size(), tcfg, device=device,
-                           eos_id=tok.token_to_id(EOS), checkpoint_steps=set(log_steps(planned)),
+                           eos_id=tok.token_to_id(EOS), checkpoint_steps=set(checkpoint_steps(planned, cfg.late_checkpoints)),
                            on_checkpoint=on_checkpoint, resume_from=state, stop_after=stop_after)
     except Stopped as stop:
         logger.info(str(stop))
         return False
-    keep = set(log_steps(log["steps"]))
+    done = log["steps"]
+    keep = {s for s in checkpoint_steps(planned, cfg.late_checkpoints) if s < done} | {done}
     for step, folder in checkpoints(out):  # a run cut by max_seconds drops the planned steps past its end
         if step not in keep:
             shutil.rmtree(folder)
@@ -338,7 +354,7 @@ def stage_report(work: Path, out: Path, cfg: PileConfig, argv: list[str]) -> dic
         "reproduce": f"{BUILD_COMMAND} --seed {cfg.train.seed} --steps {log['steps']}",
         "final": f"step{final[0]}",
         "config": {"corpus": asdict(cfg.corpus), "train": asdict(cfg.train), "label_dtype": cfg.label_dtype,
-                   "label_from": cfg.label_from},
+                   "label_from": cfg.label_from, "late_checkpoints": cfg.late_checkpoints},
         "corpus": corpus_manifest,
         "training": log,
         "checkpoints": per_step,
