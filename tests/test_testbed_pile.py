@@ -346,6 +346,10 @@ def test_study_sizes_follow_what_the_labels_allow():
     assert grown == {"grid": (950, 475), "checkpoints": (200, 100), "revisions": ["step1024", "step1680", "step2048"]}
     rebuild = study_sizes(manifest({512: 0, 1024: 256, 1680: 682}))  # 2026-12-06, second build
     assert rebuild == {"grid": (341, 170), "checkpoints": (170, 85), "revisions": ["step1024", "step1680"]}
+    fourth = study_sizes(manifest({1024: 48, 1680: 2136}))  # 2026-12-07: one checkpoint qualifies
+    assert fourth == {"grid": (1000, 500), "checkpoints": (300, 150), "revisions": ["step1680"]}
+    late = study_sizes(manifest({1024: 48, 1188: 300, 1352: 700, 1516: 1300, 1680: 2136}))  # with late checkpoints
+    assert late == {"grid": (1000, 500), "checkpoints": (300, 150), "revisions": ["step1352", "step1516", "step1680"]}
 
 
 def test_the_study_runs_only_the_steps_asked_for(tmp_path):
