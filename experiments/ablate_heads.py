@@ -99,7 +99,8 @@ def headline(summary, loss_sets=("Non-Memo",)) -> str:
     for r in s[keep].itertuples():
         lines.append(f"{r.target_class:>22} k={r.k:<2} {r.eval_set:>26} {r.metric:>11}: {r.value:6.3f} "
                      f"(random {r.random_value:6.3f}; diff {r.diff_vs_random:+.3f} "
-                     f"[{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]; {100 * r.frac_random_below:3.0f}% of draws <=)")
+                     f"[{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]; {100 * r.frac_random_below:3.0f}% of draws <=, "
+                     f"rank p {r.rank_p_below:.2f})")
     return "\n".join(lines)
 
 

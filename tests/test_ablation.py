@@ -162,12 +162,14 @@ def test_summarize_by_hand():
     get = lambda cond, metric, eval_set: s[(s["condition"] == cond) & (s["metric"] == metric) & (s["eval_set"] == eval_set)].iloc[0]
     t = get("targeted", "extractable", "Guess")
     assert t.value == 0.0 and t.random_value == 1.0 and t.diff_vs_random == -1.0 and t.frac_random_below == 0
+    assert t.rank_p_below == pytest.approx(1 / 3)  # below both draws: the smallest p two draws allow
     assert t.heads == "L0H1" and t.n == 2 and t.diff_ci_high < 0
     r = get("random", "memorization_score", "Others")
     assert r.value == pytest.approx(0.875) and r.n_draws == 2 and (r.draws_min, r.draws_max) == (0.75, 1.0)
     assert r.ci_low <= r.value <= r.ci_high
     loss = get("targeted", "loss", "Guess")
     assert loss.value == 2.5 and loss.diff_vs_random == pytest.approx(2.5 - 2.05) and loss.frac_random_below == 1
+    assert loss.rank_p_below == 1.0
     b = get("baseline", "extractable", "Others")
     assert b.value == 1.0 and (b.ci_low, b.ci_high) == (1.0, 1.0) and np.isnan(b.diff_vs_random)
 
