@@ -83,8 +83,8 @@ def ablate(model, df, labels, loc, cfg, out: Path, *, per_class: int, exclude_id
         tmp,
         condition=np.array([f"{c.kind}|{c.target}|{c.k}|{c.draw}" for c in conditions]),
         heads=np.array([";".join(f"L{l}H{h}" for l, h in c.heads) for c in conditions]),
-        memorization_score=np.stack([c.result["memorization_score"] for c in conditions]),
-        loss=np.stack([c.result["loss"] for c in conditions]),
+        memorization_score=np.stack([c.results["memorization_score"] for c in conditions]),
+        loss=np.stack([c.results["loss"] for c in conditions]),
         eval_set=np.concatenate([[n] * len(t) for n, t in held.eval_sets.items()]),
         sequence_id=np.concatenate(list(held.sequence_ids.values())),
     ))

@@ -120,7 +120,7 @@ def run(args) -> int:
         if asked and folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {folder} does not exist")
 
-    if not run_asked and not run_dir.is_dir() and loc_dir is not None:
+    if not run_asked and (run_dir is None or not run_dir.is_dir()) and loc_dir is not None:
         run_dir = _localizations_run(loc_dir) or run_dir  # the run whose CNNs localization used
 
     df = load_memorization_data(args.data, progress=not args.quiet)
@@ -146,7 +146,7 @@ def run(args) -> int:
                  "run": str(run_dir) if run_dir else None, "localization": str(loc_dir) if loc_dir else None,
                  "config": vars(cfg)})
 
-    by_class = {}
+    by_class: dict[str | None, list[int]] = {}
     for v in views:
         by_class.setdefault(v.class_name, []).append(v.sequence_id)
     for name, ids in by_class.items():

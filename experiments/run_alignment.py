@@ -123,8 +123,8 @@ def _rows(args, grid_rows):
     if not 0 < args.rouge_threshold <= 1:
         raise cli.CliError(f"--rouge-threshold must be in (0, 1], got {args.rouge_threshold}")
     if not args.taxonomies:
-        rows = al.quick_rows if grid_rows == "quick" else al.paper_rows
-        return rows(args.rouge, args.rouge_threshold)
+        make = al.quick_rows if grid_rows == "quick" else al.paper_rows
+        return make(args.rouge, args.rouge_threshold)
     thresholds = args.duplicates_thresholds or [5]
     for t in thresholds:
         if t < 0:

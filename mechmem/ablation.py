@@ -52,7 +52,8 @@ def _check_heads(model, heads: Sequence[Head]) -> dict[int, list[int]]:
 
 @torch.no_grad()
 def head_means(
-    model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int] | None = None, *, batch_size: int = 64
+    model, tokens: Int[Tensor, "batch pos"] | Int[np.ndarray, "batch pos"], layers: Sequence[int] | None = None, *,
+    batch_size: int = 64
 ) -> dict[int, Float[Tensor, "head d_head"]]:
     """Each head's `hook_z` output averaged over the reference samples and their positions."""
     tokens = torch.as_tensor(np.asarray(tokens)).long()
@@ -379,12 +380,12 @@ def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg:
 
 def ablation_experiment(
     model,
-    eval_sets: dict[str, Int[Tensor, "n pos"]],
+    eval_sets: dict[str, Int[Tensor, "n pos"]] | dict[str, Int[np.ndarray, "n pos"]],
     rankings: dict[str, Sequence[Head]],
     cfg: AblationConfig = AblationConfig(),
     *,
     subsets: dict[str, tuple[str, np.ndarray]] | None = None,
-    reference: Int[Tensor, "r pos"] | None = None,
+    reference: Int[Tensor, "r pos"] | Int[np.ndarray, "r pos"] | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, list[Condition]]:
     """Run every condition of `plan_conditions` on every eval set and summarise it (`summarize`).

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,7 +254,7 @@ class Corpus:
     paths: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, paths: list[str | os.PathLike] | str | os.PathLike, tokenizer: str | None = None) -> "Corpus":
+    def open(cls, paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer: str | None = None) -> "Corpus":
         """Every corpus file under `paths` (files or folders, searched recursively).
 
         Raises, in one line, for a path that does not exist, an `.idx` without its `.bin` (or the
