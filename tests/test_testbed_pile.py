@@ -439,6 +439,9 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert grid["min_f1_source"].between(0, 100).all() and (out / "grid" / "by_source.csv").stat().st_size > 0
     assert "kind of text (source)" in set(pd.read_csv(out / "monitor" / "metrics.csv")["method"])
     assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
+    ablation = pd.read_csv(out / "ablate" / "ablation.csv")  # 20 random draws a k: rank p down to 1/21
+    assert (ablation.loc[ablation["condition"] == "random", "n_draws"] == 20).all()
+    assert ablation.loc[ablation["condition"] == "targeted", "rank_p_below"].between(1 / 21 - 1e-9, 1).all()
     with tarfile.open(out / "summary.tgz") as tgz:
         assert {"grid/alignment.csv", "localize/heads.csv", "ablate/ablation.csv", "seeds/alignment.csv",
                 "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())  # both lanes'
@@ -498,8 +501,8 @@ def test_the_report_quotes_the_shipped_study(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "- Guess: layer 11 0.19, layer 3 0.15, layer 7 0.11 of the importance; top heads L11H10, L11H7, L11H6, L0H8, L11H3" in text
     assert ("- top 8 for Guess (L0H8;L0H10;L0H11;L11H0;L11H3;L11H6;L11H7;L11H10): Non-Memo loss 2.590 vs 2.567, +0.023 "
-            "[+0.007, +0.040]; Guess extractable 0.738 vs 0.881, -0.144 [-0.225, -0.064]; Others extractable 0.950 "
-            "vs 0.892, +0.058 [-0.003, +0.124]") in text
+            "[+0.007, +0.040]; Guess extractable 0.738 vs 0.881, -0.144 [-0.225, -0.064], rank p 0.09; Others "
+            "extractable 0.950 vs 0.892, +0.058 [-0.003, +0.124], rank p 0.73") in text  # 0 and 7 of 10 draws as low
     assert "- Non-Memo, Guess, Others: 95.5 [93.6, 97.1] (as drawn: 95.7); probe 90.4" in text
     assert ("| Non-Memo, Guess, Others | 96.4 [93.0, 99.1], probe 94.7, control 35.2 | 90.0 [86.3, 93.2], probe 86.4, "
             "control 26.1 |") in text
