@@ -441,7 +441,7 @@ def test_the_whole_study_runs_on_a_tiny_build_that_memorizes(tmp_path, monkeypat
     assert list(json.loads((out / "checkpoints" / "skipped_checkpoints.json").read_text())) == ["step256"]
     ablation = pd.read_csv(out / "ablate" / "ablation.csv")  # 20 random draws a k: rank p down to 1/21
     assert (ablation.loc[ablation["condition"] == "random", "n_draws"] == 20).all()
-    assert ablation.loc[ablation["condition"] == "targeted", "rank_p_below"].between(1 / 21 - 1e-9, 1).all()
+    assert ablation.loc[ablation["condition"] == "targeted", "rank_p_below"].between(1 / 21 - 1e-6, 1).all()  # (6 decimals)
     with tarfile.open(out / "summary.tgz") as tgz:
         assert {"grid/alignment.csv", "localize/heads.csv", "ablate/ablation.csv", "seeds/alignment.csv",
                 "monitor/metrics.csv", "checkpoints/checkpoints.csv"} <= set(tgz.getnames())  # both lanes'
