@@ -12,8 +12,8 @@ Spearman with the paper (this testbed, and the first testbed over the same rows)
 what the CNNs called the headline row's eval samples of each source;
 the seed spread of the rows trained again with several seeds; the same rows with Non-Memo matched by
 source; each class's top layers and heads and
-what ablating them did against random heads (with the rank p against the draws themselves); the monitor's AUROCs; min F1 across checkpoints. The
-interpretation stays the report's own.
+what ablating them did against random heads (with the rank p against the draws themselves); the
+monitor's AUROCs; min F1 across checkpoints. The interpretation stays the report's own.
 """
 
 from __future__ import annotations
@@ -152,8 +152,10 @@ def localization(study: Path, top: int = 5) -> list[str]:
 
 def ablation(study: Path) -> list[str]:
     """Each localized head set's extractable share (and Non-Memo's loss) against as many random heads;
-    for extraction also the rank p against the random draws themselves (from `frac_random_below` and
-    the draws' count where an older run lacks `rank_p_below`)."""
+    for extraction also the rank p against the random draws themselves (`ablation.rank_p_below`, from
+    `frac_random_below` and the draws' count, which runs older than that column also have)."""
+    from mechmem.ablation import rank_p_below
+
     path = study / "ablate" / "ablation.csv"
     if not path.exists():
         return ["- the ablation did not run (no ablate/ablation.csv)"]
@@ -170,9 +172,7 @@ def ablation(study: Path) -> list[str]:
                         f"{r.diff_vs_random:+.3f} [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]")
                 if r.metric == "extractable" and k in draws.index:
                     n = int(draws[k])
-                    rank_p = getattr(r, "rank_p_below", None)
-                    rank_p = (1 + round(r.frac_random_below * n)) / (1 + n) if rank_p is None else rank_p
-                    cell += f", rank p {rank_p:.2f}"
+                    cell += f", rank p {rank_p_below(round(r.frac_random_below * n), n):.2f}"
                 cells.append(cell)
         lines.append(f"- top {k} for {target} ({part['heads'].iloc[0]}): " + "; ".join(cells))
     return lines

@@ -331,6 +331,12 @@ SUMMARY_COLUMNS = ["condition", "target_class", "k", "heads", "eval_set", "metri
                    "diff_ci_high", "frac_random_below", "rank_p_below"]
 
 
+def rank_p_below(n_as_low: int, n_draws: int) -> float:
+    """The one-sided rank p that a random head set lowers a metric as much as the targeted one did:
+    (1 + draws as low) / (1 + draws), never below 1 / (draws + 1)."""
+    return (1 + n_as_low) / (1 + n_draws)
+
+
 def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg: AblationConfig) -> pd.DataFrame:
     """One row per (condition, eval set, metric) with a percentile-bootstrap interval.
 
@@ -340,8 +346,7 @@ def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg:
     bootstrap interval, and `frac_random_below`, the share of random draws whose mean is <= the
     targeted value (for extraction, 0 means the targeted heads did more damage than every draw).
     The interval is for the difference from the draws' mean; against the draws themselves the
-    evidence is a rank: `rank_p_below` = (1 + draws <= targeted) / (1 + draws), the one-sided p that
-    a random set lowers the metric as much, never below 1 / (draws + 1) (0.09 with 10 draws).
+    evidence is a rank, `rank_p_below` (0.09 at best with 10 draws).
     """
     rng = np.random.default_rng(cfg.seed + 1)
     lo, hi = 100 * (1 - cfg.confidence) / 2, 100 * (1 + cfg.confidence) / 2
@@ -369,11 +374,11 @@ def summarize(conditions: Sequence[Condition], sets: dict[str, np.ndarray], cfg:
                 if first.kind == "targeted" and first.k in randoms:
                     r = np.stack([fn(c.results)[pos] for c in randoms[first.k]])
                     diff = _paired_diff(v[0], r, cfg.n_boot, rng)
+                    as_low = int((r.mean(1) <= v.mean() + 1e-12).sum())  # random draws at or below the targeted
                     rec |= {"random_value": float(r.mean()), "diff_vs_random": float(v.mean() - r.mean()),
                             "diff_ci_low": float(np.percentile(diff, lo)),
                             "diff_ci_high": float(np.percentile(diff, hi)),
-                            "frac_random_below": float((r.mean(1) <= v.mean() + 1e-12).mean()),
-                            "rank_p_below": float((1 + (r.mean(1) <= v.mean() + 1e-12).sum()) / (1 + len(r)))}
+                            "frac_random_below": as_low / len(r), "rank_p_below": rank_p_below(as_low, len(r))}
                 records.append(rec)
     return pd.DataFrame.from_records(records).reindex(columns=SUMMARY_COLUMNS)
 

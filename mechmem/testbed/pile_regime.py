@@ -6,8 +6,9 @@ reads over 100M tokens of real text and code (pinned PyPI and Debian packages, `
 exactly once, in order; memorization can come only from repetition: the corpus's natural
 duplicates, and the first testbed's planted passages (1 to 2000 copies) and patterns, built by the
 same code (`corpus.build_corpus`). Checkpoints are saved at log-spaced steps (0, 1, 2, 4, ...,
-final; in the preset also 3 evenly spaced after the last power of two) as ordinary Hugging Face folders, each with its own memorization table: greedy extraction
-by that checkpoint, and duplicates counted in the part of the stream it had trained on.
+final; in the preset also 3 evenly spaced after the last power of two) as ordinary Hugging Face
+folders, each with its own memorization table: greedy extraction by that checkpoint, and duplicates
+counted in the part of the stream it had trained on.
 
 Stages (all by default; each reads the previous ones' outputs, and reruns resume):
 
